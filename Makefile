@@ -1,0 +1,63 @@
+# Stoker — `make run` starts a daemon against a local PostgreSQL; `make test` runs everything.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEV_PG := .stoker/pg
+
+.PHONY: install run test lint format db-start db-stop bench postgres-binaries clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Stoker needs Python >= 3.11 (found: $$($(PYTHON) --version 2>&1)); set PYTHON=..."; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+# PostgreSQL server binaries: found via pg_config or /usr/lib/postgresql/*/bin; installed from
+# Debian's packages when we are root with apt-get, otherwise we say what to install.
+postgres-binaries: install
+	@$(BIN)/python -c 'from daemon.pgcluster import find_bindir; find_bindir()' 2>/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing PostgreSQL (apt-get install postgresql)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+		else \
+			$(BIN)/python -c 'from daemon.pgcluster import INSTALL_HINT; print(INSTALL_HINT)'; exit 1; \
+		fi; }
+
+db-start: postgres-binaries
+	@$(BIN)/python -m daemon.pgcluster start $(DEV_PG)
+
+db-stop: install
+	@$(BIN)/python -m daemon.pgcluster stop $(DEV_PG)
+
+run: install
+	@if [ -n "$$DATABASE_URL" ]; then dsn="$$DATABASE_URL"; \
+	else $(MAKE) --no-print-directory postgres-binaries || exit 1; \
+		dsn=$$($(BIN)/python -m daemon.pgcluster start $(DEV_PG)) || exit 1; \
+		echo "PostgreSQL (dev cluster in $(DEV_PG)): psql $$dsn"; \
+		echo "try: psql $$dsn -c \"SELECT stoker.enqueue('default', 'log', '{\\\"message\\\": \\\"hello\\\"}')\""; \
+		echo "stop it later with: make db-stop"; \
+	fi; \
+	DATABASE_URL="$$dsn" exec $(BIN)/stoker --config deploy/stoker.toml run --log-format text
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install postgres-binaries lint
+	$(BIN)/pytest
+
+bench: install postgres-binaries
+	$(BIN)/python -m bench.throughput
+
+clean:
+	-$(BIN)/python -m daemon.pgcluster stop $(DEV_PG)
+	rm -rf $(VENV) .stoker .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,26 @@
+"""Stoker: a background-job daemon for PostgreSQL.
+
+The public API for applications and handler modules::
+
+    from daemon import handler, JobContext, RetryJob, PermanentJobError, enqueue
+"""
+
+from __future__ import annotations
+
+from daemon.context import JobContext
+from daemon.enqueue import Job, enqueue, enqueue_many
+from daemon.errors import ConfigError, PermanentJobError, RetryJob, StokerError
+from daemon.registry import REGISTRY, handler
+
+__all__ = [
+    "REGISTRY",
+    "ConfigError",
+    "Job",
+    "JobContext",
+    "PermanentJobError",
+    "RetryJob",
+    "StokerError",
+    "enqueue",
+    "enqueue_many",
+    "handler",
+]

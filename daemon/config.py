@@ -1,0 +1,182 @@
+"""Configuration: a TOML file plus environment overrides, validated by pydantic.
+
+Precedence, highest first: environment (`DATABASE_URL`, `STOKER_...`, `__` for nesting, e.g.
+`STOKER_QUEUES__DEFAULT__CONCURRENCY=20`), then the TOML file, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from daemon.errors import ConfigError
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+INSTALLED_CONFIG = Path("/etc/stoker/stoker.toml")
+REPO_CONFIG = Path("deploy/stoker.toml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackoffConfig(_Strict):
+    """Exponential backoff between attempts: base * 2**(attempt-1), capped, +/- jitter."""
+
+    base: float = Field(1.0, gt=0, description="seconds after the first failure")
+    cap: float = Field(600.0, gt=0, description="longest wait in seconds")
+    jitter: float = Field(0.2, ge=0, le=1, description="fraction of spread, 0..1")
+
+
+class QueueConfig(_Strict):
+    concurrency: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(100, ge=1, le=10_000)
+    timeout: float = Field(300.0, gt=0, description="default handler timeout, seconds")
+    max_attempts: int = Field(5, ge=1, le=1000)
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    poll_interval: float = Field(2.0, gt=0, le=3600)
+
+
+def default_worker_id() -> str:
+    """Per process and unique even when hosts share a name: host, pid and a random nonce."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STOKER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    database_url: str = Field(
+        "",
+        validation_alias=AliasChoices("database_url", "DATABASE_URL", "STOKER_DATABASE_URL"),
+    )
+    listen_dsn: str | None = Field(
+        None, description="direct (session) connection for LISTEN when database_url is a pooler"
+    )
+    poll_only: bool = False
+    statement_cache_size: int = Field(100, ge=0, description="0 behind pgbouncer (transaction)")
+    db_pool_size: int = Field(10, ge=2, le=500)
+    worker_id: str = Field(default_factory=default_worker_id, min_length=1, max_length=200)
+    handler_modules: list[str] = Field(default_factory=list)
+    queues: dict[str, QueueConfig] = Field(default_factory=lambda: {"default": QueueConfig()})
+    lease_seconds: float = Field(30.0, ge=1, le=86_400)
+    rescue_interval: float = Field(5.0, gt=0, le=3600)
+    listener_probe_interval: float = Field(10.0, gt=0, le=3600)
+    shutdown_timeout: float = Field(25.0, ge=0, le=86_400)
+    flush_interval: float = Field(0.002, ge=0, le=1, description="outcome batching window, s")
+    flush_max: int = Field(1000, ge=1, le=100_000)
+    history_retention_days: float = Field(7.0, gt=0)
+    migrate_on_start: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "text"] = "auto"
+
+    @field_validator("queues")
+    @classmethod
+    def _queue_names(cls, value: dict[str, QueueConfig]) -> dict[str, QueueConfig]:
+        for name in value:
+            if not QUEUE_NAME.match(name):
+                raise ValueError(
+                    f"queue name {name!r} is not valid: use 1-128 of A-Z a-z 0-9 _ . : -"
+                )
+        if not value:
+            raise ValueError("at least one queue is needed, e.g. [queues.default]")
+        return value
+
+    @field_validator("handler_modules")
+    @classmethod
+    def _module_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not MODULE_NAME.match(name):
+                raise ValueError(f"{name!r} is not a Python module path like 'myapp.jobs'")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives through init kwargs (see load_settings) but must rank *below*
+        # the environment, so it is re-ordered here.
+        return env_settings, init_settings
+
+
+def default_config_path() -> Path | None:
+    """STOKER_CONFIG, else /etc/stoker/stoker.toml when installed, else the repo example."""
+    env = os.environ.get("STOKER_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in (INSTALLED_CONFIG, REPO_CONFIG):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    loc = ".".join(str(part) for part in error.get("loc", ())) or "(top level)"
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return f"{source}: {loc}: unknown key (check its spelling and section)"
+    if kind == "missing":
+        return f"{source}: {loc}: required but not set"
+    message = str(error.get("msg", "invalid value"))
+    got = error.get("input")
+    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    return f"{source}: {loc}: {message}{shown}"
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Read and validate the configuration; any problem becomes one ConfigError."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "environment"
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"{path}: configuration file not found (pass --config PATH or set STOKER_CONFIG)"
+            ) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        lines = [_describe(dict(err), source) for err in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    if overrides:  # command-line flags win over file and environment
+        settings = settings.model_copy(update=overrides)
+    if not settings.database_url:
+        raise ConfigError(
+            f"{source}: database_url is not set: set DATABASE_URL in the environment "
+            "or database_url in the configuration file"
+        )
+    return settings
+
+
+__all__ = [
+    "BackoffConfig",
+    "ConfigError",
+    "QueueConfig",
+    "Settings",
+    "default_config_path",
+    "load_settings",
+]

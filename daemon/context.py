@@ -1,0 +1,53 @@
+"""JobContext: what a handler knows about the job it runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+ProgressWriter = Callable[[int, int, str], Awaitable[None]]
+
+
+class JobLogger(logging.LoggerAdapter[logging.Logger]):
+    """Every line carries job id, queue, kind and attempt."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        extra = dict(self.extra or {})
+        extra.update(kwargs.get("extra") or {})
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+
+@dataclass
+class JobContext:
+    id: int
+    queue: str
+    kind: str
+    attempt: int
+    max_attempts: int
+    meta: dict[str, Any]
+    run_at: datetime
+    worker: str
+    _progress_writer: ProgressWriter = field(repr=False)
+    log: JobLogger = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.log = JobLogger(
+            logging.getLogger("stoker.job"),
+            {"job_id": self.id, "queue": self.queue, "kind": self.kind, "attempt": self.attempt},
+        )
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempt >= self.max_attempts
+
+    async def progress(self, percent: float, message: str = "") -> None:
+        """Record progress (0-100) on the job row, visible in `stoker jobs show`."""
+        pct = max(0.0, min(100.0, float(percent)))
+        await self._progress_writer(
+            self.id, self.attempt, json.dumps({"percent": pct, "message": message})
+        )

@@ -1,0 +1,67 @@
+"""asyncpg pool and dedicated connections, set up the same way everywhere."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+# Server-side keepalives let PostgreSQL notice a vanished daemon; the listener's own probe
+# notices a vanished server.
+SERVER_SETTINGS = {
+    "tcp_keepalives_idle": "30",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+}
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    max_size: int = 10,
+    statement_cache_size: int = 100,
+    application_name: str = "stoker",
+) -> asyncpg.Pool:
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        init=init_connection,
+        statement_cache_size=statement_cache_size,
+        server_settings={**SERVER_SETTINGS, "application_name": application_name},
+    )
+    return pool
+
+
+async def connect(
+    dsn: str, *, application_name: str, statement_cache_size: int = 100, connect_timeout: float = 10
+) -> asyncpg.Connection:
+    """A connection of its own (LISTEN, advisory locks): never borrowed from the pool, because
+    the pool resets connections with UNLISTEN * and pg_advisory_unlock_all()."""
+    conn: asyncpg.Connection = await asyncpg.connect(
+        dsn,
+        timeout=connect_timeout,
+        statement_cache_size=statement_cache_size,
+        server_settings={**SERVER_SETTINGS, "application_name": application_name},
+    )
+    await init_connection(conn)
+    return conn
+
+
+def redact(dsn: str) -> str:
+    """The DSN without its password, for logs and error messages."""
+    if "@" not in dsn or "://" not in dsn:
+        return dsn
+    scheme, rest = dsn.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+def as_json_text(value: Any) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))

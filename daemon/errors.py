@@ -1,0 +1,33 @@
+"""The one small error hierarchy of Stoker."""
+
+from __future__ import annotations
+
+
+class StokerError(Exception):
+    """Base of every error Stoker raises on purpose."""
+
+
+class ConfigError(StokerError):
+    """Bad configuration: the message names the file, the key and the fix."""
+
+
+class MigrationError(StokerError):
+    """The database schema cannot be brought up to date safely."""
+
+
+class JobError(StokerError):
+    """Raised by handlers to steer what happens to their job."""
+
+
+class PermanentJobError(JobError):
+    """Fail the job now: retrying cannot help (bad input, a 5xx that will not change)."""
+
+
+class RetryJob(JobError):
+    """Try the job again after `delay` seconds (default: the queue's backoff)."""
+
+    def __init__(self, message: str = "retry requested", *, delay: float | None = None) -> None:
+        super().__init__(message)
+        if delay is not None and delay < 0:
+            raise ValueError("RetryJob delay must be >= 0 seconds")
+        self.delay = delay

@@ -1,0 +1,128 @@
+"""The dedicated LISTEN connection: wakes pools on NOTIFY, reconnects, probes for half-open
+connections, and wakes every pool after a reconnect (notifications sent meanwhile are gone)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import asyncpg
+
+from daemon.db import connect, redact
+
+log = logging.getLogger("stoker.listener")
+
+CHANNEL = "stoker_jobs"
+WakeFn = Callable[[str, float | None], None]
+
+
+def parse_notification(payload: str) -> tuple[str, float | None]:
+    """'queue' means due now; 'queue <epoch>' means the earliest new job is due then."""
+    queue, _, due = payload.partition(" ")
+    try:
+        return queue, float(due) if due else None
+    except ValueError:
+        return queue, None
+
+
+class Listener:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        on_notify: WakeFn,
+        on_connected: Callable[[], None],
+        probe_interval: float,
+        stopping: asyncio.Event,
+        statement_cache_size: int = 100,
+    ) -> None:
+        self._dsn = dsn
+        self._on_notify = on_notify
+        self._on_connected = on_connected
+        self._probe_interval = probe_interval
+        self._stopping = stopping
+        self._statement_cache_size = statement_cache_size
+        self.connected = False
+        self.reconnects = 0
+        self.backend_pid: int | None = None
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        queue, due = parse_notification(payload)
+        self._on_notify(queue, due)
+
+    async def run(self) -> None:
+        delay = 0.1
+        ever_connected = False
+        while not self._stopping.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await connect(
+                    self._dsn,
+                    application_name="stoker-listener",
+                    statement_cache_size=self._statement_cache_size,
+                )
+                lost = asyncio.Event()
+                conn.add_termination_listener(_setter(lost))
+                await conn.add_listener(CHANNEL, self._notified)
+                self.backend_pid = conn.get_server_pid()
+                self.connected = True
+                if ever_connected:
+                    self.reconnects += 1
+                    log.warning("listener reconnected (backend pid %s)", self.backend_pid)
+                else:
+                    log.info("listening on channel %s", CHANNEL)
+                ever_connected = True
+                delay = 0.1
+                self._on_connected()
+                await self._watch(conn, lost)
+                if not self._stopping.is_set():
+                    log.warning("listener connection lost; reconnecting")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning(
+                    "listener cannot connect to %s: %s; retrying in %.1fs",
+                    redact(self._dsn),
+                    exc,
+                    delay,
+                )
+            finally:
+                self.connected = False
+                if conn is not None:
+                    await _close_quietly(conn)
+            if self._stopping.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """Return when the connection is lost, fails a probe, or the daemon stops."""
+        stop = asyncio.ensure_future(self._stopping.wait())
+        gone = asyncio.ensure_future(lost.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {stop, gone}, timeout=self._probe_interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    return
+                try:
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=5)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                    log.warning("listener probe failed: connection is half-open or gone")
+                    return
+        finally:
+            stop.cancel()
+            gone.cancel()
+
+
+def _setter(event: asyncio.Event) -> Callable[[object], None]:
+    return lambda _conn: event.set()
+
+
+async def _close_quietly(conn: asyncpg.Connection) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), timeout=2)
+    except Exception:  # a dead connection may fail to close in many ways
+        conn.terminate()

@@ -1,0 +1,92 @@
+"""Lease heartbeats for running jobs, rescue of jobs whose worker died, history retention."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import asyncpg
+
+from daemon import queries
+
+log = logging.getLogger("stoker.maintenance")
+
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+PURGE_BATCH = 5000
+
+
+async def _sleep(stopping: asyncio.Event, seconds: float) -> bool:
+    """Sleep unless stopping; True when the daemon is stopping."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stopping.wait()
+    return stopping.is_set()
+
+
+async def heartbeat_loop(
+    db: asyncpg.Pool,
+    *,
+    worker_id: str,
+    lease_seconds: float,
+    running_ids: Callable[[], list[int]],
+    stopping: asyncio.Event,
+) -> None:
+    """Renew the lease of every job this process holds, at a third of the lease."""
+    interval = lease_seconds / 3
+    while not await _sleep(stopping, interval):
+        ids = running_ids()
+        if not ids:
+            continue
+        try:
+            await db.execute(queries.HEARTBEAT, ids, worker_id, lease_seconds)
+        except DB_ERRORS as exc:
+            log.warning("cannot renew leases of %d running jobs: %s", len(ids), exc)
+
+
+async def rescue_expired(db: asyncpg.Pool) -> list[asyncpg.Record]:
+    async with db.acquire() as conn, conn.transaction():
+        rows: list[asyncpg.Record] = await conn.fetch(queries.RESCUE)
+        if rows:
+            await conn.execute(queries.NOTIFY_QUEUES, sorted({r["queue"] for r in rows}))
+    return rows
+
+
+async def purge_history(db: asyncpg.Pool, retention_seconds: float) -> int:
+    total = 0
+    while True:
+        status = await db.execute(queries.PURGE_HISTORY, retention_seconds, PURGE_BATCH)
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < PURGE_BATCH:
+            return total
+
+
+async def maintenance_loop(
+    db: asyncpg.Pool,
+    *,
+    rescue_interval: float,
+    retention_seconds: float,
+    stopping: asyncio.Event,
+) -> None:
+    purge_every = 60.0
+    since_purge = purge_every  # purge once soon after start
+    while not await _sleep(stopping, rescue_interval):
+        try:
+            rescued = await rescue_expired(db)
+            for row in rescued:
+                log.warning(
+                    "job %s: lease expired, its worker is gone; back in queue %s",
+                    row["id"],
+                    row["queue"],
+                    extra={"job_id": row["id"], "queue": row["queue"], "attempt": row["attempts"]},
+                )
+            since_purge += rescue_interval
+            if since_purge >= purge_every:
+                since_purge = 0.0
+                purged = await purge_history(db, retention_seconds)
+                if purged:
+                    log.info("purged %d finished jobs past their retention", purged)
+        except DB_ERRORS as exc:
+            log.warning("maintenance pass failed: %s", exc)

@@ -1,0 +1,123 @@
+"""Buffers job outcomes and writes them in batches: one statement per flush."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from daemon import queries
+
+log = logging.getLogger("stoker.outcomes")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    job_id: int
+    attempt: int
+    queue: str
+    outcome: str  # succeeded | failed | retry | handback
+    result: str | None = None  # JSON text
+    error: str | None = None
+    traceback: str | None = None
+    delay: float = 0.0
+
+
+RequeuedFn = Callable[[str, datetime], None]
+
+
+class Completer:
+    """One per daemon. `add` never waits; the flusher task writes what has accumulated."""
+
+    def __init__(
+        self,
+        db: asyncpg.Pool,
+        *,
+        flush_interval: float,
+        flush_max: int,
+        on_requeued: RequeuedFn,
+    ) -> None:
+        self._db = db
+        self._flush_interval = flush_interval
+        self._flush_max = flush_max
+        self._on_requeued = on_requeued
+        self._buffer: list[Outcome] = []
+        self._pending = asyncio.Event()
+        self._closing = False
+        self.discarded = 0  # outcomes whose lease had been taken over (fenced out)
+        self.written = 0
+
+    def add(self, outcome: Outcome) -> None:
+        self._buffer.append(outcome)
+        self._pending.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def buffered_ids(self) -> list[int]:
+        return [o.job_id for o in self._buffer]
+
+    async def run(self) -> None:
+        """Flush until close() is called and the buffer is empty."""
+        delay = 0.05
+        while True:
+            if not self._buffer:
+                if self._closing:
+                    return
+                await self._pending.wait()
+                self._pending.clear()
+                if self._flush_interval and not self._closing:
+                    # A short window lets outcomes of jobs finishing together share a write.
+                    await asyncio.sleep(self._flush_interval)
+                continue
+            batch = self._buffer[: self._flush_max]
+            try:
+                # Shielded: a cancellation must not lose a job's final state.
+                await asyncio.shield(self._write(batch))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning(
+                    "cannot write %d job outcomes (%s); retrying in %.2fs", len(batch), exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.05
+            del self._buffer[: len(batch)]
+
+    async def close(self) -> None:
+        self._closing = True
+        self._pending.set()
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        rows = await self._db.fetch(
+            queries.COMPLETE,
+            [o.job_id for o in batch],
+            [o.attempt for o in batch],
+            [o.outcome for o in batch],
+            [o.result for o in batch],
+            [o.error for o in batch],
+            [o.traceback for o in batch],
+            [o.delay for o in batch],
+        )
+        self.written += len(rows)
+        if len(rows) != len(batch):
+            seen = {row["id"] for row in rows}
+            for o in batch:
+                if o.job_id not in seen:
+                    self.discarded += 1
+                    log.warning(
+                        "outcome %s of job %s attempt %s discarded: its lease expired and the "
+                        "job was handed to another attempt",
+                        o.outcome,
+                        o.job_id,
+                        o.attempt,
+                        extra={"job_id": o.job_id, "queue": o.queue, "attempt": o.attempt},
+                    )
+        for row in rows:
+            if row["run_at"] is not None:
+                self._on_requeued(row["queue"], row["run_at"])

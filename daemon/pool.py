@@ -1,0 +1,319 @@
+"""One pool per queue: claim in batches sized to free slots, run each job under the queue's
+concurrency limit and the handler's timeout, hand outcomes to the completer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from pydantic import ValidationError
+
+from daemon import queries
+from daemon.config import QueueConfig
+from daemon.context import JobContext
+from daemon.db import as_json_text
+from daemon.errors import PermanentJobError, RetryJob
+from daemon.outcomes import Completer, Outcome
+from daemon.registry import Handler, Registry
+from daemon.retry import backoff_delay
+
+log = logging.getLogger("stoker.pool")
+
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    id: int
+    kind: str
+    payload: Any
+    meta: dict[str, Any]
+    attempt: int
+    max_attempts: int | None
+    run_at: datetime
+
+
+def describe_validation_error(kind: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(payload)"
+        parts.append(f"{loc}: {err.get('msg')}")
+    return f"invalid payload for kind {kind!r}: " + "; ".join(parts)
+
+
+class QueuePool:
+    def __init__(
+        self,
+        name: str,
+        config: QueueConfig,
+        *,
+        db: asyncpg.Pool,
+        registry: Registry,
+        completer: Completer,
+        worker_id: str,
+        lease_seconds: float,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._db = db
+        self._registry = registry
+        self._completer = completer
+        self._worker_id = worker_id
+        self._lease_seconds = lease_seconds
+        self._stopping = stopping
+        self.running: dict[int, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._fetch_needed = True
+        self._hint_due: float | None = None
+        self._slot_freed = asyncio.Event()
+        self._handing_back = False
+        self.claimed_total = 0
+
+    # -- wake-ups -----------------------------------------------------------------------------
+
+    def wake(self, due_at: float | None = None) -> None:
+        """A job is due now (due_at None or past), or will be at epoch `due_at`."""
+        if due_at is None or due_at <= time.time():
+            self._fetch_needed = True
+        else:
+            self._hint_due = due_at if self._hint_due is None else min(self._hint_due, due_at)
+        self._wake.set()
+
+    def note_requeued(self, run_at: datetime) -> None:
+        self.wake(run_at.timestamp())
+
+    # -- the claim loop -----------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return self.config.concurrency - len(self.running)
+
+    async def run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            free = self.free_slots
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            want = min(free, self.config.batch_size)
+            self._wake.clear()
+            self._fetch_needed = False
+            try:
+                jobs = await self._claim(want)
+            except DB_ERRORS as exc:
+                failures += 1
+                pause = min(self.config.poll_interval, 0.1 * 2**failures)
+                log.warning("queue %s: claim failed (%s); retrying in %.1fs", self.name, exc, pause)
+                await _wait(self._wake, pause)
+                continue
+            failures = 0
+            for job in jobs:
+                self._start(job)
+            if len(jobs) == want:
+                continue  # there may be more: claim again as soon as slots allow
+            await self._idle()
+
+    async def _claim(self, limit: int) -> list[ClaimedJob]:
+        rows = await self._db.fetch(
+            queries.CLAIM, self.name, limit, self._worker_id, self._lease_seconds
+        )
+        self.claimed_total += len(rows)
+        return [
+            ClaimedJob(
+                r["id"],
+                r["kind"],
+                r["payload"],
+                r["meta"],
+                r["attempts"],
+                r["max_attempts"],
+                r["run_at"],
+            )
+            for r in rows
+        ]
+
+    async def _idle(self) -> None:
+        """Sleep until woken by NOTIFY, the earliest known run_at, or the poll interval."""
+        deadline = time.time() + self.config.poll_interval
+        try:
+            next_due = await self._db.fetchval(queries.NEXT_DUE, self.name)
+        except DB_ERRORS:
+            next_due = None
+        if next_due is not None:
+            deadline = min(deadline, next_due.timestamp())
+        while not self._stopping.is_set():
+            if self._hint_due is not None:
+                deadline = min(deadline, self._hint_due)
+                self._hint_due = None
+            remaining = deadline - time.time()
+            if remaining <= 0 or self._fetch_needed:
+                return
+            self._wake.clear()
+            await _wait(self._wake, remaining)
+
+    # -- running jobs -------------------------------------------------------------------------
+
+    def _start(self, job: ClaimedJob) -> None:
+        task = asyncio.create_task(self._execute(job), name=f"stoker-job-{job.id}")
+        self.running[job.id] = task
+
+    def _release(self, job_id: int) -> None:
+        self.running.pop(job_id, None)
+        self._slot_freed.set()
+
+    async def _execute(self, job: ClaimedJob) -> None:
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._run_handler(job)
+        except asyncio.CancelledError:
+            if self._handing_back:
+                outcome = Outcome(job.id, job.attempt, self.name, "handback")
+                log.warning(
+                    "job %s did not finish before the shutdown deadline; handed back to the queue",
+                    job.id,
+                    extra=_fields(job, self.name),
+                )
+            raise
+        finally:
+            self._release(job.id)
+            if outcome is not None:
+                self._completer.add(outcome)
+
+    async def _run_handler(self, job: ClaimedJob) -> Outcome:
+        handler = self._registry.get(job.kind)
+        if handler is None:
+            known = ", ".join(self._registry.kinds()) or "none"
+            return self._fail(job, f"no handler registered for kind {job.kind!r} (known: {known})")
+        max_attempts = job.max_attempts or handler.max_attempts or self.config.max_attempts
+        if job.attempt > max_attempts:
+            return self._fail(
+                job,
+                f"gave up: attempt {job.attempt} exceeds max_attempts {max_attempts} "
+                "(an earlier attempt's worker was lost mid-run)",
+            )
+        try:
+            argument = handler.parse(job.payload)
+        except ValidationError as exc:
+            return self._fail(job, describe_validation_error(job.kind, exc))
+        ctx = JobContext(
+            id=job.id,
+            queue=self.name,
+            kind=job.kind,
+            attempt=job.attempt,
+            max_attempts=max_attempts,
+            meta=job.meta,
+            run_at=job.run_at,
+            worker=self._worker_id,
+            _progress_writer=self._write_progress,
+        )
+        timeout = handler.timeout or self.config.timeout
+        limit = asyncio.timeout(timeout)
+        try:
+            async with limit:
+                result = await handler.func(ctx, argument)
+        except RetryJob as exc:
+            return self._retry(job, handler, max_attempts, f"retry requested: {exc}", exc.delay)
+        except PermanentJobError as exc:
+            return self._fail(job, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        except TimeoutError:
+            if limit.expired():
+                error = f"timed out: the handler ran longer than its timeout of {timeout:g}s"
+                return self._retry(job, handler, max_attempts, error, None)
+            return self._retry(
+                job,
+                handler,
+                max_attempts,
+                "TimeoutError raised by handler",
+                None,
+                traceback.format_exc(),
+            )
+        except Exception as exc:
+            return self._retry(
+                job,
+                handler,
+                max_attempts,
+                f"{type(exc).__name__}: {exc}",
+                None,
+                traceback.format_exc(),
+            )
+        log.debug("job %s succeeded", job.id, extra=_fields(job, self.name))
+        return Outcome(
+            job.id,
+            job.attempt,
+            self.name,
+            "succeeded",
+            result=None if result is None else as_json_text(result),
+        )
+
+    def _retry(
+        self,
+        job: ClaimedJob,
+        handler: Handler,
+        max_attempts: int,
+        error: str,
+        delay: float | None,
+        tb: str | None = None,
+    ) -> Outcome:
+        if job.attempt >= max_attempts:
+            return self._fail(job, f"{error} (attempt {job.attempt} of {max_attempts})", tb)
+        if delay is None:
+            delay = backoff_delay(self.config.backoff, job.attempt)
+        log.warning(
+            "job %s attempt %s/%s failed: %s; retrying in %.1fs",
+            job.id,
+            job.attempt,
+            max_attempts,
+            error,
+            delay,
+            extra=_fields(job, self.name),
+        )
+        return Outcome(
+            job.id, job.attempt, self.name, "retry", error=error, traceback=tb, delay=delay
+        )
+
+    def _fail(self, job: ClaimedJob, error: str, tb: str | None = None) -> Outcome:
+        log.error("job %s failed: %s", job.id, error, extra=_fields(job, self.name))
+        return Outcome(job.id, job.attempt, self.name, "failed", error=error, traceback=tb)
+
+    async def _write_progress(self, job_id: int, attempt: int, progress: str) -> None:
+        await self._db.execute(queries.PROGRESS, job_id, attempt, progress)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def stop_claiming(self) -> None:
+        """Called once `stopping` is set: end every wait so the claim loop sees it."""
+        self._wake.set()
+        self._slot_freed.set()
+
+    async def drain(self, deadline: float) -> None:
+        """Let running jobs finish until `deadline` (loop time); hand the rest back."""
+        tasks = list(self.running.values())
+        if tasks:
+            await asyncio.wait(
+                tasks, timeout=max(0.0, deadline - asyncio.get_running_loop().time())
+            )
+        left = [t for t in self.running.values() if not t.done()]
+        if left:
+            self._handing_back = True
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=5)
+
+
+def _fields(job: ClaimedJob, queue: str) -> dict[str, Any]:
+    return {"job_id": job.id, "queue": queue, "kind": job.kind, "attempt": job.attempt}
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait until `event` is set or `seconds` pass."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()

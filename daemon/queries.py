@@ -1,0 +1,205 @@
+"""Every SQL statement the engine runs, in one place. Values are always $n parameters;
+JSON goes in as text and is cast in SQL, so the statements work on any asyncpg connection,
+with or without our jsonb codec."""
+
+from __future__ import annotations
+
+# -- enqueue (public API) -----------------------------------------------------------------
+
+ENQUEUE = """
+SELECT stoker.enqueue($1, $2, $3::text::jsonb, $4, $5, $6, $7, $8::text::jsonb)
+"""
+
+ENQUEUE_MANY = """
+INSERT INTO stoker.jobs (queue, kind, payload, run_at, priority, unique_key, max_attempts, meta)
+SELECT q, k, p::jsonb, coalesce(r, now()), pr, u, m, mt::jsonb
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::smallint[],
+              $6::text[], $7::int[], $8::text[]) AS t(q, k, p, r, pr, u, m, mt)
+ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+RETURNING id
+"""
+
+# -- the hot path: claim, heartbeat, complete ------------------------------------------------
+
+# Claims at most $2 due jobs of queue $1, in priority order, skipping rows other workers hold.
+CLAIM = """
+WITH next AS (
+    SELECT id FROM stoker.jobs
+     WHERE queue = $1 AND state = 'queued' AND run_at <= now()
+     ORDER BY priority DESC, run_at, id
+     LIMIT $2
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE stoker.jobs j
+   SET state = 'active', attempts = j.attempts + 1, worker = $3,
+       lease_expires_at = now() + make_interval(secs => $4), started_at = now(),
+       updated_at = now()
+  FROM next
+ WHERE j.id = next.id
+RETURNING j.id, j.kind, j.payload, j.meta, j.attempts, j.max_attempts, j.run_at, j.priority,
+          j.created_at, j.started_at
+"""
+
+# The earliest future run_at of a queue: how long an idle pool may sleep.
+NEXT_DUE = """
+SELECT min(run_at) FROM stoker.jobs WHERE queue = $1 AND state = 'queued' AND run_at > now()
+"""
+
+HEARTBEAT = """
+UPDATE stoker.jobs SET lease_expires_at = now() + make_interval(secs => $3)
+ WHERE id = ANY($1::bigint[]) AND worker = $2 AND state = 'active'
+"""
+
+PROGRESS = """
+UPDATE stoker.jobs SET progress = $3::text::jsonb, updated_at = now()
+ WHERE id = $1 AND attempts = $2 AND state = 'active'
+"""
+
+# Writes a batch of outcomes in one statement. Each outcome is fenced by the attempt it ran:
+# a worker whose lease was rescued cannot overwrite the newer attempt's state.
+# outcome: succeeded | failed (move to history) | retry (queued after delay, error kept) |
+#          handback (queued now, attempt not counted: shutdown interrupted it).
+COMPLETE = """
+WITH o AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[],
+                         $6::text[], $7::float8[])
+        AS o(id, attempt, outcome, result, error, tb, delay)
+),
+finished AS (
+    DELETE FROM stoker.jobs j USING o
+     WHERE j.id = o.id AND j.attempts = o.attempt AND j.state = 'active'
+       AND o.outcome IN ('succeeded', 'failed')
+    RETURNING j.*, o.outcome, o.result AS new_result, o.error AS new_error, o.tb
+),
+moved AS (
+    INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state, run_at,
+                                    attempts, max_attempts, unique_key, worker, last_error,
+                                    errors, result, progress, created_at, started_at)
+    SELECT id, queue, kind, payload, meta, priority, outcome::stoker.job_state, run_at,
+           attempts, max_attempts, unique_key, worker,
+           CASE WHEN outcome = 'failed' THEN new_error ELSE last_error END,
+           CASE WHEN outcome = 'failed'
+                THEN stoker.push_error(errors, attempts, new_error, tb) ELSE errors END,
+           new_result::jsonb, progress, created_at, started_at
+      FROM finished
+    RETURNING id, queue
+),
+requeued AS (
+    UPDATE stoker.jobs j
+       SET state = 'queued', worker = NULL, lease_expires_at = NULL,
+           run_at = now() + make_interval(secs => o.delay),
+           attempts = CASE WHEN o.outcome = 'handback' THEN j.attempts - 1 ELSE j.attempts END,
+           last_error = CASE WHEN o.outcome = 'retry' THEN o.error ELSE j.last_error END,
+           errors = CASE WHEN o.outcome = 'retry'
+                         THEN stoker.push_error(j.errors, j.attempts, o.error, o.tb)
+                         ELSE j.errors END,
+           updated_at = now()
+      FROM o
+     WHERE j.id = o.id AND j.attempts = o.attempt AND j.state = 'active'
+       AND o.outcome IN ('retry', 'handback')
+    RETURNING j.id, j.queue, j.run_at
+)
+SELECT id, queue, NULL::timestamptz AS run_at FROM moved
+UNION ALL
+SELECT id, queue, run_at FROM requeued
+"""
+
+NOTIFY_QUEUES = "SELECT pg_notify('stoker_jobs', q) FROM unnest($1::text[]) AS q"
+
+# -- maintenance ----------------------------------------------------------------------------
+
+# Jobs whose worker stopped renewing the lease (killed, frozen, cut off) go back to the queue.
+RESCUE = """
+WITH expired AS (
+    SELECT id FROM stoker.jobs
+     WHERE state = 'active' AND lease_expires_at < now()
+     ORDER BY lease_expires_at
+     LIMIT 1000
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE stoker.jobs j
+   SET state = 'queued', run_at = now(), lease_expires_at = NULL, updated_at = now(),
+       last_error = 'lease expired: worker ' || coalesce(j.worker, '?')
+                    || ' stopped renewing it (killed, or lost its database connection)',
+       errors = stoker.push_error(j.errors, j.attempts, 'lease expired: worker '
+                    || coalesce(j.worker, '?') || ' stopped renewing it', NULL),
+       worker = NULL
+  FROM expired
+ WHERE j.id = expired.id
+RETURNING j.id, j.queue, j.attempts
+"""
+
+PURGE_HISTORY = """
+DELETE FROM stoker.job_history
+ WHERE id IN (SELECT id FROM stoker.job_history
+               WHERE finished_at < now() - make_interval(secs => $1)
+               LIMIT $2)
+"""
+
+# -- operator commands (CLI, admin API) -------------------------------------------------------
+
+JOB_COLUMNS = """id, queue, kind, payload, meta, priority, state::text AS state, run_at, attempts,
+max_attempts, unique_key, worker, lease_expires_at, last_error, errors, result, progress,
+created_at, started_at, finished_at"""
+
+GET_JOB = f"SELECT {JOB_COLUMNS} FROM stoker.all_jobs WHERE id = $1"
+
+LIST_JOBS = f"""
+SELECT {JOB_COLUMNS} FROM stoker.all_jobs
+ WHERE ($1::text IS NULL OR state::text = $1)
+   AND ($2::text IS NULL OR queue = $2)
+   AND ($3::bigint IS NULL OR id < $3)
+ ORDER BY id DESC
+ LIMIT $4
+"""
+
+# Failed or cancelled jobs come back from history as new attempts; queued jobs waiting out a
+# backoff become due now. Returns the queue of each job retried.
+RETRY_JOBS = """
+WITH back AS (
+    DELETE FROM stoker.job_history h
+     WHERE h.state IN ('failed', 'cancelled')
+       AND (h.id = ANY($1::bigint[]) OR ($2 AND ($3::text IS NULL OR h.queue = $3)
+                                         AND h.state = 'failed'))
+    RETURNING h.*
+),
+restored AS (
+    INSERT INTO stoker.jobs (id, queue, kind, payload, meta, priority, state, run_at, attempts,
+                             max_attempts, unique_key, last_error, errors, result, created_at)
+    SELECT id, queue, kind, payload, meta, priority, 'queued', now(), 0, max_attempts,
+           unique_key, last_error, errors, NULL, created_at
+      FROM back
+    ON CONFLICT DO NOTHING
+    RETURNING id, queue
+),
+hurried AS (
+    UPDATE stoker.jobs SET run_at = now(), updated_at = now()
+     WHERE id = ANY($1::bigint[]) AND state = 'queued' AND run_at > now()
+    RETURNING id, queue
+)
+SELECT id, queue FROM restored UNION ALL SELECT id, queue FROM hurried
+"""
+
+CANCEL_JOB = """
+WITH gone AS (
+    DELETE FROM stoker.jobs WHERE id = $1 AND state = 'queued' RETURNING *
+)
+INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state, run_at,
+                                attempts, max_attempts, unique_key, worker, last_error, errors,
+                                result, progress, created_at, started_at)
+SELECT id, queue, kind, payload, meta, priority, 'cancelled', run_at, attempts, max_attempts,
+       unique_key, worker, coalesce($2, 'cancelled by an operator'), errors, result, progress,
+       created_at, started_at
+  FROM gone
+RETURNING id
+"""
+
+QUEUE_STATUS = """
+SELECT queue, state::text AS state, count(*) AS jobs,
+       extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
+                                                      AND run_at <= now())) AS oldest_due_s
+  FROM stoker.jobs GROUP BY queue, state
+UNION ALL
+SELECT queue, state::text, count(*), NULL FROM stoker.job_history GROUP BY queue, state
+ORDER BY queue, state
+"""

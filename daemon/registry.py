@@ -1,0 +1,93 @@
+"""Handler registry: kind -> (callable, payload model, per-handler options)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from daemon.errors import ConfigError
+
+if TYPE_CHECKING:
+    from daemon.context import JobContext
+
+HandlerFunc = Callable[["JobContext", Any], Awaitable[Any]]
+F = TypeVar("F", bound=HandlerFunc)
+
+
+@dataclass(frozen=True)
+class Handler:
+    kind: str
+    func: HandlerFunc
+    payload: type[BaseModel] | None = None
+    timeout: float | None = None
+    max_attempts: int | None = None
+
+    def parse(self, payload: Any) -> Any:
+        """The handler's argument: a validated model, or the raw JSON when no model is set."""
+        if self.payload is None:
+            return payload
+        return self.payload.model_validate(payload)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def handler(
+        self,
+        kind: str,
+        *,
+        payload: type[BaseModel] | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> Callable[[F], F]:
+        """Register `async def f(ctx, payload)` to run jobs of `kind`."""
+        if not kind or len(kind) > 200:
+            raise ValueError("handler kind must be 1-200 characters")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"handler {kind!r}: timeout must be > 0 seconds")
+        if max_attempts is not None and max_attempts < 1:
+            raise ValueError(f"handler {kind!r}: max_attempts must be >= 1")
+
+        def register(func: F) -> F:
+            existing = self._handlers.get(kind)
+            if existing is not None and existing.func is not func:
+                raise ConfigError(
+                    f"two handlers registered for kind {kind!r}: "
+                    f"{_where(existing.func)} and {_where(func)}"
+                )
+            self._handlers[kind] = Handler(kind, func, payload, timeout, max_attempts)
+            return func
+
+        return register
+
+    def get(self, kind: str) -> Handler | None:
+        return self._handlers.get(kind)
+
+    def kinds(self) -> list[str]:
+        return sorted(self._handlers)
+
+
+def _where(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+# The process-wide registry that `@daemon.handler` fills.
+REGISTRY = Registry()
+handler = REGISTRY.handler
+
+
+def import_handler_modules(modules: list[str]) -> None:
+    """Import the built-in handlers and every module listed in `handler_modules`."""
+    for name in ["handlers", *modules]:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"handler_modules: cannot import {name!r}: {exc} "
+                "(is it installed in this virtualenv, or on PYTHONPATH?)"
+            ) from exc

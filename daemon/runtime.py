@@ -1,0 +1,201 @@
+"""The composition root: builds everything from Settings, owns start-up and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from datetime import datetime
+
+import asyncpg
+
+from daemon import queries
+from daemon.config import Settings
+from daemon.db import create_pool, redact
+from daemon.errors import StokerError
+from daemon.listener import Listener
+from daemon.maintenance import heartbeat_loop, maintenance_loop
+from daemon.migrations import migrate, pending_migrations
+from daemon.outcomes import Completer
+from daemon.pool import QueuePool
+from daemon.registry import REGISTRY, Registry
+
+log = logging.getLogger("stoker")
+
+FLUSH_AT_EXIT_TIMEOUT = 10.0
+
+
+class StartupError(StokerError):
+    """The daemon cannot start: the message says why and what to do."""
+
+
+class Runtime:
+    def __init__(self, settings: Settings, registry: Registry = REGISTRY) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.stopping = asyncio.Event()
+        self.pools: dict[str, QueuePool] = {}
+        self.listener: Listener | None = None
+        self.completer: Completer | None = None
+        self.db: asyncpg.Pool | None = None
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def _on_notify(self, queue: str, due_at: float | None) -> None:
+        pool = self.pools.get(queue)
+        if pool is not None:
+            pool.wake(due_at)
+
+    def _wake_all(self) -> None:
+        for pool in self.pools.values():
+            pool.wake()
+
+    def _on_requeued(self, queue: str, run_at: datetime) -> None:
+        pool = self.pools.get(queue)
+        if pool is not None:
+            pool.note_requeued(run_at)
+
+    def _running_ids(self) -> list[int]:
+        ids = [job_id for pool in self.pools.values() for job_id in pool.running]
+        if self.completer is not None:
+            ids.extend(self.completer.buffered_ids())  # still active until written
+        return ids
+
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("shutdown requested: claiming stops, running jobs may finish")
+            self.stopping.set()
+            for pool in self.pools.values():
+                pool.stop_claiming()
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def _connect(self) -> asyncpg.Pool:
+        s = self.settings
+        try:
+            return await create_pool(
+                s.database_url,
+                max_size=s.db_pool_size,
+                statement_cache_size=s.statement_cache_size,
+                application_name=f"stoker {s.worker_id}"[:63],
+            )
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise StartupError(
+                f"cannot connect to the database at {redact(s.database_url)}: {exc} "
+                "(check database_url / DATABASE_URL and that PostgreSQL is running)"
+            ) from exc
+
+    async def _prepare_schema(self, db: asyncpg.Pool) -> None:
+        async with db.acquire() as conn:
+            if self.settings.migrate_on_start:
+                await migrate(conn)
+            elif await pending_migrations(conn):
+                raise StartupError(
+                    "the database schema is not current and migrate_on_start is off: "
+                    "run `stoker migrate` first"
+                )
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            self.db = db = await self._connect()
+            try:
+                await self._prepare_schema(db)
+                await self._serve(db)
+            finally:
+                await db.close()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        log.info("stopped")
+        return 0
+
+    async def _serve(self, db: asyncpg.Pool) -> None:
+        s = self.settings
+        self.completer = completer = Completer(
+            db,
+            flush_interval=s.flush_interval,
+            flush_max=s.flush_max,
+            on_requeued=self._on_requeued,
+        )
+        for name, config in s.queues.items():
+            self.pools[name] = QueuePool(
+                name,
+                config,
+                db=db,
+                registry=self.registry,
+                completer=completer,
+                worker_id=s.worker_id,
+                lease_seconds=s.lease_seconds,
+                stopping=self.stopping,
+            )
+        async with asyncio.TaskGroup() as tg:
+            completer_task = tg.create_task(completer.run(), name="stoker-completer")
+            background = [
+                tg.create_task(
+                    heartbeat_loop(
+                        db,
+                        worker_id=s.worker_id,
+                        lease_seconds=s.lease_seconds,
+                        running_ids=self._running_ids,
+                        stopping=self.stopping,
+                    ),
+                    name="stoker-heartbeat",
+                ),
+                tg.create_task(
+                    maintenance_loop(
+                        db,
+                        rescue_interval=s.rescue_interval,
+                        retention_seconds=s.history_retention_days * 86_400,
+                        stopping=self.stopping,
+                    ),
+                    name="stoker-maintenance",
+                ),
+            ]
+            if not s.poll_only:
+                self.listener = Listener(
+                    s.listen_dsn or s.database_url,
+                    on_notify=self._on_notify,
+                    on_connected=self._wake_all,
+                    probe_interval=s.listener_probe_interval,
+                    stopping=self.stopping,
+                    statement_cache_size=s.statement_cache_size,
+                )
+                background.append(tg.create_task(self.listener.run(), name="stoker-listener"))
+            claimers = [
+                tg.create_task(pool.run(), name=f"stoker-pool-{name}")
+                for name, pool in self.pools.items()
+            ]
+            log.info(
+                "ready: worker %s serving queues %s with handlers %s",
+                s.worker_id,
+                ", ".join(f"{n}({p.config.concurrency})" for n, p in self.pools.items()),
+                ", ".join(self.registry.kinds()) or "none",
+            )
+            await self.stopping.wait()
+            await asyncio.gather(*claimers)
+            deadline = loop_time() + s.shutdown_timeout
+            await asyncio.gather(*(pool.drain(deadline) for pool in self.pools.values()))
+            await completer.close()
+            done, _ = await asyncio.wait({completer_task}, timeout=FLUSH_AT_EXIT_TIMEOUT)
+            if not done:
+                log.error(
+                    "could not write %d job outcomes before exit; those jobs will be rescued "
+                    "when their leases expire and run again",
+                    completer.buffered,
+                )
+                completer_task.cancel()
+            with contextlib.suppress(*_DB_ERRORS):
+                # Jobs handed back are due now: let other daemons know.
+                await db.execute(queries.NOTIFY_QUEUES, list(self.pools))
+            await asyncio.gather(*background)
+
+
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
+def loop_time() -> float:
+    return asyncio.get_running_loop().time()

@@ -1,0 +1,7 @@
+"""Built-in handlers, always loaded. They use only daemon's public API."""
+
+from __future__ import annotations
+
+from handlers import basic
+
+__all__ = ["basic"]
