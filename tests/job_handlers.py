@@ -1,0 +1,80 @@
+"""Handlers the tests' daemon processes load (handler_modules = ["tests.job_handlers"])."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+from pydantic import BaseModel
+
+from daemon import JobContext, PermanentJobError, RetryJob, handler
+
+
+class Flaky(BaseModel):
+    succeed_on: int = 3
+
+
+@handler("test.flaky", payload=Flaky)
+async def flaky(ctx: JobContext, payload: Flaky) -> dict[str, int]:
+    if ctx.attempt < payload.succeed_on:
+        raise ConnectionError(f"transient failure on attempt {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+@handler("test.fail")
+async def always_fails(ctx: JobContext, payload: object) -> None:
+    raise ValueError(f"boom on attempt {ctx.attempt}")
+
+
+@handler("test.permanent")
+async def permanent(ctx: JobContext, payload: object) -> None:
+    raise PermanentJobError("the order does not exist")
+
+
+class RetryLater(BaseModel):
+    delay: float
+
+
+@handler("test.retry_later", payload=RetryLater, max_attempts=2)
+async def retry_later(ctx: JobContext, payload: RetryLater) -> None:
+    if ctx.attempt == 1:
+        raise RetryJob("not ready yet", delay=payload.delay)
+
+
+class Sleep(BaseModel):
+    seconds: float
+    first_attempt_only: bool = False
+
+
+@handler("test.sleep", payload=Sleep)
+async def sleep(ctx: JobContext, payload: Sleep) -> dict[str, int]:
+    if not payload.first_attempt_only or ctx.attempt == 1:
+        await ctx.progress(10, "sleeping")
+        await asyncio.sleep(payload.seconds)
+    return {"attempt": ctx.attempt}
+
+
+class Record(BaseModel):
+    seconds: float = 0.0
+    label: str = ""
+
+
+@handler("test.record", payload=Record)
+async def record(ctx: JobContext, payload: Record) -> None:
+    """Appends one line per run to $STOKER_TEST_EVENTS: id, queue, label, start, end."""
+    start = time.monotonic()
+    if payload.seconds:
+        await asyncio.sleep(payload.seconds)
+    line = json.dumps(
+        {
+            "id": ctx.id,
+            "queue": ctx.queue,
+            "label": payload.label,
+            "start": start,
+            "end": time.monotonic(),
+        }
+    )
+    with open(os.environ["STOKER_TEST_EVENTS"], "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")

@@ -1,0 +1,166 @@
+"""Enqueueing from SQL and Python: ids, dedupe, transactions, wake-ups, the fetch index."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+import daemon
+from daemon import queries
+
+
+async def test_enqueue_returns_id_and_stores_every_field(db: asyncpg.Connection) -> None:
+    run_at = datetime.now(UTC) + timedelta(hours=1)
+    job_id = await daemon.enqueue(
+        db,
+        queue="reports",
+        kind="reports.build",
+        payload={"org": 7},
+        run_at=run_at,
+        priority=5,
+        max_attempts=3,
+        meta={"by": "alice"},
+    )
+    row = await db.fetchrow("SELECT * FROM stoker.jobs WHERE id = $1", job_id)
+    assert row is not None
+    assert (row["queue"], row["kind"], row["payload"], row["meta"]) == (
+        "reports",
+        "reports.build",
+        {"org": 7},
+        {"by": "alice"},
+    )
+    assert (row["priority"], row["max_attempts"], row["state"]) == (5, 3, "queued")
+    assert row["run_at"] == run_at
+
+
+async def test_unique_key_second_enqueue_returns_first_jobs_id(db: asyncpg.Connection) -> None:
+    first = await daemon.enqueue(db, queue="default", kind="noop", unique_key="invoice-42")
+    second = await daemon.enqueue(db, queue="default", kind="noop", unique_key="invoice-42")
+    from_sql = await db.fetchval(
+        "SELECT stoker.enqueue('default', 'noop', unique_key => 'invoice-42')"
+    )
+    assert first == second == from_sql
+    assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 1
+
+
+async def test_unique_key_is_free_again_once_the_job_finished(db: asyncpg.Connection) -> None:
+    first = await daemon.enqueue(db, queue="default", kind="noop", unique_key="k")
+    # Run it to completion the way a worker does: claim, then write the outcome.
+    await db.fetch(queries.CLAIM, "default", 1, "w", 30.0)
+    await db.fetch(queries.COMPLETE, [first], [1], ["succeeded"], [None], [None], [None], [0.0])
+    second = await daemon.enqueue(db, queue="default", kind="noop", unique_key="k")
+    assert second != first
+
+
+async def test_enqueue_many_inserts_in_one_statement_and_skips_held_keys(
+    db: asyncpg.Connection,
+) -> None:
+    held = await daemon.enqueue(db, queue="default", kind="noop", unique_key="dup")
+    ids = await daemon.enqueue_many(
+        db,
+        [daemon.Job("default", "noop", {"i": i}) for i in range(100)]
+        + [daemon.Job("default", "noop", unique_key="dup")],
+    )
+    assert len(ids) == 100
+    assert held not in ids
+    assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 101
+
+
+async def listen(dsn: str) -> tuple[asyncpg.Connection, asyncio.Queue[str]]:
+    conn = await asyncpg.connect(dsn)
+    received: asyncio.Queue[str] = asyncio.Queue()
+    await conn.add_listener("stoker_jobs", lambda *args: received.put_nowait(args[3]))
+    return conn, received
+
+
+async def test_rolled_back_enqueue_leaves_no_job_and_wakes_nobody(
+    db: asyncpg.Connection, dsn: str
+) -> None:
+    listener, received = await listen(dsn)
+    try:
+        tx = db.transaction()
+        await tx.start()
+        await daemon.enqueue(db, queue="rolled-back", kind="noop")
+        await tx.rollback()
+        await daemon.enqueue(db, queue="committed", kind="noop")
+        # Notifications arrive in commit order: the first one must be the committed job's.
+        first = await asyncio.wait_for(received.get(), timeout=10)
+        assert first == "committed"
+        assert received.empty()
+        assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 1
+    finally:
+        await listener.close()
+
+
+async def test_one_notify_per_queue_per_statement_and_delayed_jobs_carry_their_time(
+    db: asyncpg.Connection, dsn: str
+) -> None:
+    listener, received = await listen(dsn)
+    try:
+        await db.execute(
+            """INSERT INTO stoker.jobs (queue, kind)
+               SELECT CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END, 'noop'
+                 FROM generate_series(1, 500) AS i"""
+        )
+        due = datetime.now(UTC) + timedelta(minutes=5)
+        await daemon.enqueue(db, queue="later", kind="noop", run_at=due)
+        await daemon.enqueue(db, queue="end", kind="noop")
+        got = [await asyncio.wait_for(received.get(), timeout=10) for _ in range(4)]
+        assert sorted(got[:2]) == ["a", "b"]
+        queue, epoch = got[2].split(" ")
+        assert queue == "later"
+        assert abs(float(epoch) - due.timestamp()) < 0.001
+        assert got[3] == "end"
+    finally:
+        await listener.close()
+
+
+@pytest.mark.parametrize("bad_queue", ["", "has space", "x" * 129])
+async def test_invalid_queue_name_is_refused_by_the_database(
+    db: asyncpg.Connection, bad_queue: str
+) -> None:
+    with pytest.raises(asyncpg.CheckViolationError):
+        await daemon.enqueue(db, queue=bad_queue, kind="noop")
+
+
+async def test_claim_uses_the_partial_fetch_index(db: asyncpg.Connection) -> None:
+    await db.execute(
+        """INSERT INTO stoker.jobs (queue, kind, state, run_at, worker)
+           SELECT 'q' || (i % 10), 'noop', 'queued', now() - interval '1 minute', NULL
+             FROM generate_series(1, 20000) AS i"""
+    )
+    await db.execute("ANALYZE stoker.jobs")
+    plan = "\n".join(
+        r[0]
+        for r in await db.fetch(
+            "EXPLAIN "
+            + queries.CLAIM.replace("$1", "'q1'")
+            .replace("$2", "10")
+            .replace("$3", "'w'")
+            .replace("$4", "30")
+        )
+    )
+    assert "jobs_fetch_idx" in plan, plan
+    assert "Seq Scan" not in plan, plan
+
+
+async def test_stale_outcome_of_a_rescued_attempt_is_fenced_out(db: asyncpg.Connection) -> None:
+    job_id = await daemon.enqueue(db, queue="default", kind="noop")
+    [first] = await db.fetch(queries.CLAIM, "default", 10, "worker-a", 30.0)
+    assert first["attempts"] == 1
+    # worker-a freezes; its lease runs out and maintenance hands the job to worker-b.
+    await db.execute("UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 s'")
+    assert [r["id"] for r in await db.fetch(queries.RESCUE)] == [job_id]
+    [second] = await db.fetch(queries.CLAIM, "default", 10, "worker-b", 30.0)
+    assert second["attempts"] == 2
+    # worker-a wakes up and reports failure for attempt 1: it must not touch attempt 2.
+    written = await db.fetch(
+        queries.COMPLETE, [job_id], [1], ["failed"], [None], ["late"], [None], [0.0]
+    )
+    assert written == []
+    row = await db.fetchrow("SELECT state, worker, attempts FROM stoker.jobs WHERE id = $1", job_id)
+    assert row is not None
+    assert (row["state"], row["worker"], row["attempts"]) == ("active", "worker-b", 2)
