@@ -27,6 +27,8 @@ class Outcome:
     delay: float = 0.0
 
 
+FINISHED = frozenset({"succeeded", "failed"})
+
 RequeuedFn = Callable[[str, datetime], None]
 
 
@@ -37,11 +39,13 @@ class Completer:
         self,
         db: asyncpg.Pool,
         *,
+        worker_id: str,
         flush_interval: float,
         flush_max: int,
         on_requeued: RequeuedFn,
     ) -> None:
         self._db = db
+        self._worker_id = worker_id
         self._flush_interval = flush_interval
         self._flush_max = flush_max
         self._on_requeued = on_requeued
@@ -94,15 +98,23 @@ class Completer:
         self._pending.set()
 
     async def _write(self, batch: list[Outcome]) -> None:
+        done = [o for o in batch if o.outcome in FINISHED]
+        again = [o for o in batch if o.outcome not in FINISHED]
         rows = await self._db.fetch(
             queries.COMPLETE,
-            [o.job_id for o in batch],
-            [o.attempt for o in batch],
-            [o.outcome for o in batch],
-            [o.result for o in batch],
-            [o.error for o in batch],
-            [o.traceback for o in batch],
-            [o.delay for o in batch],
+            [o.job_id for o in done],
+            [o.attempt for o in done],
+            [o.outcome for o in done],
+            [o.result for o in done],
+            [o.error for o in done],
+            [o.traceback for o in done],
+            [o.job_id for o in again],
+            [o.attempt for o in again],
+            [o.outcome for o in again],
+            [o.error for o in again],
+            [o.traceback for o in again],
+            [o.delay for o in again],
+            self._worker_id,
         )
         self.written += len(rows)
         if len(rows) != len(batch):

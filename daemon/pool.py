@@ -26,6 +26,9 @@ from daemon.retry import backoff_delay
 
 log = logging.getLogger("stoker.pool")
 
+# How long a pool with a backlog waits for more free slots before claiming into few of them.
+GATHER_WINDOW = 0.005
+
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -104,6 +107,11 @@ class QueuePool:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            if free < self._claim_floor and self.running:
+                # A backlog and only a few free slots: let a few more jobs finish so that one
+                # claim carries many jobs instead of one round trip per job.
+                await self._gather_slots()
+                free = self.free_slots
             want = min(free, self.config.batch_size)
             self._wake.clear()
             self._fetch_needed = False
@@ -121,6 +129,19 @@ class QueuePool:
             if len(jobs) == want:
                 continue  # there may be more: claim again as soon as slots allow
             await self._idle()
+
+    @property
+    def _claim_floor(self) -> int:
+        return max(1, min(self.config.batch_size, self.config.concurrency) // 2)
+
+    async def _gather_slots(self) -> None:
+        deadline = time.monotonic() + GATHER_WINDOW
+        while self.free_slots < self._claim_floor and self.running:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping.is_set():
+                return
+            self._slot_freed.clear()
+            await _wait(self._slot_freed, remaining)
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         rows = await self._db.fetch(

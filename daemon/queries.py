@@ -55,20 +55,19 @@ UPDATE stoker.jobs SET progress = $3::text::jsonb, updated_at = now()
  WHERE id = $1 AND attempts = $2 AND state = 'active'
 """
 
-# Writes a batch of outcomes in one statement. Each outcome is fenced by the attempt it ran:
-# a worker whose lease was rescued cannot overwrite the newer attempt's state.
-# outcome: succeeded | failed (move to history) | retry (queued after delay, error kept) |
-#          handback (queued now, attempt not counted: shutdown interrupted it).
+# Writes a batch of outcomes in one statement. Each outcome is fenced by the worker and the
+# attempt it ran: a worker whose lease was rescued cannot overwrite a newer attempt's state
+# (rescue and requeue clear `worker`, a new claim sets it and bumps `attempts`).
+# $1-$6 finish (succeeded | failed: move to history); $7-$12 requeue (retry: queued after
+# `delay` with the error kept | handback: queued now, the interrupted attempt not counted).
+# Each unnest is used once and joined on the primary key, so the plan stays an index lookup
+# per outcome whatever the statistics of the (churning) jobs table say.
 COMPLETE = """
-WITH o AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::float8[])
-        AS o(id, attempt, outcome, result, error, tb, delay)
-),
-finished AS (
-    DELETE FROM stoker.jobs j USING o
-     WHERE j.id = o.id AND j.attempts = o.attempt AND j.state = 'active'
-       AND o.outcome IN ('succeeded', 'failed')
+WITH finished AS (
+    DELETE FROM stoker.jobs j
+     USING unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
+           AS o(id, attempt, outcome, result, error, tb)
+     WHERE j.id = o.id AND j.attempts = o.attempt AND j.worker = $13
     RETURNING j.*, o.outcome, o.result AS new_result, o.error AS new_error, o.tb
 ),
 moved AS (
@@ -94,9 +93,9 @@ requeued AS (
                          THEN stoker.push_error(j.errors, j.attempts, o.error, o.tb)
                          ELSE j.errors END,
            updated_at = now()
-      FROM o
-     WHERE j.id = o.id AND j.attempts = o.attempt AND j.state = 'active'
-       AND o.outcome IN ('retry', 'handback')
+      FROM unnest($7::bigint[], $8::int[], $9::text[], $10::text[], $11::text[],
+                  $12::float8[]) AS o(id, attempt, outcome, error, tb, delay)
+     WHERE j.id = o.id AND j.attempts = o.attempt AND j.worker = $13
     RETURNING j.id, j.queue, j.run_at
 )
 SELECT id, queue, NULL::timestamptz AS run_at FROM moved

@@ -117,6 +117,7 @@ class Runtime:
         s = self.settings
         self.completer = completer = Completer(
             db,
+            worker_id=s.worker_id,
             flush_interval=s.flush_interval,
             flush_max=s.flush_max,
             on_requeued=self._on_requeued,

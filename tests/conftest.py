@@ -257,3 +257,35 @@ def stoker_cli(
         timeout=60,
         check=False,
     )
+
+
+async def write_outcome(
+    db: asyncpg.Connection,
+    job_id: int,
+    *,
+    attempt: int,
+    outcome: str,
+    worker: str,
+    error: str | None = None,
+    tb: str | None = None,
+) -> list[asyncpg.Record]:
+    """Write one finishing outcome exactly as a daemon's completer does."""
+    from daemon import queries
+
+    rows: list[asyncpg.Record] = await db.fetch(
+        queries.COMPLETE,
+        [job_id],
+        [attempt],
+        [outcome],
+        [None],
+        [error],
+        [tb],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        worker,
+    )
+    return rows

@@ -9,7 +9,7 @@ import asyncpg
 
 import daemon
 from daemon import queries
-from tests.conftest import stoker_cli
+from tests.conftest import stoker_cli, write_outcome
 
 
 async def test_enqueue_list_show_and_status(db: asyncpg.Connection, dsn: str) -> None:
@@ -69,8 +69,8 @@ async def test_status_reports_oldest_due_age(db: asyncpg.Connection, dsn: str) -
 async def fail_job(db: asyncpg.Connection, queue: str = "default") -> int:
     job_id = await daemon.enqueue(db, queue=queue, kind="noop")
     await db.fetch(queries.CLAIM, queue, 1, "w", 30.0)
-    await db.fetch(
-        queries.COMPLETE, [job_id], [1], ["failed"], [None], ["boom"], ["Traceback"], [0.0]
+    await write_outcome(
+        db, job_id, attempt=1, outcome="failed", worker="w", error="boom", tb="Traceback"
     )
     return job_id
 

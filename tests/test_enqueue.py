@@ -10,6 +10,7 @@ import pytest
 
 import daemon
 from daemon import queries
+from tests.conftest import write_outcome
 
 
 async def test_enqueue_returns_id_and_stores_every_field(db: asyncpg.Connection) -> None:
@@ -50,7 +51,7 @@ async def test_unique_key_is_free_again_once_the_job_finished(db: asyncpg.Connec
     first = await daemon.enqueue(db, queue="default", kind="noop", unique_key="k")
     # Run it to completion the way a worker does: claim, then write the outcome.
     await db.fetch(queries.CLAIM, "default", 1, "w", 30.0)
-    await db.fetch(queries.COMPLETE, [first], [1], ["succeeded"], [None], [None], [None], [0.0])
+    await write_outcome(db, first, attempt=1, outcome="succeeded", worker="w")
     second = await daemon.enqueue(db, queue="default", kind="noop", unique_key="k")
     assert second != first
 
@@ -157,8 +158,8 @@ async def test_stale_outcome_of_a_rescued_attempt_is_fenced_out(db: asyncpg.Conn
     [second] = await db.fetch(queries.CLAIM, "default", 10, "worker-b", 30.0)
     assert second["attempts"] == 2
     # worker-a wakes up and reports failure for attempt 1: it must not touch attempt 2.
-    written = await db.fetch(
-        queries.COMPLETE, [job_id], [1], ["failed"], [None], ["late"], [None], [0.0]
+    written = await write_outcome(
+        db, job_id, attempt=1, outcome="failed", worker="worker-a", error="late"
     )
     assert written == []
     row = await db.fetchrow("SELECT state, worker, attempts FROM stoker.jobs WHERE id = $1", job_id)

@@ -1,0 +1,204 @@
+"""First benchmark: drain throughput and enqueue-to-start latency of one `stoker run` process.
+
+    make bench                     # its own throwaway PostgreSQL under .stoker/bench-pg
+    STOKER_BENCH_DSN=postgresql://... make bench   # an existing server (creates databases)
+
+Drain: 20,000 no-op jobs enqueued with enqueue_many, then a daemon started; the rate is jobs
+divided by the span from the first job's claim to the last job's completion (database clock).
+Latency: jobs inserted one at a time into an idle daemon; from just before the client sends the
+autocommit INSERT to the instant the handler starts (so it includes the INSERT and COMMIT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+
+from daemon import Job, enqueue_many
+from daemon.db import init_connection
+from daemon.migrations import migrate
+from daemon.pgcluster import Cluster
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = """
+handler_modules = ["bench.handlers"]
+log_level = "WARNING"
+[queues.bench]
+concurrency = {concurrency}
+batch_size = {batch_size}
+poll_interval = 2.0
+"""
+
+
+def server_dsn() -> tuple[str, Cluster | None]:
+    given = os.environ.get("STOKER_BENCH_DSN")
+    if given:
+        return given, None
+    cluster = Cluster(REPO / ".stoker" / "bench-pg")
+    return cluster.start(), cluster
+
+
+@asynccontextmanager
+async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        dsn = admin_dsn.rsplit("/", 1)[0] + f"/{name}"
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        yield dsn
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@asynccontextmanager
+async def daemon(dsn: str, concurrency: int, batch_size: int) -> AsyncIterator[None]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "stoker.toml"
+        config.write_text(CONFIG.format(concurrency=concurrency, batch_size=batch_size))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STOKER_")}
+        env.update(DATABASE_URL=dsn, PYTHONPATH=str(REPO))
+        log = Path(tmp) / "daemon.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "daemon",
+                    "--config",
+                    str(config),
+                    "run",
+                    "--log-format",
+                    "text",
+                    "--log-level",
+                    "INFO",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 30
+            while "listening on channel" not in log.read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon did not start:\n{log.read_text()}")
+                await asyncio.sleep(0.02)
+            yield
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+async def drain_once(admin_dsn: str, jobs: int, concurrency: int, batch_size: int) -> float:
+    async with fresh_database(admin_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for start in range(0, jobs, 5000):
+                count = min(5000, jobs - start)
+                await enqueue_many(conn, [Job("bench", "noop")] * count)
+            await conn.execute("VACUUM ANALYZE stoker.jobs")
+            async with daemon(dsn, concurrency, batch_size):
+                while await conn.fetchval("SELECT count(*) FROM stoker.jobs") > 0:
+                    await asyncio.sleep(0.05)
+            span = await conn.fetchval(
+                "SELECT extract(epoch FROM max(finished_at) - min(started_at)) "
+                "FROM stoker.job_history WHERE state = 'succeeded'"
+            )
+            done = await conn.fetchval("SELECT count(*) FROM stoker.job_history")
+            assert done == jobs, f"{done} of {jobs} jobs finished"
+            return jobs / float(span)
+        finally:
+            await conn.close()
+
+
+async def latency_once(admin_dsn: str, samples: int) -> list[float]:
+    async with fresh_database(admin_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        await init_connection(conn)
+        try:
+            async with daemon(dsn, 10, 10):
+                out = []
+                for _ in range(samples + 5):
+                    sent = time.time()
+                    job_id = await conn.fetchval("SELECT stoker.enqueue('bench', 'bench.stamp')")
+                    while True:
+                        result = await conn.fetchval(
+                            "SELECT result FROM stoker.job_history WHERE id = $1", job_id
+                        )
+                        if result is not None:
+                            break
+                        await asyncio.sleep(0.002)
+                    out.append((result["started"] - sent) * 1000)
+                    await asyncio.sleep(0.02)  # let the daemon go idle again
+                return out[5:]  # the first few warm up connections and caches
+        finally:
+            await conn.close()
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    admin_dsn, cluster = server_dsn()
+    try:
+        rates = [
+            await drain_once(admin_dsn, args.jobs, args.concurrency, args.batch_size)
+            for _ in range(args.runs)
+        ]
+        latencies = await latency_once(admin_dsn, args.samples)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    print()
+    print(f"{'scenario':<10} {'system':<8} {'result':<36} {'runs'}")
+    print(
+        f"{'drain':<10} {'stoker':<8} "
+        f"{f'{statistics.median(rates):,.0f} jobs/s (median)':<36} "
+        f"{args.runs} runs, min {min(rates):,.0f}, max {max(rates):,.0f}; "
+        f"{args.jobs:,} no-op jobs, concurrency {args.concurrency}, batch {args.batch_size}"
+    )
+    print(
+        f"{'latency':<10} {'stoker':<8} "
+        f"{f'p50 {pct(latencies, 50):.2f} ms  p95 {pct(latencies, 95):.2f} ms':<36} "
+        f"p99 {pct(latencies, 99):.2f} ms over {len(latencies)} jobs inserted one at a time"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=200)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
