@@ -39,6 +39,7 @@ run: install
 		dsn=$$($(BIN)/python -m daemon.pgcluster start $(DEV_PG)) || exit 1; \
 		echo "PostgreSQL (dev cluster in $(DEV_PG)): psql $$dsn"; \
 		echo "try: psql $$dsn -c \"SELECT stoker.enqueue('default', 'log', '{\\\"message\\\": \\\"hello\\\"}')\""; \
+		echo "     export DATABASE_URL=$$dsn; .venv/bin/stoker status"; \
 		echo "stop it later with: make db-stop"; \
 	fi; \
 	DATABASE_URL="$$dsn" exec $(BIN)/stoker --config deploy/stoker.toml run --log-format text

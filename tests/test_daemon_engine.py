@@ -374,3 +374,28 @@ async def test_heartbeats_keep_a_long_job_beyond_its_lease(
     assert row["state"] == "succeeded"
     assert row["attempts"] == 1, row["errors"]
     assert row["errors"] == []
+
+
+async def test_every_daemon_connection_killed_mid_job_loses_nothing(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    # What a database restart or a failover looks like from the daemon: every backend gone.
+    daemon = await daemons.start(QUIET)
+    job_id = await insert(db, "test.sleep", {"seconds": 1})
+
+    async def active() -> bool:
+        row = await job(db, job_id)
+        return row is not None and row["state"] == "active"
+
+    await eventually(active)
+    killed = await db.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    assert killed >= 2  # the listener and at least one pool connection
+    row = await finished(db, job_id, timeout=20)
+    assert (row["state"], row["attempts"]) == ("succeeded", 1)
+    await daemon.wait_log("listener reconnected")
+    after = await insert(db, "noop")
+    assert (await finished(db, after, timeout=10))["state"] == "succeeded"
+    assert daemon.proc.poll() is None
