@@ -51,7 +51,10 @@ def when(text: str) -> datetime:
     """An ISO 8601 time with a zone, or +N[s|m|h|d] from now."""
     match = RELATIVE.match(text)
     if match:
-        return datetime.now(UTC) + timedelta(seconds=float(match[1]) * UNITS[match[2]])
+        try:
+            return datetime.now(UTC) + timedelta(seconds=float(match[1]) * UNITS[match[2]])
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{text!r} is too far in the future") from None
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
@@ -71,6 +74,22 @@ def queue_name(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a valid queue name (1-128 of A-Z a-z 0-9 _ . : -)"
         )
+    return text
+
+
+def priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not -32768 <= value <= 32767:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (-32768 to 32767)")
+    return value
+
+
+def kind_name(text: str) -> str:
+    if not text.strip() or len(text) > 200:
+        raise argparse.ArgumentTypeError("a job kind is 1-200 characters, e.g. reports.build")
     return text
 
 
@@ -113,10 +132,10 @@ def build_parser() -> Parser:
 
     enq = sub.add_parser("enqueue", help="enqueue one job")
     enq.add_argument("queue", type=queue_name)
-    enq.add_argument("kind")
+    enq.add_argument("kind", type=kind_name)
     enq.add_argument("--payload", type=json_value, default={}, help="JSON (default {})")
     enq.add_argument("--run-at", type=when, help="ISO 8601 time with zone, or +30s/+5m/+2h")
-    enq.add_argument("--priority", type=int, default=0, help="higher runs first")
+    enq.add_argument("--priority", type=priority, default=0, help="higher runs first")
     enq.add_argument("--unique-key", help="skip if a live job holds this key")
     enq.add_argument("--max-attempts", type=positive_int)
     enq.add_argument("--meta", type=json_value, default={}, help="JSON object")
@@ -164,7 +183,13 @@ async def with_connection(
 ) -> int:
     try:
         conn = await connect(settings.database_url, application_name="stoker-cli")
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except (
+        OSError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        TimeoutError,
+    ) as exc:
         raise StokerError(
             f"cannot connect to the database at {redact(settings.database_url)}: {exc}"
         ) from exc
@@ -288,8 +313,8 @@ def cmd_jobs_retry(args: argparse.Namespace) -> Callable[[asyncpg.Connection], A
         print(f"retried {len(done)} job(s)")
         if missing:
             print(
-                "not retried (no such job, or it is already queued to run now or running): "
-                + ", ".join(map(str, missing)),
+                "not retried (no such job; already queued to run now or running; or a live "
+                "job holds its unique_key): " + ", ".join(map(str, missing)),
                 file=sys.stderr,
             )
             return 1

@@ -13,9 +13,15 @@ import tomllib
 import uuid
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from daemon.errors import ConfigError
 
@@ -33,7 +39,7 @@ class BackoffConfig(_Strict):
     """Exponential backoff between attempts: base * 2**(attempt-1), capped, +/- jitter."""
 
     base: float = Field(1.0, gt=0, description="seconds after the first failure")
-    cap: float = Field(600.0, gt=0, description="longest wait in seconds")
+    cap: float = Field(600.0, gt=0, le=30 * 86_400, description="longest wait in seconds")
     jitter: float = Field(0.2, ge=0, le=1, description="fraction of spread, 0..1")
 
 
@@ -95,6 +101,13 @@ class Settings(BaseSettings):
             raise ValueError("at least one queue is needed, e.g. [queues.default]")
         return value
 
+    @field_validator("database_url", "listen_dsn")
+    @classmethod
+    def _dsn(cls, value: str | None) -> str | None:
+        if value:
+            check_dsn(value)
+        return value
+
     @field_validator("handler_modules")
     @classmethod
     def _module_names(cls, value: list[str]) -> list[str]:
@@ -117,6 +130,17 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
+def check_dsn(dsn: str) -> None:
+    """A PostgreSQL URL asyncpg can use: postgresql://user:pass@host:port/database."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError("must be a URL like postgresql://user:password@host:5432/database")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("has a port that is not a number") from None
+
+
 def default_config_path() -> Path | None:
     """STOKER_CONFIG, else /etc/stoker/stoker.toml when installed, else the repo example."""
     env = os.environ.get("STOKER_CONFIG")
@@ -128,8 +152,24 @@ def default_config_path() -> Path | None:
     return None
 
 
+SECRET_WORDS = ("url", "dsn", "password", "token", "secret")
+
+
+def _origin(parts: tuple[Any, ...], source: str) -> str:
+    """Where a bad value came from: the environment variable that set it, else the file."""
+    names = ["STOKER_" + "__".join(str(p) for p in parts).upper()]
+    if parts and parts[0] == "database_url":
+        names.insert(0, "DATABASE_URL")
+    for name in names:
+        if name in os.environ:
+            return f"environment {name}"
+    return source
+
+
 def _describe(error: dict[str, Any], source: str) -> str:
-    loc = ".".join(str(part) for part in error.get("loc", ())) or "(top level)"
+    parts = tuple(error.get("loc", ()))
+    loc = ".".join(str(part) for part in parts) or "(top level)"
+    source = _origin(parts, source)
     kind = error.get("type", "")
     if kind == "extra_forbidden":
         return f"{source}: {loc}: unknown key (check its spelling and section)"
@@ -137,7 +177,8 @@ def _describe(error: dict[str, Any], source: str) -> str:
         return f"{source}: {loc}: required but not set"
     message = str(error.get("msg", "invalid value"))
     got = error.get("input")
-    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    secret = any(word in loc.lower() for word in SECRET_WORDS)
+    shown = "" if secret or isinstance(got, dict | list) else f" (got {got!r})"
     return f"{source}: {loc}: {message}{shown}"
 
 
@@ -162,6 +203,13 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = [_describe(dict(err), source) for err in exc.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    except SettingsError as exc:
+        # A STOKER_ variable that should hold JSON (a list or table) does not.
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ConfigError(
+            f"environment: {exc}{cause} (lists and tables are given as JSON, e.g. "
+            "STOKER_HANDLER_MODULES='[\"myapp.jobs\"]')"
+        ) from None
     if overrides:  # command-line flags win over file and environment
         settings = settings.model_copy(update=overrides)
     if not settings.database_url:

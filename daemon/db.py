@@ -16,6 +16,24 @@ SERVER_SETTINGS = {
 }
 
 
+# What a lost, refused or timed-out database round trip raises. The engine retries these;
+# anything else is a bug and is reported as one.
+DB_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,  # e.g. an operation cut off mid-flight by a dying connection
+)
+
+# Connecting can also fail on a malformed DSN.
+CONNECT_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ValueError)
+
+# No statement of the engine's own should take this long; a half-open connection must not hang
+# a claim, a write or the shutdown forever.
+COMMAND_TIMEOUT = 30.0
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -33,6 +51,7 @@ async def create_pool(
         max_size=max_size,
         init=init_connection,
         statement_cache_size=statement_cache_size,
+        command_timeout=COMMAND_TIMEOUT,
         server_settings={**SERVER_SETTINGS, "application_name": application_name},
     )
     return pool
@@ -64,4 +83,5 @@ def redact(dsn: str) -> str:
 
 
 def as_json_text(value: Any) -> str:
-    return json.dumps(value, default=str, separators=(",", ":"))
+    """JSON for a jsonb parameter; NaN and Infinity are refused (PostgreSQL has no such JSON)."""
+    return json.dumps(value, default=str, separators=(",", ":"), allow_nan=False)

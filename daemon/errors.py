@@ -28,6 +28,6 @@ class RetryJob(JobError):
 
     def __init__(self, message: str = "retry requested", *, delay: float | None = None) -> None:
         super().__init__(message)
-        if delay is not None and delay < 0:
-            raise ValueError("RetryJob delay must be >= 0 seconds")
+        if delay is not None and not 0 <= delay <= 365 * 86_400:  # also refuses NaN
+            raise ValueError("RetryJob delay must be between 0 seconds and a year")
         self.delay = delay

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from daemon.db import connect, redact
+from daemon.db import CONNECT_ERRORS, DB_ERRORS, connect, redact
 
 log = logging.getLogger("stoker.listener")
 
@@ -79,7 +79,7 @@ class Listener:
                 await self._watch(conn, lost)
                 if not self._stopping.is_set():
                     log.warning("listener connection lost; reconnecting")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except CONNECT_ERRORS as exc:
                 log.warning(
                     "listener cannot connect to %s: %s; retrying in %.1fs",
                     redact(self._dsn),
@@ -109,7 +109,7 @@ class Listener:
                     return
                 try:
                     await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=5)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                except DB_ERRORS:
                     log.warning("listener probe failed: connection is half-open or gone")
                     return
         finally:

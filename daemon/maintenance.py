@@ -10,10 +10,11 @@ from collections.abc import Callable
 import asyncpg
 
 from daemon import queries
+from daemon.db import DB_ERRORS
+from daemon.dbclock import DbClock
 
 log = logging.getLogger("stoker.maintenance")
 
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 PURGE_BATCH = 5000
 
 
@@ -69,11 +70,13 @@ async def maintenance_loop(
     rescue_interval: float,
     retention_seconds: float,
     stopping: asyncio.Event,
+    clock: DbClock,
 ) -> None:
     purge_every = 60.0
     since_purge = purge_every  # purge once soon after start
     while not await _sleep(stopping, rescue_interval):
         try:
+            await clock.sync(db)
             rescued = await rescue_expired(db)
             for row in rescued:
                 log.warning(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import asyncpg
 
 from daemon import queries
+from daemon.db import DB_ERRORS
 
 log = logging.getLogger("stoker.outcomes")
 
@@ -83,7 +85,13 @@ class Completer:
             try:
                 # Shielded: a cancellation must not lose a job's final state.
                 await asyncio.shield(self._write(batch))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except asyncpg.DataError as exc:
+                # A value PostgreSQL refuses must not block every other outcome behind it.
+                log.warning(
+                    "a batch of %d outcomes was refused (%s); writing one by one", len(batch), exc
+                )
+                await asyncio.shield(self._write_each(batch))
+            except DB_ERRORS as exc:
                 log.warning(
                     "cannot write %d job outcomes (%s); retrying in %.2fs", len(batch), exc, delay
                 )
@@ -92,6 +100,23 @@ class Completer:
                 continue
             delay = 0.05
             del self._buffer[: len(batch)]
+
+    async def _write_each(self, batch: list[Outcome]) -> None:
+        """Write outcomes singly; one PostgreSQL refuses is recorded without the bad value."""
+        for outcome in batch:
+            try:
+                await self._write([outcome])
+            except asyncpg.DataError as exc:
+                salvaged = _salvage(outcome, exc)
+                try:
+                    await self._write([salvaged])
+                except asyncpg.DataError:
+                    log.exception(
+                        "job %s: outcome cannot be recorded; it will run again when its "
+                        "lease expires",
+                        outcome.job_id,
+                        extra={"job_id": outcome.job_id, "queue": outcome.queue},
+                    )
 
     async def close(self) -> None:
         self._closing = True
@@ -133,3 +158,10 @@ class Completer:
         for row in rows:
             if row["run_at"] is not None:
                 self._on_requeued(row["queue"], row["run_at"])
+
+
+def _salvage(outcome: Outcome, exc: Exception) -> Outcome:
+    note = f"PostgreSQL refused part of this job's outcome: {exc}"
+    if outcome.outcome == "succeeded":
+        return replace(outcome, result=json.dumps({"unrecorded_result": note}))
+    return replace(outcome, error=note, traceback=None, delay=min(outcome.delay, 3600.0))

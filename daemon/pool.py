@@ -10,7 +10,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, overload
 
 import asyncpg
 from pydantic import ValidationError
@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from daemon import queries
 from daemon.config import QueueConfig
 from daemon.context import JobContext
-from daemon.db import as_json_text
+from daemon.db import DB_ERRORS, as_json_text
+from daemon.dbclock import DbClock
 from daemon.errors import PermanentJobError, RetryJob
 from daemon.outcomes import Completer, Outcome
 from daemon.registry import Handler, Registry
@@ -28,8 +29,10 @@ log = logging.getLogger("stoker.pool")
 
 # How long a pool with a backlog waits for more free slots before claiming into few of them.
 GATHER_WINDOW = 0.005
-
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# Shortest sleep of an idle pool between timer-driven claims that found nothing.
+MIN_IDLE = 0.01
+# Longest retry delay (a year): beyond it timestamps overflow, and nobody means it.
+MAX_RETRY_DELAY = 365 * 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class QueuePool:
         worker_id: str,
         lease_seconds: float,
         stopping: asyncio.Event,
+        clock: DbClock,
     ) -> None:
         self.name = name
         self.config = config
@@ -72,7 +76,10 @@ class QueuePool:
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
         self._stopping = stopping
-        self.running: dict[int, asyncio.Task[None]] = {}
+        self._clock = clock
+        # Keyed by (job id, attempt): if a lease was lost and this pool claims the same job
+        # again, both attempts count against the limit until each ends.
+        self.running: dict[tuple[int, int], asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._fetch_needed = True
         self._hint_due: float | None = None
@@ -84,7 +91,7 @@ class QueuePool:
 
     def wake(self, due_at: float | None = None) -> None:
         """A job is due now (due_at None or past), or will be at epoch `due_at`."""
-        if due_at is None or due_at <= time.time():
+        if due_at is None or due_at <= self._clock.now():
             self._fetch_needed = True
         else:
             self._hint_due = due_at if self._hint_due is None else min(self._hint_due, due_at)
@@ -111,6 +118,8 @@ class QueuePool:
                 # A backlog and only a few free slots: let a few more jobs finish so that one
                 # claim carries many jobs instead of one round trip per job.
                 await self._gather_slots()
+                if self._stopping.is_set():
+                    break
                 free = self.free_slots
             want = min(free, self.config.batch_size)
             self._wake.clear()
@@ -128,7 +137,7 @@ class QueuePool:
                 self._start(job)
             if len(jobs) == want:
                 continue  # there may be more: claim again as soon as slots allow
-            await self._idle()
+            await self._idle(claimed_nothing=not jobs)
 
     @property
     def _claim_floor(self) -> int:
@@ -161,9 +170,13 @@ class QueuePool:
             for r in rows
         ]
 
-    async def _idle(self) -> None:
+    async def _idle(self, *, claimed_nothing: bool) -> None:
         """Sleep until woken by NOTIFY, the earliest known run_at, or the poll interval."""
-        deadline = time.time() + self.config.poll_interval
+        now = self._clock.now()
+        deadline = now + self.config.poll_interval
+        # After an empty claim, a timer wake-up waits at least a moment, so that a job whose
+        # run_at is a hair away (or clocks that disagree) cannot make the pool spin.
+        floor = now + MIN_IDLE if claimed_nothing else now
         try:
             next_due = await self._db.fetchval(queries.NEXT_DUE, self.name)
         except DB_ERRORS:
@@ -174,8 +187,8 @@ class QueuePool:
             if self._hint_due is not None:
                 deadline = min(deadline, self._hint_due)
                 self._hint_due = None
-            remaining = deadline - time.time()
-            if remaining <= 0 or self._fetch_needed:
+            remaining = max(deadline, floor) - self._clock.now()
+            if self._fetch_needed or remaining <= 0:
                 return
             self._wake.clear()
             await _wait(self._wake, remaining)
@@ -184,16 +197,23 @@ class QueuePool:
 
     def _start(self, job: ClaimedJob) -> None:
         task = asyncio.create_task(self._execute(job), name=f"stoker-job-{job.id}")
-        self.running[job.id] = task
+        self.running[(job.id, job.attempt)] = task
 
-    def _release(self, job_id: int) -> None:
-        self.running.pop(job_id, None)
+    def _release(self, job: ClaimedJob) -> None:
+        self.running.pop((job.id, job.attempt), None)
         self._slot_freed.set()
+
+    def running_ids(self) -> list[int]:
+        return [job_id for job_id, _ in self.running]
 
     async def _execute(self, job: ClaimedJob) -> None:
         outcome: Outcome | None = None
         try:
             outcome = await self._run_handler(job)
+        except Exception:
+            # A fault of ours, not the handler's (which _run_handler catches): record it
+            # rather than leave the job to expire and run again.
+            outcome = self._fail(job, "internal error while running the job", _traceback())
         except asyncio.CancelledError:
             if self._handing_back:
                 outcome = Outcome(job.id, job.attempt, self.name, "handback")
@@ -204,7 +224,7 @@ class QueuePool:
                 )
             raise
         finally:
-            self._release(job.id)
+            self._release(job)
             if outcome is not None:
                 self._completer.add(outcome)
 
@@ -224,6 +244,12 @@ class QueuePool:
             argument = handler.parse(job.payload)
         except ValidationError as exc:
             return self._fail(job, describe_validation_error(job.kind, exc))
+        except Exception as exc:
+            return self._fail(
+                job,
+                f"invalid payload for kind {job.kind!r}: {type(exc).__name__}: {exc}",
+                _traceback(),
+            )
         ctx = JobContext(
             id=job.id,
             queue=self.name,
@@ -243,7 +269,7 @@ class QueuePool:
         except RetryJob as exc:
             return self._retry(job, handler, max_attempts, f"retry requested: {exc}", exc.delay)
         except PermanentJobError as exc:
-            return self._fail(job, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            return self._fail(job, f"{type(exc).__name__}: {exc}", _traceback())
         except TimeoutError:
             if limit.expired():
                 error = f"timed out: the handler ran longer than its timeout of {timeout:g}s"
@@ -254,7 +280,7 @@ class QueuePool:
                 max_attempts,
                 "TimeoutError raised by handler",
                 None,
-                traceback.format_exc(),
+                _traceback(),
             )
         except Exception as exc:
             return self._retry(
@@ -263,16 +289,28 @@ class QueuePool:
                 max_attempts,
                 f"{type(exc).__name__}: {exc}",
                 None,
-                traceback.format_exc(),
+                _traceback(),
             )
         log.debug("job %s succeeded", job.id, extra=_fields(job, self.name))
         return Outcome(
-            job.id,
-            job.attempt,
-            self.name,
-            "succeeded",
-            result=None if result is None else as_json_text(result),
+            job.id, job.attempt, self.name, "succeeded", result=self._result(job, result)
         )
+
+    def _result(self, job: ClaimedJob, result: Any) -> str | None:
+        if result is None:
+            return None
+        try:
+            return as_json_text(result)
+        except (TypeError, ValueError) as exc:
+            # The work is done: keep it succeeded (running it again would repeat its effects)
+            # and say why the result is missing.
+            log.warning(
+                "job %s: its result cannot be stored as JSON: %s",
+                job.id,
+                exc,
+                extra=_fields(job, self.name),
+            )
+            return as_json_text({"unrecorded_result": f"not JSON-serialisable: {exc}"})
 
     def _retry(
         self,
@@ -287,6 +325,7 @@ class QueuePool:
             return self._fail(job, f"{error} (attempt {job.attempt} of {max_attempts})", tb)
         if delay is None:
             delay = backoff_delay(self.config.backoff, job.attempt)
+        delay = min(delay, MAX_RETRY_DELAY)
         log.warning(
             "job %s attempt %s/%s failed: %s; retrying in %.1fs",
             job.id,
@@ -297,15 +336,32 @@ class QueuePool:
             extra=_fields(job, self.name),
         )
         return Outcome(
-            job.id, job.attempt, self.name, "retry", error=error, traceback=tb, delay=delay
+            job.id,
+            job.attempt,
+            self.name,
+            "retry",
+            error=_text(error),
+            traceback=_text(tb),
+            delay=delay,
         )
 
     def _fail(self, job: ClaimedJob, error: str, tb: str | None = None) -> Outcome:
         log.error("job %s failed: %s", job.id, error, extra=_fields(job, self.name))
-        return Outcome(job.id, job.attempt, self.name, "failed", error=error, traceback=tb)
+        return Outcome(
+            job.id, job.attempt, self.name, "failed", error=_text(error), traceback=_text(tb)
+        )
 
     async def _write_progress(self, job_id: int, attempt: int, progress: str) -> None:
-        await self._db.execute(queries.PROGRESS, job_id, attempt, progress)
+        # Progress is advisory: a database hiccup must not fail the job that reports it.
+        try:
+            await self._db.execute(queries.PROGRESS, job_id, attempt, progress)
+        except DB_ERRORS as exc:
+            log.warning(
+                "job %s: progress not recorded: %s",
+                job_id,
+                exc,
+                extra={"job_id": job_id, "queue": self.name, "attempt": attempt},
+            )
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -327,6 +383,19 @@ class QueuePool:
             for task in left:
                 task.cancel()
             await asyncio.wait(left, timeout=5)
+
+
+def _traceback() -> str:
+    return traceback.format_exc()
+
+
+@overload
+def _text(value: str) -> str: ...
+@overload
+def _text(value: None) -> None: ...
+def _text(value: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL characters."""
+    return None if value is None else value.replace("\x00", "\\0")
 
 
 def _fields(job: ClaimedJob, queue: str) -> dict[str, Any]:

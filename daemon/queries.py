@@ -153,23 +153,27 @@ SELECT {JOB_COLUMNS} FROM stoker.all_jobs
 """
 
 # Failed or cancelled jobs come back from history as new attempts; queued jobs waiting out a
-# backoff become due now. Returns the queue of each job retried.
+# backoff become due now. A job whose unique_key a live job holds stays in history (inserted
+# first, deleted only once it is back). Returns the id and queue of each job retried.
 RETRY_JOBS = """
-WITH back AS (
-    DELETE FROM stoker.job_history h
+WITH wanted AS (
+    SELECT * FROM stoker.job_history h
      WHERE h.state IN ('failed', 'cancelled')
-       AND (h.id = ANY($1::bigint[]) OR ($2 AND ($3::text IS NULL OR h.queue = $3)
-                                         AND h.state = 'failed'))
-    RETURNING h.*
+       AND (h.id = ANY($1::bigint[])
+            OR ($2 AND h.state = 'failed' AND ($3::text IS NULL OR h.queue = $3)))
+       FOR UPDATE
 ),
 restored AS (
     INSERT INTO stoker.jobs (id, queue, kind, payload, meta, priority, state, run_at, attempts,
-                             max_attempts, unique_key, last_error, errors, result, created_at)
+                             max_attempts, unique_key, last_error, errors, created_at)
     SELECT id, queue, kind, payload, meta, priority, 'queued', now(), 0, max_attempts,
-           unique_key, last_error, errors, NULL, created_at
-      FROM back
+           unique_key, last_error, errors, created_at
+      FROM wanted
     ON CONFLICT DO NOTHING
     RETURNING id, queue
+),
+removed AS (
+    DELETE FROM stoker.job_history h USING restored r WHERE h.id = r.id
 ),
 hurried AS (
     UPDATE stoker.jobs SET run_at = now(), updated_at = now()

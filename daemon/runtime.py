@@ -12,7 +12,8 @@ import asyncpg
 
 from daemon import queries
 from daemon.config import Settings
-from daemon.db import create_pool, redact
+from daemon.db import DB_ERRORS, create_pool, redact
+from daemon.dbclock import DbClock
 from daemon.errors import StokerError
 from daemon.listener import Listener
 from daemon.maintenance import heartbeat_loop, maintenance_loop
@@ -35,6 +36,11 @@ class Runtime:
         self.settings = settings
         self.registry = registry
         self.stopping = asyncio.Event()
+        # Set once running jobs are drained and their outcomes written: heartbeats go on
+        # until then, or another daemon would rescue jobs that are still running here.
+        self.finished = asyncio.Event()
+        self.stop_deadline: float | None = None
+        self.clock = DbClock()
         self.pools: dict[str, QueuePool] = {}
         self.listener: Listener | None = None
         self.completer: Completer | None = None
@@ -57,7 +63,7 @@ class Runtime:
             pool.note_requeued(run_at)
 
     def _running_ids(self) -> list[int]:
-        ids = [job_id for pool in self.pools.values() for job_id in pool.running]
+        ids = [job_id for pool in self.pools.values() for job_id in pool.running_ids()]
         if self.completer is not None:
             ids.extend(self.completer.buffered_ids())  # still active until written
         return ids
@@ -65,6 +71,7 @@ class Runtime:
     def request_stop(self) -> None:
         if not self.stopping.is_set():
             log.info("shutdown requested: claiming stops, running jobs may finish")
+            self.stop_deadline = loop_time() + self.settings.shutdown_timeout
             self.stopping.set()
             for pool in self.pools.values():
                 pool.stop_claiming()
@@ -80,7 +87,13 @@ class Runtime:
                 statement_cache_size=s.statement_cache_size,
                 application_name=f"stoker {s.worker_id}"[:63],
             )
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        except (
+            OSError,
+            ValueError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            TimeoutError,
+        ) as exc:
             raise StartupError(
                 f"cannot connect to the database at {redact(s.database_url)}: {exc} "
                 "(check database_url / DATABASE_URL and that PostgreSQL is running)"
@@ -132,7 +145,9 @@ class Runtime:
                 worker_id=s.worker_id,
                 lease_seconds=s.lease_seconds,
                 stopping=self.stopping,
+                clock=self.clock,
             )
+        await self.clock.sync(db)
         async with asyncio.TaskGroup() as tg:
             completer_task = tg.create_task(completer.run(), name="stoker-completer")
             background = [
@@ -142,7 +157,7 @@ class Runtime:
                         worker_id=s.worker_id,
                         lease_seconds=s.lease_seconds,
                         running_ids=self._running_ids,
-                        stopping=self.stopping,
+                        stopping=self.finished,
                     ),
                     name="stoker-heartbeat",
                 ),
@@ -152,6 +167,7 @@ class Runtime:
                         rescue_interval=s.rescue_interval,
                         retention_seconds=s.history_retention_days * 86_400,
                         stopping=self.stopping,
+                        clock=self.clock,
                     ),
                     name="stoker-maintenance",
                 ),
@@ -177,8 +193,8 @@ class Runtime:
                 ", ".join(self.registry.kinds()) or "none",
             )
             await self.stopping.wait()
-            await asyncio.gather(*claimers)
-            deadline = loop_time() + s.shutdown_timeout
+            deadline = self.stop_deadline or loop_time()
+            await asyncio.wait(claimers)  # each ends at its next step; statements time out
             await asyncio.gather(*(pool.drain(deadline) for pool in self.pools.values()))
             await completer.close()
             done, _ = await asyncio.wait({completer_task}, timeout=FLUSH_AT_EXIT_TIMEOUT)
@@ -189,13 +205,11 @@ class Runtime:
                     completer.buffered,
                 )
                 completer_task.cancel()
-            with contextlib.suppress(*_DB_ERRORS):
+            with contextlib.suppress(*DB_ERRORS):
                 # Jobs handed back are due now: let other daemons know.
                 await db.execute(queries.NOTIFY_QUEUES, list(self.pools))
+            self.finished.set()
             await asyncio.gather(*background)
-
-
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 def loop_time() -> float:

@@ -78,3 +78,21 @@ async def record(ctx: JobContext, payload: Record) -> None:
     )
     with open(os.environ["STOKER_TEST_EVENTS"], "a", encoding="utf-8") as fh:
         fh.write(line + "\n")
+
+
+class Poison(BaseModel):
+    mode: str
+
+
+@handler("test.poison", payload=Poison, max_attempts=1)
+async def poison(ctx: JobContext, payload: Poison) -> object:
+    """Values PostgreSQL cannot store, to prove one bad outcome blocks nothing else."""
+    if payload.mode == "nan-result":
+        return {"value": float("nan")}
+    if payload.mode == "nul-in-result":
+        return {"text": "a\x00b"}
+    if payload.mode == "nul-in-error":
+        raise ValueError("bad\x00byte")
+    if payload.mode == "nan-delay":
+        raise RetryJob("later", delay=float("nan"))
+    raise AssertionError(payload.mode)

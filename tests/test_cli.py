@@ -131,6 +131,9 @@ def test_bad_arguments_give_one_clear_line(dsn: str) -> None:
         ("jobs", "list", "--state", "done"): "invalid choice: 'done'",
         ("jobs", "retry"): "give job ids, or --all-failed",
         ("frobnicate",): "invalid choice: 'frobnicate'",
+        ("enqueue", "q", "noop", "--run-at", "+3000000000d"): "is too far in the future",
+        ("enqueue", "q", "noop", "--priority", "99999"): "out of range (-32768 to 32767)",
+        ("enqueue", "q", ""): "a job kind is 1-200 characters",
     }
     for argv, expected in cases.items():
         out = stoker_cli(dsn, *argv)
@@ -174,4 +177,55 @@ def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     out = stoker_cli("postgresql://nobody@127.0.0.1:1/nothing", "status")
     assert out.returncode == 1
     assert out.stderr.startswith("stoker: error: cannot connect to the database at ")
+    assert "Traceback" not in out.stderr
+
+
+async def test_retry_keeps_a_job_whose_unique_key_is_taken(
+    db: asyncpg.Connection, dsn: str
+) -> None:
+    old = await daemon.enqueue(db, queue="default", kind="noop", unique_key="invoice-7")
+    await db.fetch(queries.CLAIM, "default", 1, "w", 30.0)
+    await write_outcome(db, old, attempt=1, outcome="failed", worker="w", error="boom")
+    new = await daemon.enqueue(db, queue="default", kind="noop", unique_key="invoice-7")
+    out = stoker_cli(dsn, "jobs", "retry", str(old))
+    assert out.returncode == 1
+    assert "a live job holds its unique_key" in out.stderr
+    assert await db.fetchval("SELECT state::text FROM stoker.all_jobs WHERE id = $1", old) == (
+        "failed"
+    )
+    assert await db.fetchval("SELECT id FROM stoker.jobs") == new
+
+
+def test_bad_environment_values_are_named_and_secrets_are_not_printed(dsn: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def run(**env: str) -> subprocess.CompletedProcess[str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("STOKER_")}
+        base.update({"DATABASE_URL": dsn, "PYTHONPATH": str(REPO), **env})
+        return subprocess.run(
+            [sys.executable, "-m", "daemon", "status"],
+            cwd=REPO,
+            env=base,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    out = run(STOKER_HANDLER_MODULES="myapp.jobs")
+    assert out.returncode == 1
+    assert 'error parsing value for field "handler_modules"' in out.stderr
+    assert "STOKER_HANDLER_MODULES='[\"myapp.jobs\"]'" in out.stderr
+
+    out = run(DATABASE_URL="postgresql://app:hunter2@db:notaport/app")
+    assert out.returncode == 1
+    assert (
+        "environment DATABASE_URL: database_url: Value error, has a port that is not a number"
+        in (out.stderr)
+    )
+    assert "hunter2" not in out.stderr
     assert "Traceback" not in out.stderr

@@ -399,3 +399,51 @@ async def test_every_daemon_connection_killed_mid_job_loses_nothing(
     after = await insert(db, "noop")
     assert (await finished(db, after, timeout=10))["state"] == "succeeded"
     assert daemon.proc.poll() is None
+
+
+async def test_outcomes_postgres_cannot_store_block_nothing(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    daemon = await daemons.start(QUIET)
+    ids = {
+        mode: await insert(db, "test.poison", {"mode": mode})
+        for mode in ("nan-result", "nul-in-result", "nul-in-error", "nan-delay")
+    }
+    plain = [await insert(db, "noop") for _ in range(5)]
+    rows = {mode: await finished(db, job_id) for mode, job_id in ids.items()}
+    assert rows["nan-result"]["state"] == "succeeded"
+    assert "not JSON-serialisable" in rows["nan-result"]["result"]["unrecorded_result"]
+    assert rows["nul-in-result"]["state"] == "succeeded"
+    assert "refused" in rows["nul-in-result"]["result"]["unrecorded_result"]
+    assert rows["nul-in-error"]["state"] == "failed"
+    assert rows["nul-in-error"]["last_error"].startswith("ValueError: bad\\0byte")
+    assert rows["nan-delay"]["state"] == "failed"
+    assert "RetryJob delay must be between 0 seconds and a year" in rows["nan-delay"]["last_error"]
+    for job_id in plain:
+        assert (await finished(db, job_id))["state"] == "succeeded"
+    assert daemon.proc.poll() is None
+
+
+async def test_leases_are_renewed_while_draining_after_sigterm(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    config = """
+    lease_seconds = 1.5
+    rescue_interval = 0.2
+    shutdown_timeout = 20
+    [queues.default]
+    poll_interval = 60
+    """
+    draining = await daemons.start(config)
+    job_id = await insert(db, "test.sleep", {"seconds": 4})
+
+    async def active() -> bool:
+        row = await job(db, job_id)
+        return row is not None and row["state"] == "active"
+
+    await eventually(active)
+    await daemons.start(config)  # a second daemon, ready to rescue expired leases
+    draining.proc.send_signal(signal.SIGTERM)
+    assert await draining.wait_exit() == 0
+    row = await finished(db, job_id)
+    assert (row["state"], row["attempts"], row["errors"]) == ("succeeded", 1, [])
