@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +31,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from daemon.cronspec import CronSpec
 from daemon.errors import ConfigError
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -52,6 +61,32 @@ class QueueConfig(_Strict):
     poll_interval: float = Field(2.0, gt=0, le=3600)
 
 
+SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,127}$")
+
+
+class ScheduleConfig(_Strict):
+    """One cron schedule: every tick enqueues a job of `kind` on `queue`."""
+
+    cron: str = Field(description="5 fields, or 6 with seconds first")
+    timezone: str = "UTC"
+    kind: str = Field(min_length=1, max_length=200)
+    queue: str = "default"
+    payload: dict[str, Any] = Field(default_factory=dict)
+    meta: dict[str, Any] = Field(default_factory=dict)
+    enabled: bool = True
+    catch_up: Literal["skip", "latest", "all"] = "latest"
+    max_catch_up: int = Field(10, ge=1, le=1000)
+    overlap: Literal["skip", "allow"] = "skip"
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _valid_cron(self) -> ScheduleConfig:
+        CronSpec(self.cron, self.timezone)  # raises ValueError naming the expression or zone
+        if not QUEUE_NAME.match(self.queue):
+            raise ValueError(f"queue {self.queue!r} is not a valid queue name")
+        return self
+
+
 def default_worker_id() -> str:
     """Per process and unique even when hosts share a name: host, pid and a random nonce."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -78,6 +113,8 @@ class Settings(BaseSettings):
     worker_id: str = Field(default_factory=default_worker_id, min_length=1, max_length=200)
     handler_modules: list[str] = Field(default_factory=list)
     queues: dict[str, QueueConfig] = Field(default_factory=lambda: {"default": QueueConfig()})
+    schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
+    leader_retry: float = Field(5.0, gt=0, le=600, description="seconds between leader bids")
     lease_seconds: float = Field(30.0, ge=1, le=86_400)
     rescue_interval: float = Field(5.0, gt=0, le=3600)
     listener_probe_interval: float = Field(10.0, gt=0, le=3600)
@@ -86,6 +123,7 @@ class Settings(BaseSettings):
     flush_max: int = Field(1000, ge=1, le=100_000)
     history_retention_days: float = Field(7.0, gt=0)
     migrate_on_start: bool = True
+    run_scheduler: bool = Field(True, description="take part in leader election and fire cron")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "text"] = "auto"
 
@@ -99,6 +137,17 @@ class Settings(BaseSettings):
                 )
         if not value:
             raise ValueError("at least one queue is needed, e.g. [queues.default]")
+        return value
+
+    @field_validator("schedules")
+    @classmethod
+    def _schedule_names(cls, value: dict[str, ScheduleConfig]) -> dict[str, ScheduleConfig]:
+        for name in value:
+            if not SCHEDULE_NAME.match(name):
+                raise ValueError(
+                    f"schedule name {name!r} is not valid: use lowercase a-z 0-9 _ . : - "
+                    "(lowercase, so that STOKER_SCHEDULES__<NAME>__ENABLED can override it)"
+                )
         return value
 
     @field_validator("database_url", "listen_dsn")

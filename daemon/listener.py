@@ -15,6 +15,7 @@ from daemon.db import CONNECT_ERRORS, DB_ERRORS, connect, redact
 log = logging.getLogger("stoker.listener")
 
 CHANNEL = "stoker_jobs"
+SCHEDULES_CHANNEL = "stoker_schedules"
 WakeFn = Callable[[str, float | None], None]
 
 
@@ -37,10 +38,12 @@ class Listener:
         probe_interval: float,
         stopping: asyncio.Event,
         statement_cache_size: int = 100,
+        on_schedules_changed: Callable[[], None] | None = None,
     ) -> None:
         self._dsn = dsn
         self._on_notify = on_notify
         self._on_connected = on_connected
+        self._on_schedules_changed = on_schedules_changed
         self._probe_interval = probe_interval
         self._stopping = stopping
         self._statement_cache_size = statement_cache_size
@@ -51,6 +54,10 @@ class Listener:
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         queue, due = parse_notification(payload)
         self._on_notify(queue, due)
+
+    def _schedules_notified(self, *_args: object) -> None:
+        if self._on_schedules_changed is not None:
+            self._on_schedules_changed()
 
     async def run(self) -> None:
         delay = 0.1
@@ -66,6 +73,7 @@ class Listener:
                 lost = asyncio.Event()
                 conn.add_termination_listener(_setter(lost))
                 await conn.add_listener(CHANNEL, self._notified)
+                await conn.add_listener(SCHEDULES_CHANNEL, self._schedules_notified)
                 self.backend_pid = conn.get_server_pid()
                 self.connected = True
                 if ever_connected:
@@ -76,6 +84,7 @@ class Listener:
                 ever_connected = True
                 delay = 0.1
                 self._on_connected()
+                self._schedules_notified()  # changes made while we were away
                 await self._watch(conn, lost)
                 if not self._stopping.is_set():
                     log.warning("listener connection lost; reconnecting")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -12,6 +11,8 @@ import asyncpg
 from daemon import queries
 from daemon.db import DB_ERRORS
 from daemon.dbclock import DbClock
+from daemon.schedules import prune_ticks
+from daemon.waiting import wait_any
 
 log = logging.getLogger("stoker.maintenance")
 
@@ -20,9 +21,7 @@ PURGE_BATCH = 5000
 
 async def _sleep(stopping: asyncio.Event, seconds: float) -> bool:
     """Sleep unless stopping; True when the daemon is stopping."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await stopping.wait()
+    await wait_any(stopping, seconds=seconds)
     return stopping.is_set()
 
 
@@ -91,5 +90,6 @@ async def maintenance_loop(
                 purged = await purge_history(db, retention_seconds)
                 if purged:
                     log.info("purged %d finished jobs past their retention", purged)
+                await prune_ticks(db)
         except DB_ERRORS as exc:
             log.warning("maintenance pass failed: %s", exc)

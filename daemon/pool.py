@@ -4,7 +4,6 @@ concurrency limit and the handler's timeout, hand outcomes to the completer."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import traceback
@@ -24,6 +23,7 @@ from daemon.errors import PermanentJobError, RetryJob
 from daemon.outcomes import Completer, Outcome
 from daemon.registry import Handler, Registry
 from daemon.retry import backoff_delay
+from daemon.waiting import wait_any
 
 log = logging.getLogger("stoker.pool")
 
@@ -130,7 +130,7 @@ class QueuePool:
                 failures += 1
                 pause = min(self.config.poll_interval, 0.1 * 2**failures)
                 log.warning("queue %s: claim failed (%s); retrying in %.1fs", self.name, exc, pause)
-                await _wait(self._wake, pause)
+                await wait_any(self._wake, seconds=pause)
                 continue
             failures = 0
             for job in jobs:
@@ -150,7 +150,7 @@ class QueuePool:
             if remaining <= 0 or self._stopping.is_set():
                 return
             self._slot_freed.clear()
-            await _wait(self._slot_freed, remaining)
+            await wait_any(self._slot_freed, seconds=remaining)
 
     async def _claim(self, limit: int) -> list[ClaimedJob]:
         rows = await self._db.fetch(
@@ -191,7 +191,7 @@ class QueuePool:
             if self._fetch_needed or remaining <= 0:
                 return
             self._wake.clear()
-            await _wait(self._wake, remaining)
+            await wait_any(self._wake, seconds=remaining)
 
     # -- running jobs -------------------------------------------------------------------------
 
@@ -400,10 +400,3 @@ def _text(value: str | None) -> str | None:
 
 def _fields(job: ClaimedJob, queue: str) -> dict[str, Any]:
     return {"job_id": job.id, "queue": queue, "kind": job.kind, "attempt": job.attempt}
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> None:
-    """Wait until `event` is set or `seconds` pass."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await event.wait()

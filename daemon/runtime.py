@@ -15,12 +15,14 @@ from daemon.config import Settings
 from daemon.db import DB_ERRORS, create_pool, redact
 from daemon.dbclock import DbClock
 from daemon.errors import StokerError
+from daemon.leader import Leader
 from daemon.listener import Listener
 from daemon.maintenance import heartbeat_loop, maintenance_loop
 from daemon.migrations import migrate, pending_migrations
 from daemon.outcomes import Completer
 from daemon.pool import QueuePool
 from daemon.registry import REGISTRY, Registry
+from daemon.scheduler import Scheduler
 
 log = logging.getLogger("stoker")
 
@@ -45,6 +47,8 @@ class Runtime:
         self.listener: Listener | None = None
         self.completer: Completer | None = None
         self.db: asyncpg.Pool | None = None
+        self.leader: Leader | None = None
+        self.scheduler: Scheduler | None = None
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -61,6 +65,10 @@ class Runtime:
         pool = self.pools.get(queue)
         if pool is not None:
             pool.note_requeued(run_at)
+
+    def _schedules_changed(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.schedules_changed()
 
     def _running_ids(self) -> list[int]:
         ids = [job_id for pool in self.pools.values() for job_id in pool.running_ids()]
@@ -172,6 +180,22 @@ class Runtime:
                     name="stoker-maintenance",
                 ),
             ]
+            if s.run_scheduler:
+                self.leader = Leader(
+                    s.listen_dsn or s.database_url,
+                    worker_id=s.worker_id,
+                    retry=s.leader_retry,
+                    stopping=self.stopping,
+                )
+                self.scheduler = Scheduler(
+                    s.schedules,
+                    leader=self.leader,
+                    clock=self.clock,
+                    stopping=self.stopping,
+                    served_queues=set(s.queues),
+                )
+                background.append(tg.create_task(self.leader.run(), name="stoker-leader"))
+                background.append(tg.create_task(self.scheduler.run(), name="stoker-scheduler"))
             if not s.poll_only:
                 self.listener = Listener(
                     s.listen_dsn or s.database_url,
@@ -180,6 +204,7 @@ class Runtime:
                     probe_interval=s.listener_probe_interval,
                     stopping=self.stopping,
                     statement_cache_size=s.statement_cache_size,
+                    on_schedules_changed=self._schedules_changed,
                 )
                 background.append(tg.create_task(self.listener.run(), name="stoker-listener"))
             claimers = [

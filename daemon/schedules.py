@@ -1,0 +1,263 @@
+"""Schedules from the configuration and from `stoker.schedules`, their state, firing a tick,
+manual triggers and status. Used by the scheduler, the CLI and (later) the HTTP API."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from daemon.config import ScheduleConfig
+from daemon.cronspec import CronSpec
+from daemon.db import as_json_text
+
+log = logging.getLogger("stoker.schedules")
+
+FireResult = Literal["fired", "skipped", "duplicate"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    source: Literal["config", "db"]
+    spec: CronSpec
+    kind: str
+    queue: str
+    payload: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    enabled: bool = True
+    catch_up: str = "latest"
+    max_catch_up: int = 10
+    overlap: str = "skip"
+    description: str = ""
+    updated_at: datetime | None = None  # db schedules: a change resets the tick cursor
+
+    @classmethod
+    def from_config(cls, name: str, cfg: ScheduleConfig) -> Schedule:
+        return cls(
+            name,
+            "config",
+            CronSpec(cfg.cron, cfg.timezone),
+            cfg.kind,
+            cfg.queue,
+            cfg.payload,
+            cfg.meta,
+            cfg.enabled,
+            cfg.catch_up,
+            cfg.max_catch_up,
+            cfg.overlap,
+            cfg.description,
+        )
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Schedule:
+        return cls(
+            row["name"],
+            "db",
+            CronSpec(row["cron"], row["timezone"]),
+            row["kind"],
+            row["queue"],
+            _obj(row["payload"]),
+            _obj(row["meta"]),
+            row["enabled"],
+            row["catch_up"],
+            row["max_catch_up"],
+            row["overlap"],
+            row["description"],
+            row["updated_at"],
+        )
+
+    def due_ticks(self, cursor: datetime, now: datetime) -> list[datetime]:
+        """Ticks to fire now: after `cursor`, not after `now`, as the catch-up policy says."""
+        limit = self.max_catch_up if self.catch_up == "all" else 1
+        return self.spec.latest_ticks(cursor, now, limit)
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):  # a connection without our jsonb codec
+        import json
+
+        value = json.loads(value)
+    return dict(value) if isinstance(value, dict) else {}
+
+
+async def load_schedules(
+    conn: asyncpg.Connection, configured: dict[str, ScheduleConfig]
+) -> dict[str, Schedule]:
+    """Every schedule by name; a config schedule wins over a db one of the same name."""
+    found = {name: Schedule.from_config(name, cfg) for name, cfg in configured.items()}
+    for row in await conn.fetch("SELECT * FROM stoker.schedules ORDER BY name"):
+        if row["name"] in found:
+            log.warning(
+                "schedule %s exists in the configuration and in stoker.schedules; "
+                "the configuration wins",
+                row["name"],
+            )
+            continue
+        try:
+            found[row["name"]] = Schedule.from_row(row)
+        except ValueError as exc:
+            log.error("schedule %s in stoker.schedules is ignored: %s", row["name"], exc)
+    return found
+
+
+async def load_cursors(conn: asyncpg.Connection) -> dict[str, datetime | None]:
+    rows = await conn.fetch("SELECT name, last_tick FROM stoker.schedule_state")
+    return {r["name"]: r["last_tick"] for r in rows}
+
+
+async def save_cursor(conn: asyncpg.Connection, name: str, cursor: datetime) -> None:
+    await conn.execute(
+        """INSERT INTO stoker.schedule_state (name, last_tick) VALUES ($1, $2)
+           ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
+               stoker.schedule_state.last_tick, excluded.last_tick), updated_at = now()""",
+        name,
+        cursor,
+    )
+
+
+def tick_key(name: str, tick: datetime) -> str:
+    return f"cron:{name}:{tick.astimezone(UTC).isoformat()}"
+
+
+async def fire(conn: asyncpg.Connection, schedule: Schedule, tick: datetime) -> FireResult:
+    """Enqueue the job of one tick, at most once ever (the tick row is the fence)."""
+    async with conn.transaction():
+        won = await conn.fetchval(
+            """INSERT INTO stoker.schedule_ticks (schedule, tick, outcome)
+               VALUES ($1, $2, 'fired') ON CONFLICT DO NOTHING RETURNING true""",
+            schedule.name,
+            tick,
+        )
+        if not won:
+            return "duplicate"
+        if schedule.overlap == "skip":
+            running = await conn.fetchval(
+                """SELECT j.id FROM stoker.schedule_state s
+                     JOIN stoker.jobs j ON j.id = s.last_job_id
+                    WHERE s.name = $1""",
+                schedule.name,
+            )
+            if running is not None:
+                await conn.execute(
+                    """UPDATE stoker.schedule_ticks SET outcome = 'skipped_overlap', job_id = $3
+                        WHERE schedule = $1 AND tick = $2""",
+                    schedule.name,
+                    tick,
+                    running,
+                )
+                await conn.execute(
+                    """INSERT INTO stoker.schedule_state (name, last_tick, skipped, last_skipped)
+                       VALUES ($1, $2, 1, $2)
+                       ON CONFLICT (name) DO UPDATE SET last_tick = excluded.last_tick,
+                           skipped = stoker.schedule_state.skipped + 1,
+                           last_skipped = excluded.last_tick, updated_at = now()""",
+                    schedule.name,
+                    tick,
+                )
+                return "skipped"
+        meta = {**schedule.meta, "schedule": schedule.name, "tick": tick.isoformat()}
+        job_id = await _enqueue(conn, schedule, meta, tick_key(schedule.name, tick))
+        await conn.execute(
+            "UPDATE stoker.schedule_ticks SET job_id = $3 WHERE schedule = $1 AND tick = $2",
+            schedule.name,
+            tick,
+            job_id,
+        )
+        await conn.execute(
+            """INSERT INTO stoker.schedule_state (name, last_tick, last_job_id, last_fired_at,
+                                                 fired)
+               VALUES ($1, $2, $3, now(), 1)
+               ON CONFLICT (name) DO UPDATE SET last_tick = excluded.last_tick,
+                   last_job_id = excluded.last_job_id, last_fired_at = now(),
+                   fired = stoker.schedule_state.fired + 1, updated_at = now()""",
+            schedule.name,
+            tick,
+            job_id,
+        )
+        return "fired"
+
+
+async def _enqueue(
+    conn: asyncpg.Connection, schedule: Schedule, meta: dict[str, Any], unique_key: str | None
+) -> int:
+    job_id: int = await conn.fetchval(
+        "SELECT stoker.enqueue($1, $2, $3::text::jsonb, NULL, 0, $4, NULL, $5::text::jsonb)",
+        schedule.queue,
+        schedule.kind,
+        as_json_text(schedule.payload),
+        unique_key,
+        as_json_text(meta),
+    )
+    return job_id
+
+
+async def trigger(conn: asyncpg.Connection, schedule: Schedule) -> int:
+    """Enqueue a run now, outside the schedule: not a tick, so the cursor does not move."""
+    async with conn.transaction():
+        meta = {**schedule.meta, "schedule": schedule.name, "trigger": "manual"}
+        job_id = await _enqueue(conn, schedule, meta, None)
+        await conn.execute(
+            """INSERT INTO stoker.schedule_state (name, last_job_id) VALUES ($1, $2)
+               ON CONFLICT (name) DO UPDATE SET last_job_id = excluded.last_job_id,
+                   updated_at = now()""",
+            schedule.name,
+            job_id,
+        )
+    return job_id
+
+
+async def prune_ticks(conn: asyncpg.Connection | asyncpg.Pool, keep_days: float = 3) -> int:
+    status = await conn.execute(
+        "DELETE FROM stoker.schedule_ticks WHERE created_at < now() - make_interval(days => $1)",
+        keep_days,
+    )
+    return int(status.split()[-1])
+
+
+async def status(
+    conn: asyncpg.Connection, configured: dict[str, ScheduleConfig], now: datetime
+) -> list[dict[str, Any]]:
+    """One row per schedule: what `stoker schedules` and the admin API show."""
+    schedules = await load_schedules(conn, configured)
+    state = {
+        r["name"]: r
+        for r in await conn.fetch(
+            """SELECT s.*, j.state::text AS job_state, j.started_at, j.finished_at,
+                      (SELECT t.tick FROM stoker.schedule_ticks t WHERE t.schedule = s.name
+                        ORDER BY t.tick DESC LIMIT 1) AS recorded_tick
+                 FROM stoker.schedule_state s
+                 LEFT JOIN stoker.all_jobs j ON j.id = s.last_job_id"""
+        )
+    }
+    rows = []
+    for name, sched in sorted(schedules.items()):
+        st = state.get(name)
+        cursor = st["last_tick"] if st else None
+        start = max(c for c in (cursor, now) if c is not None)
+        duration = None
+        if st and st["started_at"] and st["finished_at"]:
+            duration = (st["finished_at"] - st["started_at"]).total_seconds()
+        rows.append(
+            {
+                "name": name,
+                "source": sched.source,
+                "enabled": sched.enabled,
+                "cron": sched.spec.expr,
+                "timezone": sched.spec.timezone,
+                "kind": sched.kind,
+                "queue": sched.queue,
+                "last_tick": st["recorded_tick"] if st else None,
+                "last_job_id": st["last_job_id"] if st else None,
+                "last_job_state": st["job_state"] if st else None,
+                "last_duration_s": duration,
+                "fired": st["fired"] if st else 0,
+                "skipped": st["skipped"] if st else 0,
+                "next_tick": sched.spec.next_after(start) if sched.enabled else None,
+                "description": sched.description,
+            }
+        )
+    return rows
