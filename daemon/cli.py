@@ -20,6 +20,8 @@ from daemon.db import connect, redact
 from daemon.enqueue import enqueue
 from daemon.errors import StokerError
 from daemon.migrations import migrate
+from daemon.schedules import load_schedules, trigger
+from daemon.schedules import status as schedule_status
 
 EXIT_USAGE = 2
 STATES = ("queued", "active", "succeeded", "failed", "cancelled")
@@ -159,6 +161,11 @@ def build_parser() -> Parser:
     cancel.add_argument("id", type=job_id)
 
     sub.add_parser("status", help="jobs per queue and state, oldest due job's age")
+
+    sched = sub.add_parser("schedules", help="every cron schedule with its last and next tick")
+    sched.add_argument("--json", action="store_true", help="one JSON object per line")
+    trig = sub.add_parser("trigger", help="enqueue a schedule's job now (not counted as a tick)")
+    trig.add_argument("name")
     return parser
 
 
@@ -357,6 +364,81 @@ async def cmd_status(conn: asyncpg.Connection) -> int:
     return 0
 
 
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_schedules(
+    settings: Settings, args: argparse.Namespace
+) -> Callable[[asyncpg.Connection], Awaitable[int]]:
+    async def work(conn: asyncpg.Connection) -> int:
+        now = await conn.fetchval("SELECT now()")
+        rows = await schedule_status(conn, settings.schedules, now)
+        if args.json:
+            for row in rows:
+                print(json.dumps(row, default=str))
+            return 0
+        holder = await conn.fetchval(
+            "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE "
+            "'stoker-leader %' AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
+            "AND granted) LIMIT 1"
+        )
+        print(f"leader: {holder.removeprefix('stoker-leader ') if holder else 'none'}")
+        table = [
+            [
+                r["name"],
+                r["source"],
+                "yes" if r["enabled"] else "no",
+                r["cron"],
+                r["timezone"],
+                _when(r["last_tick"]),
+                f"{r['last_job_id']} {r['last_job_state']}" if r["last_job_id"] else "-",
+                "-" if r["last_duration_s"] is None else f"{r['last_duration_s']:.1f}s",
+                r["fired"],
+                r["skipped"],
+                _when(r["next_tick"]),
+            ]
+            for r in rows
+        ]
+        print(
+            _table(
+                [
+                    "NAME",
+                    "SOURCE",
+                    "ENABLED",
+                    "CRON",
+                    "TIMEZONE",
+                    "LAST TICK (UTC)",
+                    "LAST JOB",
+                    "TOOK",
+                    "FIRED",
+                    "SKIPPED",
+                    "NEXT TICK (UTC)",
+                ],
+                table,
+            )
+        )
+        return 0
+
+    return work
+
+
+def cmd_trigger(
+    settings: Settings, args: argparse.Namespace
+) -> Callable[[asyncpg.Connection], Awaitable[int]]:
+    async def work(conn: asyncpg.Connection) -> int:
+        schedules = await load_schedules(conn, settings.schedules)
+        schedule = schedules.get(args.name)
+        if schedule is None:
+            known = ", ".join(sorted(schedules)) or "none"
+            raise StokerError(f"no schedule named {args.name!r} (known: {known})")
+        job_id = await trigger(conn, schedule)
+        print(job_id)
+        return 0
+
+    return work
+
+
 def dispatch(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "run":
         return cmd_run(settings, args)
@@ -367,6 +449,10 @@ def dispatch(settings: Settings, args: argparse.Namespace) -> int:
         work = cmd_enqueue(args)
     elif args.command == "status":
         work = cmd_status
+    elif args.command == "schedules":
+        work = cmd_schedules(settings, args)
+    elif args.command == "trigger":
+        work = cmd_trigger(settings, args)
     else:
         work = {
             "list": cmd_jobs_list,

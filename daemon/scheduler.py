@@ -80,12 +80,16 @@ class Scheduler:
             for name, schedule in self.schedules.items():
                 if not schedule.enabled:
                     continue
-                for tick in schedule.due_ticks(cursors[name], now):
+                due = schedule.due_ticks(cursors[name], now)
+                for i, tick in enumerate(due):
                     if not self._leader.is_leader:
                         return
                     async with self._leader.lock:
-                        result = await fire(conn, schedule, tick)
+                        result = await fire(conn, schedule, tick, first_of_batch=i == 0)
                     self._count(schedule, tick, result)
+                    if result == "skipped":
+                        cursors[name] = due[-1]  # the previous run still goes: skip the batch
+                        break
                     # Older missed ticks than those due_ticks chose are passed over for good.
                     cursors[name] = tick
             await self._sleep_until_next(cursors)

@@ -123,8 +123,14 @@ def tick_key(name: str, tick: datetime) -> str:
     return f"cron:{name}:{tick.astimezone(UTC).isoformat()}"
 
 
-async def fire(conn: asyncpg.Connection, schedule: Schedule, tick: datetime) -> FireResult:
-    """Enqueue the job of one tick, at most once ever (the tick row is the fence)."""
+async def fire(
+    conn: asyncpg.Connection, schedule: Schedule, tick: datetime, *, first_of_batch: bool = True
+) -> FireResult:
+    """Enqueue the job of one tick, at most once ever (the tick row is the fence).
+
+    With overlap "skip" the tick is skipped while the previous run is still queued or active.
+    Catch-up fires several ticks in one batch: only the first is checked, so the batch does not
+    skip its own jobs (a skipped first tick makes the caller skip the rest)."""
     async with conn.transaction():
         won = await conn.fetchval(
             """INSERT INTO stoker.schedule_ticks (schedule, tick, outcome)
@@ -134,7 +140,7 @@ async def fire(conn: asyncpg.Connection, schedule: Schedule, tick: datetime) -> 
         )
         if not won:
             return "duplicate"
-        if schedule.overlap == "skip":
+        if schedule.overlap == "skip" and first_of_batch:
             running = await conn.fetchval(
                 """SELECT j.id FROM stoker.schedule_state s
                      JOIN stoker.jobs j ON j.id = s.last_job_id
@@ -236,8 +242,6 @@ async def status(
     rows = []
     for name, sched in sorted(schedules.items()):
         st = state.get(name)
-        cursor = st["last_tick"] if st else None
-        start = max(c for c in (cursor, now) if c is not None)
         duration = None
         if st and st["started_at"] and st["finished_at"]:
             duration = (st["finished_at"] - st["started_at"]).total_seconds()
@@ -256,7 +260,7 @@ async def status(
                 "last_duration_s": duration,
                 "fired": st["fired"] if st else 0,
                 "skipped": st["skipped"] if st else 0,
-                "next_tick": sched.spec.next_after(start) if sched.enabled else None,
+                "next_tick": sched.spec.next_after(now) if sched.enabled else None,
                 "description": sched.description,
             }
         )
