@@ -11,6 +11,7 @@ from daemon.context import JobContext
 from daemon.enqueue import Job, enqueue, enqueue_many
 from daemon.errors import ConfigError, PermanentJobError, RetryJob, StokerError
 from daemon.registry import REGISTRY, handler
+from daemon.schedules import delete_schedule, save_schedule
 
 __all__ = [
     "REGISTRY",
@@ -20,7 +21,9 @@ __all__ = [
     "PermanentJobError",
     "RetryJob",
     "StokerError",
+    "delete_schedule",
     "enqueue",
     "enqueue_many",
     "handler",
+    "save_schedule",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import asyncpg
+from pydantic import ValidationError
 
 from daemon import queries
 from daemon.config import QUEUE_NAME, Settings, default_config_path, load_settings
@@ -20,7 +21,7 @@ from daemon.db import connect, redact
 from daemon.enqueue import enqueue
 from daemon.errors import StokerError
 from daemon.migrations import migrate
-from daemon.schedules import load_schedules, trigger
+from daemon.schedules import delete_schedule, load_schedules, save_schedule, trigger
 from daemon.schedules import status as schedule_status
 
 EXIT_USAGE = 2
@@ -162,8 +163,24 @@ def build_parser() -> Parser:
 
     sub.add_parser("status", help="jobs per queue and state, oldest due job's age")
 
-    sched = sub.add_parser("schedules", help="every cron schedule with its last and next tick")
+    sched = sub.add_parser("schedules", help="list cron schedules; add or remove user schedules")
     sched.add_argument("--json", action="store_true", help="one JSON object per line")
+    ssub = sched.add_subparsers(dest="schedules_command", parser_class=Parser)
+    add = ssub.add_parser("add", help="create or replace a schedule in stoker.schedules")
+    add.add_argument("name")
+    add.add_argument("--cron", required=True, help="5 fields, or 6 with seconds first")
+    add.add_argument("--kind", required=True, type=kind_name)
+    add.add_argument("--timezone", default="UTC")
+    add.add_argument("--queue", type=queue_name, default="default")
+    add.add_argument("--payload", type=json_value, default={})
+    add.add_argument("--meta", type=json_value, default={})
+    add.add_argument("--disabled", action="store_true")
+    add.add_argument("--catch-up", choices=["skip", "latest", "all"], default="latest")
+    add.add_argument("--max-catch-up", type=positive_int, default=10)
+    add.add_argument("--overlap", choices=["skip", "allow"], default="skip")
+    add.add_argument("--description", default="")
+    rm = ssub.add_parser("remove", help="delete a schedule from stoker.schedules")
+    rm.add_argument("name")
     trig = sub.add_parser("trigger", help="enqueue a schedule's job now (not counted as a tick)")
     trig.add_argument("name")
     return parser
@@ -372,6 +389,13 @@ def cmd_schedules(
     settings: Settings, args: argparse.Namespace
 ) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
+        if args.schedules_command == "add":
+            return await schedules_add(conn, args)
+        if args.schedules_command == "remove":
+            if not await delete_schedule(conn, args.name):
+                raise StokerError(f"no schedule named {args.name!r} in stoker.schedules")
+            print(f"removed schedule {args.name}")
+            return 0
         now = await conn.fetchval("SELECT now()")
         rows = await schedule_status(conn, settings.schedules, now)
         if args.json:
@@ -421,6 +445,34 @@ def cmd_schedules(
         return 0
 
     return work
+
+
+async def schedules_add(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
+    if not isinstance(args.payload, dict) or not isinstance(args.meta, dict):
+        raise UsageError("--payload and --meta must be JSON objects, e.g. '{\"org\": 42}'")
+    try:
+        await save_schedule(
+            conn,
+            name=args.name,
+            cron=args.cron,
+            kind=args.kind,
+            timezone=args.timezone,
+            queue=args.queue,
+            payload=args.payload,
+            meta=args.meta,
+            enabled=not args.disabled,
+            catch_up=args.catch_up,
+            max_catch_up=args.max_catch_up,
+            overlap=args.overlap,
+            description=args.description,
+        )
+    except ValidationError as exc:
+        reasons = "; ".join(str(e.get("msg")) for e in exc.errors())
+        raise UsageError(f"schedule {args.name!r}: {reasons}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"saved schedule {args.name}")
+    return 0
 
 
 def cmd_trigger(

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from daemon.config import ScheduleConfig
+from daemon.config import SCHEDULE_NAME, ScheduleConfig
 from daemon.cronspec import CronSpec
 from daemon.db import as_json_text
 
@@ -265,3 +265,68 @@ async def status(
             }
         )
     return rows
+
+
+async def save_schedule(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    *,
+    name: str,
+    cron: str,
+    kind: str,
+    timezone: str = "UTC",
+    queue: str = "default",
+    payload: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    enabled: bool = True,
+    catch_up: str = "latest",
+    max_catch_up: int = 10,
+    overlap: str = "skip",
+    description: str = "",
+) -> None:
+    """Create or replace a user schedule in stoker.schedules; running daemons pick it up at once.
+
+    The expression, zone and options are validated here (raising ValueError naming the
+    problem), so a bad schedule never reaches the table."""
+    cfg = ScheduleConfig(
+        cron=cron,
+        timezone=timezone,
+        kind=kind,
+        queue=queue,
+        payload=payload or {},
+        meta=meta or {},
+        enabled=enabled,
+        catch_up=catch_up,
+        max_catch_up=max_catch_up,
+        overlap=overlap,
+        description=description,
+    )
+    if not SCHEDULE_NAME.match(name):
+        raise ValueError(f"schedule name {name!r} is not valid: use lowercase a-z 0-9 _ . : -")
+    await conn.execute(
+        """INSERT INTO stoker.schedules (name, cron, timezone, kind, queue, payload, meta,
+                                         enabled, catch_up, max_catch_up, overlap, description)
+           VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7::text::jsonb, $8, $9, $10, $11, $12)
+           ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
+               kind = excluded.kind, queue = excluded.queue, payload = excluded.payload,
+               meta = excluded.meta, enabled = excluded.enabled, catch_up = excluded.catch_up,
+               max_catch_up = excluded.max_catch_up, overlap = excluded.overlap,
+               description = excluded.description, updated_at = now()""",
+        name,
+        cfg.cron,
+        cfg.timezone,
+        cfg.kind,
+        cfg.queue,
+        as_json_text(cfg.payload),
+        as_json_text(cfg.meta),
+        cfg.enabled,
+        cfg.catch_up,
+        cfg.max_catch_up,
+        cfg.overlap,
+        cfg.description,
+    )
+
+
+async def delete_schedule(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> bool:
+    """Remove a user schedule; True if it existed."""
+    status: str = await conn.execute("DELETE FROM stoker.schedules WHERE name = $1", name)
+    return status.rsplit(maxsplit=1)[-1] != "0"

@@ -315,3 +315,43 @@ def test_invalid_cron_fails_start_naming_schedule_and_expression(
         out.stderr
     )
     assert "Traceback" not in out.stderr
+
+
+async def test_schedules_add_and_remove_from_the_command_line(
+    db: asyncpg.Connection, dsn: str
+) -> None:
+    out = stoker_cli(
+        dsn,
+        "schedules",
+        "add",
+        "stock-check",
+        "--cron",
+        "*/30 * * * *",
+        "--timezone",
+        "America/New_York",
+        "--kind",
+        "inventory.check",
+        "--queue",
+        "default",
+        "--payload",
+        '{"warehouse": 3}',
+        "--description",
+        "stock levels",
+    )
+    assert out.returncode == 0, out.stderr
+    row = await db.fetchrow("SELECT * FROM stoker.schedules WHERE name = 'stock-check'")
+    assert row is not None
+    assert (row["cron"], row["timezone"], row["kind"]) == (
+        "*/30 * * * *",
+        "America/New_York",
+        "inventory.check",
+    )
+    assert row["payload"] == {"warehouse": 3}
+
+    bad = stoker_cli(dsn, "schedules", "add", "x", "--cron", "*/30 25 * * *", "--kind", "k")
+    assert bad.returncode == 2
+    assert "invalid cron expression '*/30 25 * * *'" in bad.stderr
+
+    gone = stoker_cli(dsn, "schedules", "remove", "stock-check")
+    assert gone.returncode == 0, gone.stderr
+    assert await db.fetchval("SELECT count(*) FROM stoker.schedules") == 0
