@@ -87,6 +87,20 @@ class ScheduleConfig(_Strict):
         return self
 
 
+class HttpConfig(_Strict):
+    """The daemon's HTTP server: /health, /ready, /metrics and the admin API."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    admin_token: str | None = Field(
+        None, min_length=16, description="bearer token for /api/v1; the admin API is off without"
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    loop_lag_threshold: float = Field(5.0, gt=0, description="seconds blocked before /health fails")
+    depth_sample_interval: float = Field(5.0, gt=0, description="queue depth sampling, seconds")
+
+
 def default_worker_id() -> str:
     """Per process and unique even when hosts share a name: host, pid and a random nonce."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -114,6 +128,7 @@ class Settings(BaseSettings):
     handler_modules: list[str] = Field(default_factory=list)
     queues: dict[str, QueueConfig] = Field(default_factory=lambda: {"default": QueueConfig()})
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     leader_retry: float = Field(5.0, gt=0, le=600, description="seconds between leader bids")
     lease_seconds: float = Field(30.0, ge=1, le=86_400)
     rescue_interval: float = Field(5.0, gt=0, le=3600)

@@ -65,6 +65,17 @@ def free_port() -> int:
         return port
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As PostgreSQL binds: connections of its last run may linger in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 @dataclass
 class Cluster:
     """One cluster in `root`: data in root/data, log in root/postgres.log, port in root/port."""
@@ -149,7 +160,8 @@ class Cluster:
             self._run(argv)
         if self.pid() is not None and self.port_file.exists():
             return self.dsn()
-        port = free_port()
+        # The same port as last time when it is free, so that DSNs survive a restart.
+        port = self.port if self.port_file.exists() and _port_free(self.port) else free_port()
         options = [
             f"-p {port}",
             "-c listen_addresses=127.0.0.1",

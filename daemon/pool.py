@@ -20,6 +20,7 @@ from daemon.context import JobContext
 from daemon.db import DB_ERRORS, as_json_text
 from daemon.dbclock import DbClock
 from daemon.errors import PermanentJobError, RetryJob
+from daemon.metrics import Metrics
 from daemon.outcomes import Completer, Outcome
 from daemon.registry import Handler, Registry
 from daemon.retry import backoff_delay
@@ -44,6 +45,7 @@ class ClaimedJob:
     attempt: int
     max_attempts: int | None
     run_at: datetime
+    started_at: datetime
 
 
 def describe_validation_error(kind: str, exc: ValidationError) -> str:
@@ -67,6 +69,7 @@ class QueuePool:
         lease_seconds: float,
         stopping: asyncio.Event,
         clock: DbClock,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -77,6 +80,7 @@ class QueuePool:
         self._lease_seconds = lease_seconds
         self._stopping = stopping
         self._clock = clock
+        self._metrics = metrics
         # Keyed by (job id, attempt): if a lease was lost and this pool claims the same job
         # again, both attempts count against the limit until each ends.
         self.running: dict[tuple[int, int], asyncio.Task[None]] = {}
@@ -166,6 +170,7 @@ class QueuePool:
                 r["attempts"],
                 r["max_attempts"],
                 r["run_at"],
+                r["started_at"],
             )
             for r in rows
         ]
@@ -208,6 +213,9 @@ class QueuePool:
 
     async def _execute(self, job: ClaimedJob) -> None:
         outcome: Outcome | None = None
+        started = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.job_started(self.name, (job.started_at - job.run_at).total_seconds())
         try:
             outcome = await self._run_handler(job)
         except Exception:
@@ -227,6 +235,10 @@ class QueuePool:
             self._release(job)
             if outcome is not None:
                 self._completer.add(outcome)
+                if self._metrics is not None:
+                    self._metrics.job_ended(
+                        self.name, job.kind, _outcome_label(outcome), time.monotonic() - started
+                    )
 
     async def _run_handler(self, job: ClaimedJob) -> Outcome:
         handler = self._registry.get(job.kind)
@@ -383,6 +395,20 @@ class QueuePool:
             for task in left:
                 task.cancel()
             await asyncio.wait(left, timeout=5)
+
+
+OUTCOME_LABELS = {
+    "succeeded": "succeeded",
+    "retry": "retried",
+    "failed": "failed",
+    "handback": "handed_back",
+}
+
+
+def _outcome_label(outcome: Outcome) -> str:
+    if outcome.error is not None and outcome.error.startswith("timed out:"):
+        return "timed_out"
+    return OUTCOME_LABELS[outcome.outcome]
 
 
 def _traceback() -> str:

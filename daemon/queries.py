@@ -26,6 +26,7 @@ CLAIM = """
 WITH next AS (
     SELECT id FROM stoker.jobs
      WHERE queue = $1 AND state = 'queued' AND run_at <= now()
+       AND NOT EXISTS (SELECT 1 FROM stoker.queues q WHERE q.name = $1 AND q.paused)
      ORDER BY priority DESC, run_at, id
      LIMIT $2
      FOR UPDATE SKIP LOCKED
@@ -206,3 +207,13 @@ UNION ALL
 SELECT queue, state::text, count(*), NULL FROM stoker.job_history GROUP BY queue, state
 ORDER BY queue, state
 """
+
+
+# -- queues ------------------------------------------------------------------------------------
+
+SET_PAUSED = """
+INSERT INTO stoker.queues (name, paused) VALUES ($1, $2)
+ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, updated_at = now()
+"""
+
+PAUSED_QUEUES = "SELECT name FROM stoker.queues WHERE paused ORDER BY name"

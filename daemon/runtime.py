@@ -9,20 +9,24 @@ import signal
 from datetime import datetime
 
 import asyncpg
+from aiohttp import web
 
 from daemon import queries
 from daemon.config import Settings
 from daemon.db import DB_ERRORS, create_pool, redact
 from daemon.dbclock import DbClock
 from daemon.errors import StokerError
+from daemon.http import HealthState, HttpServer, build_app, loop_lag_probe, sample_database
 from daemon.leader import Leader
 from daemon.listener import Listener
 from daemon.maintenance import heartbeat_loop, maintenance_loop
+from daemon.metrics import Metrics
 from daemon.migrations import migrate, pending_migrations
 from daemon.outcomes import Completer
 from daemon.pool import QueuePool
 from daemon.registry import REGISTRY, Registry
 from daemon.scheduler import Scheduler
+from daemon.systemd import Notifier
 
 log = logging.getLogger("stoker")
 
@@ -49,6 +53,11 @@ class Runtime:
         self.db: asyncpg.Pool | None = None
         self.leader: Leader | None = None
         self.scheduler: Scheduler | None = None
+        self.metrics = Metrics(settings.queues, registry.kinds())
+        self.health = HealthState(draining=self.stopping.is_set)
+        self.notifier = Notifier()
+        self.http: HttpServer | None = None
+        self._announced = False
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -60,6 +69,21 @@ class Runtime:
     def _wake_all(self) -> None:
         for pool in self.pools.values():
             pool.wake()
+        self._announce()
+
+    def _announce(self) -> None:
+        """READY=1 once migrated, pools up and (unless poll-only) the listener connected."""
+        if self._announced:
+            return
+        self._announced = True
+        queues = ", ".join(f"{n}({p.config.concurrency})" for n, p in self.pools.items())
+        self.notifier.ready(f"serving {queues}")
+        log.info(
+            "ready: worker %s serving queues %s with handlers %s",
+            self.settings.worker_id,
+            queues,
+            ", ".join(self.registry.kinds()) or "none",
+        )
 
     def _on_requeued(self, queue: str, run_at: datetime) -> None:
         pool = self.pools.get(queue)
@@ -81,6 +105,7 @@ class Runtime:
             log.info("shutdown requested: claiming stops, running jobs may finish")
             self.stop_deadline = loop_time() + self.settings.shutdown_timeout
             self.stopping.set()
+            self.notifier.stopping("draining: waiting for running jobs")
             for pool in self.pools.values():
                 pool.stop_claiming()
 
@@ -154,8 +179,49 @@ class Runtime:
                 lease_seconds=s.lease_seconds,
                 stopping=self.stopping,
                 clock=self.clock,
+                metrics=self.metrics,
             )
         await self.clock.sync(db)
+        self._wire_metrics(db, completer)
+        self.health.db = db
+        if s.http.enabled:
+            app = build_app(s.http, self.health, self.metrics, self._admin_app(db))
+            self.http = HttpServer(app, s.http)
+            try:
+                await self.http.start()
+            except OSError as exc:
+                raise StartupError(str(exc)) from exc
+        try:
+            await self._run_tasks(db, completer)
+        finally:
+            if self.http is not None:
+                await self.http.stop()
+            self.notifier.close()
+
+    def _admin_app(self, db: asyncpg.Pool) -> web.Application | None:
+        token = self.settings.http.admin_token
+        if not token:
+            return None  # the admin API is off without a token
+        from daemon.admin import create_admin_app
+
+        return create_admin_app(
+            db=db,
+            settings=self.settings,
+            token=token,
+            max_body_bytes=self.settings.http.max_body_bytes,
+        )
+
+    def _wire_metrics(self, db: asyncpg.Pool, completer: Completer) -> None:
+        snap = self.metrics.snapshot
+        snap.running = lambda: {n: (len(p.running), p.free_slots) for n, p in self.pools.items()}
+        snap.leader = lambda: self.leader is not None and self.leader.is_leader
+        snap.listener_reconnects = lambda: self.listener.reconnects if self.listener else 0
+        snap.discarded = lambda: completer.discarded
+        snap.db_pool = lambda: (db.get_size(), db.get_size() - db.get_idle_size())
+        snap.schedules = lambda: dict(self.scheduler.stats) if self.scheduler else {}
+
+    async def _run_tasks(self, db: asyncpg.Pool, completer: Completer) -> None:
+        s = self.settings
         async with asyncio.TaskGroup() as tg:
             completer_task = tg.create_task(completer.run(), name="stoker-completer")
             background = [
@@ -202,21 +268,30 @@ class Runtime:
                     on_notify=self._on_notify,
                     on_connected=self._wake_all,
                     probe_interval=s.listener_probe_interval,
-                    stopping=self.stopping,
+                    stopping=self.finished,  # up until the drain ends, so /ready tells one story
                     statement_cache_size=s.statement_cache_size,
                     on_schedules_changed=self._schedules_changed,
                 )
                 background.append(tg.create_task(self.listener.run(), name="stoker-listener"))
+            else:
+                self._announce()
+            self.health.listener_up = lambda: (
+                s.poll_only or bool(self.listener and self.listener.connected)
+            )
+            background += [
+                tg.create_task(loop_lag_probe(self.health, self.finished), name="stoker-lag"),
+                tg.create_task(
+                    sample_database(
+                        self.health, self.metrics, self.finished, s.http.depth_sample_interval
+                    ),
+                    name="stoker-sampler",
+                ),
+                tg.create_task(self.notifier.watchdog(self.finished), name="stoker-watchdog"),
+            ]
             claimers = [
                 tg.create_task(pool.run(), name=f"stoker-pool-{name}")
                 for name, pool in self.pools.items()
             ]
-            log.info(
-                "ready: worker %s serving queues %s with handlers %s",
-                s.worker_id,
-                ", ".join(f"{n}({p.config.concurrency})" for n, p in self.pools.items()),
-                ", ".join(self.registry.kinds()) or "none",
-            )
             await self.stopping.wait()
             deadline = self.stop_deadline or loop_time()
             await asyncio.wait(claimers)  # each ends at its next step; statements time out

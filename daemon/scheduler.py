@@ -43,6 +43,8 @@ class Scheduler:
         self.fired = 0
         self.skipped = 0
         self.duplicates = 0  # ticks another process fired first: counted, not an error
+        # metric label -> (fired, skipped, last tick epoch); db schedules share one label.
+        self.stats: dict[str, tuple[int, int, float | None]] = {}
         self.schedules: dict[str, Schedule] = {}
 
     def schedules_changed(self) -> None:
@@ -126,6 +128,14 @@ class Scheduler:
         )
 
     def _count(self, schedule: Schedule, tick: datetime, result: str) -> None:
+        label = schedule.name if schedule.source == "config" else "(db)"
+        fired, skipped, _ = self.stats.get(label, (0, 0, None))
+        if result != "duplicate":
+            self.stats[label] = (
+                fired + (result == "fired"),
+                skipped + (result == "skipped"),
+                tick.timestamp(),
+            )
         if result == "fired":
             self.fired += 1
             log.info("schedule %s fired tick %s", schedule.name, tick.isoformat())

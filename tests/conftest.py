@@ -192,6 +192,7 @@ class DaemonFactory:
             DATABASE_URL=self.dsn,
             PYTHONPATH=str(REPO),
             STOKER_TEST_EVENTS=str(self.tmp / "events.jsonl"),
+            STOKER_HTTP__PORT="0",  # many daemons at once: each on a port of its own
         )
         env.update(extra)
         return env

@@ -1,0 +1,196 @@
+"""The daemon's HTTP server: /health (liveness), /ready (readiness), /metrics (Prometheus) and,
+when a token is configured, the admin API under /api/v1. Handlers read in-memory state; the one
+database call (/ready) is cached briefly and time-boxed, so probes never slow the job path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from daemon import queries
+from daemon.config import HttpConfig
+from daemon.db import DB_ERRORS
+from daemon.metrics import OTHER, Metrics
+from daemon.migrations import load_migrations
+from daemon.waiting import wait_any
+
+log = logging.getLogger("stoker.http")
+
+BEAT = 0.25  # seconds between loop-lag probes
+DB_CHECK_TTL = 0.5  # seconds a database check result is reused
+DB_CHECK_TIMEOUT = 2.0
+
+
+@dataclass
+class HealthState:
+    """What the probes look at. The runtime fills it; the probes only read it."""
+
+    db: asyncpg.Pool | None = None
+    listener_up: Callable[[], bool] = lambda: True
+    draining: Callable[[], bool] = lambda: False
+    migrations_current: bool = True
+    last_beat: float = field(default_factory=time.monotonic)
+    lag: float = 0.0
+    db_checked_at: float = 0.0
+    db_error: str | None = "not checked yet"
+
+
+async def loop_lag_probe(state: HealthState, stopping: asyncio.Event) -> None:
+    """Beat every BEAT seconds; how late each beat wakes is the loop's lag."""
+    while not stopping.is_set():
+        before = time.monotonic()
+        await wait_any(stopping, seconds=BEAT)
+        now = time.monotonic()
+        state.lag = max(0.0, now - before - BEAT)
+        state.last_beat = now
+
+
+async def sample_database(
+    state: HealthState, metrics: Metrics, stopping: asyncio.Event, interval: float
+) -> None:
+    """Queue depth, oldest due job and migration state, read on a timer, never per scrape."""
+    known = {m.name for m in load_migrations()}
+    while not stopping.is_set():
+        db = state.db
+        if db is not None:
+            try:
+                rows = await db.fetch(queries.QUEUE_STATUS, timeout=10)
+                applied = {
+                    r["name"]
+                    for r in await db.fetch("SELECT name FROM stoker.migrations", timeout=10)
+                }
+                depth: dict[tuple[str, str], int] = {}
+                oldest: dict[str, float] = {}
+                for r in rows:
+                    queue = metrics.queue_label(r["queue"])
+                    depth[(queue, r["state"])] = depth.get((queue, r["state"]), 0) + r["jobs"]
+                    if r["oldest_due_s"] is not None:
+                        oldest[queue] = max(oldest.get(queue, 0.0), float(r["oldest_due_s"]))
+                for queue in metrics.queues:
+                    oldest.setdefault(queue, 0.0)
+                metrics.snapshot.depth = depth
+                metrics.snapshot.oldest_due = oldest
+                state.migrations_current = known <= applied
+            except DB_ERRORS as exc:
+                log.debug("metrics sample failed: %s", exc)
+        await wait_any(stopping, seconds=interval)
+
+
+async def _check_database(state: HealthState) -> str | None:
+    now = time.monotonic()
+    if now - state.db_checked_at < DB_CHECK_TTL:
+        return state.db_error
+    state.db_checked_at = now
+    if state.db is None:
+        state.db_error = "no database pool"
+        return state.db_error
+    try:
+        await state.db.fetchval("SELECT 1", timeout=DB_CHECK_TIMEOUT)
+        state.db_error = None
+    except DB_ERRORS as exc:
+        state.db_error = f"{type(exc).__name__}: {exc}".strip()
+    return state.db_error
+
+
+def build_app(
+    config: HttpConfig,
+    state: HealthState,
+    metrics: Metrics,
+    admin: web.Application | None = None,
+) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes)
+
+    async def health(_request: web.Request) -> web.Response:
+        stalled = time.monotonic() - state.last_beat
+        lag = max(state.lag, stalled - BEAT)
+        body = {"status": "ok", "loop_lag_seconds": round(lag, 4)}
+        if lag > config.loop_lag_threshold:
+            body["status"] = "event loop blocked"
+            return web.json_response(body, status=503)
+        return web.json_response(body)
+
+    async def ready(_request: web.Request) -> web.Response:
+        checks: dict[str, str] = {}
+        db_error = await _check_database(state)
+        checks["database"] = db_error or "ok"
+        checks["listener"] = "ok" if state.listener_up() else "not connected"
+        checks["migrations"] = "ok" if state.migrations_current else "schema is not current"
+        checks["draining"] = "shutting down" if state.draining() else "ok"
+        failing = sorted(name for name, result in checks.items() if result != "ok")
+        if failing:
+            body = {"status": "not ready", "failing": failing, "checks": checks}
+            return web.json_response(body, status=503)
+        return web.json_response({"status": "ready", "checks": checks})
+
+    async def scrape(_request: web.Request) -> web.Response:
+        data = generate_latest(metrics.registry)
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", scrape)
+    if admin is not None:
+        app.add_subapp("/api/v1", admin)
+    app.middlewares.append(_json_errors)
+    return app
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error is JSON: an unknown path or method too, never an HTML page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == "application/json" or exc.status < 400:
+            raise
+        return web.json_response(
+            {"error": exc.reason}, status=exc.status, headers=_kept_headers(exc)
+        )
+
+
+def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
+    keep = ("Allow", "WWW-Authenticate", "Retry-After")
+    return {k: v for k, v in exc.headers.items() if k in keep}
+
+
+class HttpServer:
+    """Owns the aiohttp runner; binds at start so that a taken port fails the start-up."""
+
+    def __init__(self, app: web.Application, config: HttpConfig) -> None:
+        self._app = app
+        self._config = config
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._config.host, self._config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OSError(
+                f"http: cannot listen on {self._config.host}:{self._config.port}: "
+                f"{reason} (set [http] port, or http.enabled = false)"
+            ) from exc
+        server = site._server  # the bound socket tells the real port when port = 0
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._config.port
+        log.info("http listening on %s:%s", self._config.host, self.port)
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+
+__all__ = ["OTHER", "HealthState", "HttpServer", "build_app", "loop_lag_probe", "sample_database"]

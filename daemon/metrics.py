@@ -1,0 +1,158 @@
+"""Prometheus metrics. Counters and histograms are updated as jobs end; everything else is read
+from in-memory state at scrape time, or from the database by a sampler on a timer (never per
+scrape). Label values are bounded: queues and kinds that are not configured or registered are
+reported as "(other)", database schedules as "(db)", and job ids never become labels."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+OTHER = "(other)"
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600)
+
+
+def stoker_version() -> str:
+    try:
+        return version("stoker")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class Snapshot:
+    """What the scrape-time collector reads; filled by the runtime and the sampler."""
+
+    running: Callable[[], dict[str, tuple[int, int]]] = dict  # queue -> (running, free)
+    leader: Callable[[], bool] = lambda: False
+    listener_reconnects: Callable[[], int] = lambda: 0
+    discarded: Callable[[], int] = lambda: 0
+    db_pool: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (size, in use)
+    schedules: Callable[[], dict[str, tuple[int, int, float | None]]] = dict
+    depth: dict[tuple[str, str], int] = field(default_factory=dict)  # (queue, state) -> jobs
+    oldest_due: dict[str, float] = field(default_factory=dict)  # queue -> seconds
+
+
+class Metrics:
+    def __init__(self, queues: Iterable[str], kinds: Iterable[str]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.queues = set(queues)
+        self.kinds = set(kinds)
+        self.snapshot = Snapshot()
+        self.completed = Counter(
+            "stoker_jobs_completed",
+            "Job attempts that ended, by outcome: succeeded, retried, failed, timed_out "
+            "(a timed-out attempt is retried or failed, and counted only here), handed_back.",
+            ["queue", "kind", "outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "stoker_job_duration_seconds",
+            "How long handlers ran.",
+            ["queue", "kind"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.wait = Histogram(
+            "stoker_job_wait_seconds",
+            "Queue wait: from run_at (when the job was due) to the start of the attempt.",
+            ["queue"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(self.snapshot))
+        self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+
+    def queue_label(self, queue: str) -> str:
+        return queue if queue in self.queues else OTHER
+
+    def kind_label(self, kind: str) -> str:
+        return kind if kind in self.kinds else OTHER
+
+    def job_ended(self, queue: str, kind: str, outcome: str, duration: float) -> None:
+        key = (queue, kind, outcome)
+        children = self._children.get(key)
+        if children is None:
+            q, k = self.queue_label(queue), self.kind_label(kind)
+            children = (self.completed.labels(q, k, outcome), self.duration.labels(q, k))
+            self._children[key] = children
+        children[0].inc()
+        if duration >= 0:
+            children[1].observe(duration)
+
+    def job_started(self, queue: str, wait: float) -> None:
+        self.wait.labels(self.queue_label(queue)).observe(max(0.0, wait))
+
+
+class _StateCollector(Collector):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._s = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._s
+        running = GaugeMetricFamily("stoker_running_jobs", "Jobs running now.", labels=["queue"])
+        free = GaugeMetricFamily("stoker_free_slots", "Free slots per queue.", labels=["queue"])
+        for queue, (busy, slots) in sorted(s.running().items()):
+            running.add_metric([queue], busy)
+            free.add_metric([queue], slots)
+        yield running
+        yield free
+        depth = GaugeMetricFamily(
+            "stoker_queue_jobs", "Jobs per queue and state (sampled).", labels=["queue", "state"]
+        )
+        for (queue, state), count in sorted(s.depth.items()):
+            depth.add_metric([queue, state], count)
+        yield depth
+        oldest = GaugeMetricFamily(
+            "stoker_queue_oldest_due_seconds",
+            "Age of the oldest job that is due and not started (sampled).",
+            labels=["queue"],
+        )
+        for queue, age in sorted(s.oldest_due.items()):
+            oldest.add_metric([queue], age)
+        yield oldest
+        yield GaugeMetricFamily(
+            "stoker_leader", "1 if this process fires the schedules.", value=int(s.leader())
+        )
+        yield CounterMetricFamily(
+            "stoker_listener_reconnects",
+            "Times the LISTEN connection was re-established.",
+            value=s.listener_reconnects(),
+        )
+        yield CounterMetricFamily(
+            "stoker_outcomes_discarded",
+            "Outcomes not written because the job's lease had passed to another attempt.",
+            value=s.discarded(),
+        )
+        size, in_use = s.db_pool()
+        yield GaugeMetricFamily("stoker_db_pool_size", "Database pool connections.", value=size)
+        yield GaugeMetricFamily("stoker_db_pool_in_use", "Pool connections in use.", value=in_use)
+        fired = CounterMetricFamily(
+            "stoker_schedule_ticks",
+            "Schedule ticks by result (fired, skipped), while leading.",
+            labels=["schedule", "result"],
+        )
+        last = GaugeMetricFamily(
+            "stoker_schedule_last_tick_timestamp_seconds",
+            "The last tick this process fired or skipped, per schedule.",
+            labels=["schedule"],
+        )
+        for name, (n_fired, n_skipped, last_tick) in sorted(s.schedules().items()):
+            fired.add_metric([name, "fired"], n_fired)
+            fired.add_metric([name, "skipped"], n_skipped)
+            if last_tick is not None:
+                last.add_metric([name], last_tick)
+        yield fired
+        yield last
+        info = GaugeMetricFamily(
+            "stoker_build_info", "Version information.", labels=["version", "python"]
+        )
+        info.add_metric([stoker_version(), platform.python_version()], 1)
+        yield info
