@@ -41,6 +41,7 @@ class HealthState:
     lag: float = 0.0
     db_checked_at: float = 0.0
     db_error: str | None = "not checked yet"
+    db_check: asyncio.Future[str | None] | None = None
 
 
 async def loop_lag_probe(state: HealthState, stopping: asyncio.Event) -> None:
@@ -85,18 +86,25 @@ async def sample_database(
 
 
 async def _check_database(state: HealthState) -> str | None:
-    now = time.monotonic()
-    if now - state.db_checked_at < DB_CHECK_TTL:
+    """One probe query at a time, its answer shared for DB_CHECK_TTL: fifty probes a second
+    cost the database two queries, not fifty."""
+    if time.monotonic() - state.db_checked_at < DB_CHECK_TTL:
         return state.db_error
-    state.db_checked_at = now
+    if state.db_check is None or state.db_check.done():
+        state.db_check = asyncio.ensure_future(_probe_database(state))
+    return await asyncio.shield(state.db_check)
+
+
+async def _probe_database(state: HealthState) -> str | None:
     if state.db is None:
         state.db_error = "no database pool"
-        return state.db_error
-    try:
-        await state.db.fetchval("SELECT 1", timeout=DB_CHECK_TIMEOUT)
-        state.db_error = None
-    except DB_ERRORS as exc:
-        state.db_error = f"{type(exc).__name__}: {exc}".strip()
+    else:
+        try:
+            await state.db.fetchval("SELECT 1", timeout=DB_CHECK_TIMEOUT)
+            state.db_error = None
+        except DB_ERRORS as exc:
+            state.db_error = f"{type(exc).__name__}: {exc}".strip() or type(exc).__name__
+    state.db_checked_at = time.monotonic()
     return state.db_error
 
 

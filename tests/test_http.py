@@ -284,3 +284,44 @@ async def test_taken_port_fails_start_with_one_clear_line(
     assert f"http: cannot listen on 127.0.0.1:{port}: Address already in use" in daemon.log()
     assert "Traceback" not in daemon.log()
     await asyncio.sleep(0)
+
+
+async def test_probes_under_load_while_draining(
+    daemons: DaemonFactory, db: asyncpg.Connection, client: aiohttp.ClientSession
+) -> None:
+    daemon = await daemons.start(
+        """
+        [queues.default]
+        concurrency = 50
+        """
+    )
+    port = await http_port(daemon)
+    await db.execute(
+        "INSERT INTO stoker.jobs (queue, kind) SELECT 'default', 'noop' "
+        "FROM generate_series(1, 5000)"
+    )
+    statuses: dict[int, int] = {}
+    errors: list[str] = []
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + 10
+
+    async def hammer(path: str) -> None:
+        while loop.time() < stop_at:
+            async with client.get(f"http://127.0.0.1:{port}{path}") as response:
+                body = await response.read()
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+                if response.status != 200:
+                    errors.append(body.decode()[:300])
+
+    await asyncio.gather(*(hammer("/metrics" if i % 2 else "/ready") for i in range(50)))
+    assert set(statuses) == {200}, (statuses, errors[:3])
+    assert sum(statuses.values()) > 100
+
+    async def drained() -> bool:
+        done: int = await db.fetchval(
+            "SELECT count(*) FROM stoker.job_history WHERE state = 'succeeded'"
+        )
+        return done == 5000
+
+    await eventually(drained, timeout=60)
+    assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 0

@@ -1,0 +1,532 @@
+"""The admin HTTP API, mounted at /api/v1 when an admin token is configured: enqueue, inspect,
+retry and cancel jobs, pause queues, list and trigger schedules. JSON in and out, every route
+behind the bearer token, every database call time-boxed so a slow database cannot pile up
+requests. The route table below drives both the router and /openapi.json."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, TypeVar
+
+import asyncpg
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
+
+from daemon import queries, schedules
+from daemon.config import QUEUE_NAME, Settings
+from daemon.db import as_json_text
+from daemon.enqueue import enqueue
+
+log = logging.getLogger("stoker.admin")
+
+DB_TIMEOUT = 5.0  # seconds; also the longest wait for a pool connection
+BIGINT_MAX = 2**63 - 1
+JOB_ID = re.compile(r"^[0-9]{1,19}$")
+State = Literal["queued", "active", "succeeded", "failed", "cancelled"]
+STATES: tuple[State, ...] = ("queued", "active", "succeeded", "failed", "cancelled")
+M = TypeVar("M", bound=BaseModel)
+
+# LIST_JOBS plus a kind filter; fetches one row more than asked to know whether a page follows.
+LIST_JOBS = f"""
+SELECT {queries.JOB_COLUMNS} FROM stoker.all_jobs
+ WHERE ($1::text IS NULL OR state::text = $1)
+   AND ($2::text IS NULL OR queue = $2)
+   AND ($3::text IS NULL OR kind = $3)
+   AND ($4::bigint IS NULL OR id < $4)
+ ORDER BY id DESC
+ LIMIT $5
+"""
+
+# PAUSED_QUEUES would miss resumed queues that have no jobs and no configuration.
+QUEUE_ROWS = "SELECT name, paused FROM stoker.queues"
+
+
+# -- request and response models ----------------------------------------------------------
+
+
+def _jsonb_safe(value: dict[str, Any]) -> dict[str, Any]:
+    as_json_text(value)  # jsonb has no NaN/Infinity: refuse them here, naming the field
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_jsonb_safe)]
+QueueName = Annotated[str, Field(pattern=QUEUE_NAME.pattern)]
+Kind = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class EnqueueRequest(BaseModel):
+    # strict: a JSON "5" is not a priority; JSON strings still parse as datetimes
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    queue: QueueName
+    kind: Kind
+    payload: JsonObject = Field(default_factory=dict)
+    run_at: AwareDatetime | None = Field(None, description="ISO 8601 with a zone; default now")
+    priority: int = Field(0, ge=-32768, le=32767, description="higher runs first")
+    # an index key: PostgreSQL refuses btree entries much larger than 2 kB
+    unique_key: str | None = Field(None, min_length=1, max_length=1000, description="skip if held")
+    max_attempts: int | None = Field(None, ge=1, le=2**31 - 1)
+    meta: JsonObject = Field(default_factory=dict)
+
+
+class JobsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # lax: query values arrive as text
+
+    state: State | None = None
+    queue: QueueName | None = None
+    kind: Kind | None = None
+    limit: int = Field(50, ge=1, le=500)
+    before: int | None = Field(None, ge=1, le=BIGINT_MAX, description="only smaller ids")
+
+
+class Created(BaseModel):
+    id: int
+
+
+class Job(BaseModel):
+    id: int
+    queue: str
+    kind: str
+    payload: Any
+    meta: dict[str, Any]
+    priority: int
+    state: State
+    run_at: datetime
+    attempts: int
+    max_attempts: int | None
+    unique_key: str | None
+    worker: str | None
+    lease_expires_at: datetime | None
+    last_error: str | None
+    errors: list[dict[str, Any]]
+    result: Any
+    progress: Any
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    jobs: list[Job]
+    next_before: int | None = Field(description="pass as ?before= for the next page")
+
+
+class Retried(BaseModel):
+    retried: bool
+
+
+class Cancelled(BaseModel):
+    cancelled: bool
+
+
+class QueueInfo(BaseModel):
+    name: str
+    paused: bool
+    counts: dict[State, int]
+    oldest_due_s: float | None
+
+
+class QueueList(BaseModel):
+    queues: list[QueueInfo]
+
+
+class QueuePaused(BaseModel):
+    name: str
+    paused: bool
+
+
+class ScheduleInfo(BaseModel):
+    name: str
+    source: Literal["config", "db"]
+    enabled: bool
+    cron: str
+    timezone: str
+    kind: str
+    queue: str
+    last_tick: datetime | None
+    last_job_id: int | None
+    last_job_state: State | None
+    last_duration_s: float | None
+    fired: int
+    skipped: int
+    next_tick: datetime | None
+    description: str
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleInfo]
+
+
+class FieldError(BaseModel):
+    loc: str
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    fields: list[FieldError] | None = None
+
+
+# -- errors and JSON ------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, error: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
+        super().__init__(error)
+        self.status, self.headers, self.body = status, headers, {"error": error, **extra}
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+_dumps = functools.partial(json.dumps, default=_default)
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers, dumps=_dumps)
+
+
+def _invalid(where: str, exc: ValidationError) -> ApiError:
+    fields = [
+        {"loc": ".".join([where, *map(str, e["loc"])]), "msg": e["msg"]} for e in exc.errors()
+    ]
+    return ApiError(422, "invalid request", fields=fields)
+
+
+def _invalid_path(name: str, msg: str) -> ApiError:
+    return ApiError(422, "invalid request", fields=[{"loc": f"path.{name}", "msg": msg}])
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a JSON body; tracebacks go to the log, never to the client."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return _json(exc.body, exc.status, exc.headers)
+    except web.HTTPException as exc:  # the router's 404 and 405
+        if exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _json({"error": f"{exc.reason}: {request.method} {request.path}"}, exc.status, allow)
+    except TimeoutError:
+        log.warning("admin API: %s %s: database timed out", request.method, request.path)
+        return _json({"error": f"the database did not answer within {DB_TIMEOUT:g}s"}, 503)
+    except (
+        OSError,
+        asyncpg.InterfaceError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+    ) as exc:
+        log.warning("admin API: %s %s: database unavailable: %s", request.method, request.path, exc)
+        return _json({"error": "the database is unavailable"}, 503)
+    except Exception:
+        log.exception("admin API: %s %s failed", request.method, request.path)
+        return _json({"error": "internal error (details are in the daemon's log)"}, 500)
+
+
+def _guard(token: str, max_body_bytes: int) -> Middleware:
+    expected = token.encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(
+                401,
+                "authentication required: send Authorization: Bearer <token>",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected):
+            raise ApiError(403, "invalid token")
+        # Checked after the token so that strangers learn nothing, before reading a byte.
+        if (request.content_length or 0) > max_body_bytes:
+            raise ApiError(413, f"request body is larger than {max_body_bytes} bytes")
+        return await handler(request)
+
+    return guard
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Api:
+    db: asyncpg.Pool
+    settings: Settings
+    max_body_bytes: int
+    spec: dict[str, Any]
+
+    @asynccontextmanager
+    async def conn(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.db.acquire(timeout=DB_TIMEOUT) as conn:
+            yield conn
+
+    async def body(self, request: web.Request, model: type[M]) -> M:
+        # Read by hand: the sub-app's client_max_size does not govern request.read(), and a
+        # chunked body has no Content-Length to check up front.
+        data = bytearray()
+        async for chunk in request.content.iter_chunked(65_536):
+            data += chunk
+            if len(data) > self.max_body_bytes:
+                raise ApiError(413, f"request body is larger than {self.max_body_bytes} bytes")
+        try:
+            return model.model_validate_json(bytes(data))
+        except ValidationError as exc:
+            bad = [
+                e.get("ctx", {}).get("error", "")
+                for e in exc.errors()
+                if e["type"] == "json_invalid"
+            ]
+            if bad:
+                raise ApiError(400, f"request body is not valid JSON: {bad[0]}") from None
+            raise _invalid("body", exc) from None
+
+    async def job_row(self, conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
+        row = await conn.fetchrow(queries.GET_JOB, job_id, timeout=DB_TIMEOUT)
+        if row is None:
+            raise ApiError(404, f"no job with id {job_id}", id=job_id)
+        return row
+
+    async def enqueue_job(self, request: web.Request) -> web.Response:
+        """Enqueue a job."""
+        req = await self.body(request, EnqueueRequest)
+        async with self.conn() as conn, asyncio.timeout(DB_TIMEOUT):
+            new_id = await enqueue(conn, **req.model_dump())
+        return _json({"id": new_id}, 201)
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        """Jobs, newest first; page with next_before."""
+        repeated = sorted({k for k in request.query if len(request.query.getall(k)) > 1})
+        if repeated:
+            fields = [{"loc": f"query.{k}", "msg": "given more than once"} for k in repeated]
+            raise ApiError(422, "invalid request", fields=fields)
+        try:
+            q = JobsQuery.model_validate(dict(request.query))
+        except ValidationError as exc:
+            raise _invalid("query", exc) from None
+        args = (q.state, q.queue, q.kind, q.before, q.limit + 1)
+        async with self.conn() as conn:
+            rows = await conn.fetch(LIST_JOBS, *args, timeout=DB_TIMEOUT)
+        more = len(rows) > q.limit
+        jobs = [dict(r) for r in rows[: q.limit]]
+        return _json({"jobs": jobs, "next_before": jobs[-1]["id"] if more else None})
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        """One job, with every attempt's error."""
+        async with self.conn() as conn:
+            return _json(dict(await self.job_row(conn, _job_id(request))))
+
+    async def retry_job(self, request: web.Request) -> web.Response:
+        """Run a failed or cancelled job again (a delayed queued one now)."""
+        job_id = _job_id(request)
+        async with self.conn() as conn:
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    queries.RETRY_JOBS, [job_id], False, None, timeout=DB_TIMEOUT
+                )
+                queues = sorted({r["queue"] for r in rows})
+                await conn.execute(queries.NOTIFY_QUEUES, queues, timeout=DB_TIMEOUT)
+            if rows:
+                return _json({"retried": True})
+            job = await self.job_row(conn, job_id)
+        state = job["state"]
+        if state == "active":
+            why = f"job {job_id} is running on {job['worker']}"
+        elif state == "queued":
+            why = f"job {job_id} is already queued to run now"
+        elif state == "succeeded":
+            why = f"job {job_id} succeeded; only failed or cancelled jobs can be retried"
+        else:
+            why = f"job {job_id} is {state}, but a live job holds its unique_key"
+        raise ApiError(409, why, id=job_id, state=state)
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        """Cancel a queued job."""
+        job_id = _job_id(request)
+        async with self.conn() as conn:
+            if await conn.fetchval(queries.CANCEL_JOB, job_id, None, timeout=DB_TIMEOUT):
+                return _json({"cancelled": True})
+            job = await self.job_row(conn, job_id)
+        state = job["state"]
+        if state == "active":
+            why = f"job {job_id} is running on {job['worker']}; a running job cannot be cancelled"
+        else:
+            why = f"job {job_id} is already {state}"
+        raise ApiError(409, why, id=job_id, state=state)
+
+    async def list_queues(self, request: web.Request) -> web.Response:
+        """Every known queue: job counts, pause state, oldest due job's age."""
+        async with self.conn() as conn:
+            counts = await conn.fetch(queries.QUEUE_STATUS, timeout=DB_TIMEOUT)
+            flags = await conn.fetch(QUEUE_ROWS, timeout=DB_TIMEOUT)
+        names = {*self.settings.queues, *(r["queue"] for r in counts), *(r["name"] for r in flags)}
+        paused = {r["name"] for r in flags if r["paused"]}
+        tally: dict[str, dict[str, int]] = {n: dict.fromkeys(STATES, 0) for n in names}
+        oldest: dict[str, float] = {}
+        for r in counts:
+            tally[r["queue"]][r["state"]] = r["jobs"]
+            if r["oldest_due_s"] is not None:
+                oldest[r["queue"]] = float(r["oldest_due_s"])
+        queues = [
+            {"name": n, "paused": n in paused, "counts": tally[n], "oldest_due_s": oldest.get(n)}
+            for n in sorted(names)
+        ]
+        return _json({"queues": queues})
+
+    async def set_paused(self, request: web.Request, paused: bool) -> web.Response:
+        name = request.match_info["name"]
+        if not QUEUE_NAME.match(name):
+            raise _invalid_path("name", "a queue name is 1-128 of A-Z a-z 0-9 _ . : -")
+        async with self.conn() as conn:
+            await conn.execute(queries.SET_PAUSED, name, paused, timeout=DB_TIMEOUT)
+        return _json({"name": name, "paused": paused})
+
+    async def pause_queue(self, request: web.Request) -> web.Response:
+        """Stop every daemon claiming from a queue."""
+        return await self.set_paused(request, True)
+
+    async def resume_queue(self, request: web.Request) -> web.Response:
+        """Let daemons claim from a queue again."""
+        return await self.set_paused(request, False)
+
+    async def list_schedules(self, request: web.Request) -> web.Response:
+        """Cron schedules and their state."""
+        # status() runs several statements of its own: one time box around them all
+        async with self.conn() as conn, asyncio.timeout(DB_TIMEOUT):
+            now = await conn.fetchval("SELECT now()")
+            rows = await schedules.status(conn, self.settings.schedules, now)
+        return _json({"schedules": rows})
+
+    async def trigger_schedule(self, request: web.Request) -> web.Response:
+        """Enqueue a schedule's job now (not a tick: the timetable is unchanged)."""
+        name = request.match_info["name"]
+        async with self.conn() as conn, asyncio.timeout(DB_TIMEOUT):
+            found = await schedules.load_schedules(conn, self.settings.schedules)
+            if name not in found:
+                raise ApiError(404, f"no schedule named {name!r}", name=name, known=sorted(found))
+            job_id = await schedules.trigger(conn, found[name])
+        return _json({"id": job_id}, 201)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """This document."""
+        return _json(self.spec)
+
+
+def _job_id(request: web.Request) -> int:
+    text = request.match_info["id"]
+    if not JOB_ID.match(text) or not 1 <= int(text) <= BIGINT_MAX:
+        raise _invalid_path("id", "a job id is a positive integer")
+    return int(text)
+
+
+# -- routes and their OpenAPI description -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    endpoint: str  # "METHOD /path"
+    handler: str  # an Api method; its docstring is the summary
+    ok: type[BaseModel] | None
+    status: int = 200
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    errors: tuple[int, ...] = ()
+
+
+ROUTES = (
+    Route("POST /jobs", "enqueue_job", Created, 201, body=EnqueueRequest),
+    Route("GET /jobs", "list_jobs", JobPage, query=JobsQuery),
+    Route("GET /jobs/{id}", "get_job", Job, errors=(404,)),
+    Route("POST /jobs/{id}/retry", "retry_job", Retried, errors=(404, 409)),
+    Route("POST /jobs/{id}/cancel", "cancel_job", Cancelled, errors=(404, 409)),
+    Route("GET /queues", "list_queues", QueueList),
+    Route("POST /queues/{name}/pause", "pause_queue", QueuePaused),
+    Route("POST /queues/{name}/resume", "resume_queue", QueuePaused),
+    Route("GET /schedules", "list_schedules", ScheduleList),
+    Route("POST /schedules/{name}/trigger", "trigger_schedule", Created, 201, errors=(404,)),
+    Route("GET /openapi.json", "openapi", None),
+)
+
+
+def _openapi() -> dict[str, Any]:
+    models: set[type[BaseModel]] = {ErrorBody}
+    for r in ROUTES:
+        models |= {m for m in (r.body, r.ok) if m is not None}
+    refs, top = models_json_schema(
+        [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+        ref_template="#/components/schemas/{model}",
+    )
+
+    def content(model: type[BaseModel] | None) -> dict[str, Any]:
+        schema = refs[(model, "validation")] if model else {"type": "object"}
+        return {"application/json": {"schema": schema}}
+
+    error = {"description": "error", "content": content(ErrorBody)}
+    paths: dict[str, dict[str, Any]] = {}
+    for r in ROUTES:
+        method, path = r.endpoint.split(" ")
+        params: list[dict[str, Any]] = []
+        for name in re.findall(r"{(\w+)}", path):
+            schema = {"type": "integer", "minimum": 1} if name == "id" else {"type": "string"}
+            params.append({"name": name, "in": "path", "required": True, "schema": schema})
+        if r.query:
+            props = r.query.model_json_schema()["properties"]
+            params += [{"name": k, "in": "query", "schema": v} for k, v in props.items()]
+        codes = {401, 403, *r.errors} | ({400, 413, 422} if r.body else set())
+        codes |= {422} if params else set()
+        op: dict[str, Any] = {
+            "operationId": r.handler,
+            "summary": (getattr(Api, r.handler).__doc__ or "").strip(),
+            "parameters": params,
+            "responses": {str(r.status): {"description": "success", "content": content(r.ok)}}
+            | {str(c): error for c in sorted(codes)},
+        }
+        if r.body:
+            op["requestBody"] = {"required": True, "content": content(r.body)}
+        paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Stoker admin API", "version": "1"},
+        "servers": [{"url": "/api/v1"}],
+        "security": [{"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "schemas": top["$defs"],
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def create_admin_app(
+    *, db: asyncpg.Pool, settings: Settings, token: str, max_body_bytes: int
+) -> web.Application:
+    """The admin API as a sub-application; mount it with app.add_subapp("/api/v1", ...)."""
+    api = Api(db, settings, max_body_bytes, _openapi())
+    app = web.Application(
+        client_max_size=max_body_bytes, middlewares=[_errors, _guard(token, max_body_bytes)]
+    )
+    for r in ROUTES:
+        method, path = r.endpoint.split(" ")
+        app.router.add_route(method, path, getattr(api, r.handler))
+    return app
