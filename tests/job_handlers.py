@@ -96,3 +96,11 @@ async def poison(ctx: JobContext, payload: Poison) -> object:
     if payload.mode == "nan-delay":
         raise RetryJob("later", delay=float("nan"))
     raise AssertionError(payload.mode)
+
+
+@handler("test.block_loop")
+async def block_loop(ctx: JobContext, payload: Sleep) -> None:
+    """A badly written handler that blocks the event loop (what /health must notice)."""
+    with open(os.environ["STOKER_TEST_EVENTS"], "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"id": ctx.id, "label": "blocking"}) + "\n")
+    time.sleep(Sleep.model_validate(payload).seconds)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -22,7 +23,8 @@ from daemon.admin import ROUTES, create_admin_app
 from daemon.config import QueueConfig, ScheduleConfig, Settings
 from daemon.db import create_pool
 from daemon.schedules import save_schedule
-from tests.conftest import write_outcome
+from tests.conftest import DaemonFactory, eventually, write_outcome
+from tests.test_http import http_port as _daemon_port
 
 TOKEN = "s3cret-admin-token-0123456789"
 MIB = 1_048_576
@@ -575,3 +577,57 @@ async def test_openapi_describes_exactly_the_served_routes(api: Api) -> None:
     refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc)))
     assert refs and refs <= set(doc["components"]["schemas"])
     assert "EnqueueRequest" in refs
+
+
+async def test_pause_stops_claiming_on_two_daemons_and_resume_restarts_it(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    token = "t" * 32
+    first = await daemons.start("", STOKER_HTTP__ADMIN_TOKEN=token)
+    await daemons.start("")
+    port = await _daemon_port(first)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(f"http://127.0.0.1:{port}/api/v1/queues/default/pause") as r:
+            assert r.status == 200
+            assert await r.json() == {"name": "default", "paused": True}
+        ids = [
+            r["id"]
+            for r in await db.fetch(
+                "INSERT INTO stoker.jobs (queue, kind) SELECT 'default', 'noop' "
+                "FROM generate_series(1, 20) RETURNING id"
+            )
+        ]
+        # A control queue keeps running: once its job is done, both daemons have had their
+        # chance to claim the paused jobs, and neither did.
+        control = await db.fetchval(
+            "INSERT INTO stoker.jobs (queue, kind) VALUES ('other', 'noop') RETURNING id"
+        )
+        await daemons.start("[queues.other]\n")
+
+        async def control_done() -> bool:
+            row: str | None = await db.fetchval(
+                "SELECT state::text FROM stoker.all_jobs WHERE id = $1", control
+            )
+            return row == "succeeded"
+
+        await eventually(control_done)
+        states = await db.fetch(
+            "SELECT DISTINCT state::text FROM stoker.jobs WHERE id = ANY($1)", ids
+        )
+        assert [r["state"] for r in states] == ["queued"]
+
+        async with http.post(f"http://127.0.0.1:{port}/api/v1/queues/default/resume") as r:
+            assert r.status == 200
+
+        async def all_done() -> bool:
+            done: int = await db.fetchval(
+                "SELECT count(*) FROM stoker.job_history WHERE id = ANY($1)", ids
+            )
+            return done == 20
+
+        await eventually(all_done)
+        claimed_by = await db.fetch(
+            "SELECT DISTINCT worker FROM stoker.job_history WHERE id = ANY($1)", ids
+        )
+        assert len(claimed_by) >= 1

@@ -325,3 +325,30 @@ async def test_probes_under_load_while_draining(
 
     await eventually(drained, timeout=60)
     assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 0
+
+
+async def test_health_fails_while_the_event_loop_is_blocked(
+    daemons: DaemonFactory, db: asyncpg.Connection, client: aiohttp.ClientSession
+) -> None:
+    daemon = await daemons.start("[http]\nloop_lag_threshold = 0.5\n")
+    port = await http_port(daemon)
+    assert (await get(client, port, "/health"))[0] == 200
+    await db.execute(
+        "INSERT INTO stoker.jobs (queue, kind, payload) VALUES ('default', 'test.block_loop', $1)",
+        {"seconds": 2},
+    )
+
+    async def blocking() -> bool:
+        return any(e.get("label") == "blocking" for e in daemon.events())
+
+    await eventually(blocking)
+    # Sent while the loop is blocked: answered once it runs again, and it says so.
+    status, body = await get(client, port, "/health")
+    assert status == 503
+    assert body["status"] == "event loop blocked"
+    assert body["loop_lag_seconds"] > 0.5
+
+    async def healthy_again() -> bool:
+        return (await get(client, port, "/health"))[0] == 200
+
+    await eventually(healthy_again)
