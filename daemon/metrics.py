@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -42,6 +42,7 @@ class Snapshot:
 
 class Metrics:
     def __init__(self, queues: Iterable[str], kinds: Iterable[str]) -> None:
+        disable_created_metrics()  # *_created series double the scrape for no use here
         self.registry = CollectorRegistry(auto_describe=True)
         self.queues = set(queues)
         self.kinds = set(kinds)
