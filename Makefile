@@ -57,7 +57,7 @@ test: install postgres-binaries lint
 	$(BIN)/pytest
 
 bench: install postgres-binaries
-	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.throughput --http-load
 
 clean:
 	-$(BIN)/python -m daemon.pgcluster stop $(DEV_PG)

@@ -25,12 +25,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 
 from daemon import Job, enqueue_many
 from daemon.db import init_connection
 from daemon.migrations import migrate
-from daemon.pgcluster import Cluster
+from daemon.pgcluster import Cluster, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -47,7 +48,12 @@ def server_dsn() -> tuple[str, Cluster | None]:
     given = os.environ.get("STOKER_BENCH_DSN")
     if given:
         return given, None
-    cluster = Cluster(REPO / ".stoker" / "bench-pg")
+    # Durable (fsync on), but with room for the WAL of a whole run, so that a checkpoint
+    # forced by max_wal_size does not land in the middle of one run and not another.
+    cluster = Cluster(
+        REPO / ".stoker" / "bench-pg",
+        settings=("max_wal_size=8GB", "checkpoint_timeout=30min"),
+    )
     return cluster.start(), cluster
 
 
@@ -70,13 +76,15 @@ async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def daemon(dsn: str, concurrency: int, batch_size: int) -> AsyncIterator[None]:
+async def daemon(
+    dsn: str, concurrency: int, batch_size: int, http_port: int = 0
+) -> AsyncIterator[None]:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "stoker.toml"
         config.write_text(CONFIG.format(concurrency=concurrency, batch_size=batch_size))
         env = {k: v for k, v in os.environ.items() if not k.startswith("STOKER_")}
-        env.update(DATABASE_URL=dsn, PYTHONPATH=str(REPO))
-        log = Path(tmp) / "daemon.log"
+        env.update(DATABASE_URL=dsn, PYTHONPATH=str(REPO), STOKER_HTTP__PORT=str(http_port))
+        log = REPO / ".stoker" / "bench-daemon.log"  # kept: warnings explain odd runs
         with log.open("wb") as out:
             proc = subprocess.Popen(
                 [
@@ -98,7 +106,7 @@ async def daemon(dsn: str, concurrency: int, batch_size: int) -> AsyncIterator[N
             )
         try:
             deadline = time.monotonic() + 30
-            while "listening on channel" not in log.read_text():
+            while "listening on channel" not in log.read_text(errors="replace"):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"daemon did not start:\n{log.read_text()}")
                 await asyncio.sleep(0.02)
@@ -113,7 +121,31 @@ async def daemon(dsn: str, concurrency: int, batch_size: int) -> AsyncIterator[N
                     proc.wait()
 
 
-async def drain_once(admin_dsn: str, jobs: int, concurrency: int, batch_size: int) -> float:
+async def scrape(port: int, stop: asyncio.Event, clients: int, rate: float | None) -> int:
+    """`clients` loops hitting /metrics and /ready; `rate` caps the total requests a second."""
+    sent = 0
+
+    async def one(session: aiohttp.ClientSession, path: str) -> None:
+        nonlocal sent
+        while not stop.is_set():
+            async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{path} answered {response.status}")
+            sent += 1
+            if rate:
+                await asyncio.sleep(clients / rate)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(
+            *(one(session, "/metrics" if i % 2 else "/ready") for i in range(clients))
+        )
+    return sent
+
+
+async def drain_once(
+    admin_dsn: str, jobs: int, concurrency: int, batch_size: int, load: str = "none"
+) -> float:
     async with fresh_database(admin_dsn) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
@@ -121,9 +153,20 @@ async def drain_once(admin_dsn: str, jobs: int, concurrency: int, batch_size: in
                 count = min(5000, jobs - start)
                 await enqueue_many(conn, [Job("bench", "noop")] * count)
             await conn.execute("VACUUM ANALYZE stoker.jobs")
-            async with daemon(dsn, concurrency, batch_size):
+            await conn.execute("CHECKPOINT")  # every run starts with the same I/O debt
+            port = free_port()
+            async with daemon(dsn, concurrency, batch_size, port):
+                stop = asyncio.Event()
+                scraper = None
+                if load == "50/s":
+                    scraper = asyncio.create_task(scrape(port, stop, 5, 50.0))
+                elif load == "50 clients":
+                    scraper = asyncio.create_task(scrape(port, stop, 50, None))
                 while await conn.fetchval("SELECT count(*) FROM stoker.jobs") > 0:
                     await asyncio.sleep(0.05)
+                stop.set()
+                if scraper is not None:
+                    await scraper
             span = await conn.fetchval(
                 "SELECT extract(epoch FROM max(finished_at) - min(started_at)) "
                 "FROM stoker.job_history WHERE state = 'succeeded'"
@@ -166,23 +209,31 @@ def pct(values: list[float], p: float) -> float:
 
 async def main_async(args: argparse.Namespace) -> None:
     admin_dsn, cluster = server_dsn()
+    loads = ["none", "50/s", "50 clients"] if args.http_load else ["none"]
+    rates: dict[str, list[float]] = {load: [] for load in loads}
     try:
-        rates = [
-            await drain_once(admin_dsn, args.jobs, args.concurrency, args.batch_size)
-            for _ in range(args.runs)
-        ]
+        for _ in range(args.runs):  # interleaved, so drift in the machine hits all alike
+            for load in loads:
+                rates[load].append(
+                    await drain_once(admin_dsn, args.jobs, args.concurrency, args.batch_size, load)
+                )
         latencies = await latency_once(admin_dsn, args.samples)
     finally:
         if cluster is not None:
             cluster.stop()
     print()
     print(f"{'scenario':<10} {'system':<8} {'result':<36} {'runs'}")
-    print(
-        f"{'drain':<10} {'stoker':<8} "
-        f"{f'{statistics.median(rates):,.0f} jobs/s (median)':<36} "
-        f"{args.runs} runs, min {min(rates):,.0f}, max {max(rates):,.0f}; "
-        f"{args.jobs:,} no-op jobs, concurrency {args.concurrency}, batch {args.batch_size}"
-    )
+    base = statistics.median(rates["none"])
+    for load, values in rates.items():
+        median = statistics.median(values)
+        ratio = "" if load == "none" else f", {median / base:.2f}x of no HTTP load"
+        print(
+            f"{'drain' if load == 'none' else 'drain+http':<10} {'stoker':<8} "
+            f"{f'{median:,.0f} jobs/s (median)':<36} "
+            f"{args.runs} runs, min {min(values):,.0f}, max {max(values):,.0f}; "
+            f"{args.jobs:,} no-op jobs, concurrency {args.concurrency}, batch {args.batch_size}"
+            f"{'' if load == 'none' else f'; /metrics+/ready at {load}'}{ratio}"
+        )
     print(
         f"{'latency':<10} {'stoker':<8} "
         f"{f'p50 {pct(latencies, 50):.2f} ms  p95 {pct(latencies, 95):.2f} ms':<36} "
@@ -197,6 +248,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument(
+        "--http-load",
+        action="store_true",
+        help="also drain while /metrics and /ready are scraped (50/s, and 50 clients flat out)",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -99,6 +99,9 @@ class HttpConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     loop_lag_threshold: float = Field(5.0, gt=0, description="seconds blocked before /health fails")
     depth_sample_interval: float = Field(5.0, gt=0, description="queue depth sampling, seconds")
+    max_requests_per_second: float = Field(
+        200.0, gt=0, description="beyond this, requests wait their turn (the job path comes first)"
+    )
 
 
 def default_worker_id() -> str:

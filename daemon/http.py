@@ -27,6 +27,7 @@ log = logging.getLogger("stoker.http")
 BEAT = 0.25  # seconds between loop-lag probes
 DB_CHECK_TTL = 0.5  # seconds a database check result is reused
 DB_CHECK_TIMEOUT = 2.0
+METRICS_TTL = 0.25  # seconds a rendered /metrics page is served again
 
 
 @dataclass
@@ -108,6 +109,23 @@ async def _probe_database(state: HealthState) -> str | None:
     return state.db_error
 
 
+class Governor:
+    """A token bucket that delays, never refuses: past `rate` requests a second, each request
+    waits its turn. Clients that hammer the endpoints get slower answers, all of them 200,
+    and the event loop keeps its time for jobs."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._next = 0.0
+
+    async def wait_turn(self) -> None:
+        now = time.monotonic()
+        turn = max(now, self._next)
+        self._next = turn + self._interval
+        if turn > now:
+            await asyncio.sleep(turn - now)
+
+
 def build_app(
     config: HttpConfig,
     state: HealthState,
@@ -115,6 +133,8 @@ def build_app(
     admin: web.Application | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes)
+    governor = Governor(config.max_requests_per_second)
+    scraped: tuple[float, bytes] = (0.0, b"")
 
     async def health(_request: web.Request) -> web.Response:
         stalled = time.monotonic() - state.last_beat
@@ -139,8 +159,18 @@ def build_app(
         return web.json_response({"status": "ready", "checks": checks})
 
     async def scrape(_request: web.Request) -> web.Response:
-        data = generate_latest(metrics.registry)
-        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        nonlocal scraped
+        now = time.monotonic()
+        if now - scraped[0] > METRICS_TTL:  # scrapers arriving together share one rendering
+            scraped = (now, generate_latest(metrics.registry))
+        return web.Response(body=scraped[1], headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    @web.middleware
+    async def governed(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        await governor.wait_turn()
+        return await handler(request)
 
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -148,6 +178,7 @@ def build_app(
     if admin is not None:
         app.add_subapp("/api/v1", admin)
     app.middlewares.append(_json_errors)
+    app.middlewares.append(governed)
     return app
 
 

@@ -5,6 +5,7 @@ reported as "(other)", database schedules as "(db)", and job ids never become la
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1
 WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600)
 
 
+@functools.cache
 def stoker_version() -> str:
     try:
         return version("stoker")
@@ -42,7 +44,7 @@ class Snapshot:
 
 class Metrics:
     def __init__(self, queues: Iterable[str], kinds: Iterable[str]) -> None:
-        disable_created_metrics()  # *_created series double the scrape for no use here
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created: noise
         self.registry = CollectorRegistry(auto_describe=True)
         self.queues = set(queues)
         self.kinds = set(kinds)

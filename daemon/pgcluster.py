@@ -82,6 +82,7 @@ class Cluster:
 
     root: Path
     fast: bool = False  # tests: fsync off; never for data someone keeps
+    settings: tuple[str, ...] = ()  # extra `-c name=value` server settings
 
     @property
     def data(self) -> Path:
@@ -170,6 +171,7 @@ class Cluster:
         ]
         if self.fast:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
+        options += [f"-c {setting}" for setting in self.settings]
         if not self.log_file.exists():
             self.log_file.touch()
         self._chown(self.log_file)

@@ -46,9 +46,13 @@ NEXT_DUE = """
 SELECT min(run_at) FROM stoker.jobs WHERE queue = $1 AND state = 'queued' AND run_at > now()
 """
 
+# Renews leases without ever waiting for a row lock: a row locked right now is being completed
+# (or rescued), and waiting for it while holding others deadlocked with the completion write.
 HEARTBEAT = """
 UPDATE stoker.jobs SET lease_expires_at = now() + make_interval(secs => $3)
- WHERE id = ANY($1::bigint[]) AND worker = $2 AND state = 'active'
+ WHERE id IN (SELECT id FROM stoker.jobs
+               WHERE id = ANY($1::bigint[]) AND worker = $2 AND state = 'active'
+               FOR UPDATE SKIP LOCKED)
 """
 
 PROGRESS = """
@@ -61,42 +65,49 @@ UPDATE stoker.jobs SET progress = $3::text::jsonb, updated_at = now()
 # (rescue and requeue clear `worker`, a new claim sets it and bumps `attempts`).
 # $1-$6 finish (succeeded | failed: move to history); $7-$12 requeue (retry: queued after
 # `delay` with the error kept | handback: queued now, the interrupted attempt not counted).
-# Each unnest is used once and joined on the primary key, so the plan stays an index lookup
-# per outcome whatever the statistics of the (churning) jobs table say.
+# Rows are found by `id = ANY(...)` on the primary key and matched to their outcome by array
+# position. A join against unnest() let the planner, misled by the statistics of a churning
+# table (`worker` is NULL in nearly every row it sampled), scan the whole table per outcome.
 COMPLETE = """
 WITH finished AS (
     DELETE FROM stoker.jobs j
-     USING unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::text[], $6::text[])
-           AS o(id, attempt, outcome, result, error, tb)
-     WHERE j.id = o.id AND j.attempts = o.attempt AND j.worker = $13
-    RETURNING j.*, o.outcome, o.result AS new_result, o.error AS new_error, o.tb
+     WHERE j.id = ANY($1::bigint[]) AND j.worker = $13
+       AND j.attempts = ($2::int[])[array_position($1::bigint[], j.id)]
+    RETURNING j.*, array_position($1::bigint[], j.id) AS pos
 ),
 moved AS (
     INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state, run_at,
                                     attempts, max_attempts, unique_key, worker, last_error,
                                     errors, result, progress, created_at, started_at)
-    SELECT id, queue, kind, payload, meta, priority, outcome::stoker.job_state, run_at,
-           attempts, max_attempts, unique_key, worker,
-           CASE WHEN outcome = 'failed' THEN new_error ELSE last_error END,
-           CASE WHEN outcome = 'failed'
-                THEN stoker.push_error(errors, attempts, new_error, tb) ELSE errors END,
-           new_result::jsonb, progress, created_at, started_at
+    SELECT id, queue, kind, payload, meta, priority, ($3::text[])[pos]::stoker.job_state,
+           run_at, attempts, max_attempts, unique_key, worker,
+           CASE WHEN ($3::text[])[pos] = 'failed' THEN ($5::text[])[pos] ELSE last_error END,
+           CASE WHEN ($3::text[])[pos] = 'failed'
+                THEN stoker.push_error(errors, attempts, ($5::text[])[pos], ($6::text[])[pos])
+                ELSE errors END,
+           (($4::text[])[pos])::jsonb, progress, created_at, started_at
       FROM finished
     RETURNING id, queue
 ),
 requeued AS (
     UPDATE stoker.jobs j
        SET state = 'queued', worker = NULL, lease_expires_at = NULL,
-           run_at = now() + make_interval(secs => o.delay),
-           attempts = CASE WHEN o.outcome = 'handback' THEN j.attempts - 1 ELSE j.attempts END,
-           last_error = CASE WHEN o.outcome = 'retry' THEN o.error ELSE j.last_error END,
-           errors = CASE WHEN o.outcome = 'retry'
-                         THEN stoker.push_error(j.errors, j.attempts, o.error, o.tb)
+           run_at = now() + make_interval(
+               secs => ($12::float8[])[array_position($7::bigint[], j.id)]),
+           attempts = CASE WHEN ($9::text[])[array_position($7::bigint[], j.id)] = 'handback'
+                           THEN j.attempts - 1 ELSE j.attempts END,
+           last_error = CASE WHEN ($9::text[])[array_position($7::bigint[], j.id)] = 'retry'
+                             THEN ($10::text[])[array_position($7::bigint[], j.id)]
+                             ELSE j.last_error END,
+           errors = CASE WHEN ($9::text[])[array_position($7::bigint[], j.id)] = 'retry'
+                         THEN stoker.push_error(
+                             j.errors, j.attempts,
+                             ($10::text[])[array_position($7::bigint[], j.id)],
+                             ($11::text[])[array_position($7::bigint[], j.id)])
                          ELSE j.errors END,
            updated_at = now()
-      FROM unnest($7::bigint[], $8::int[], $9::text[], $10::text[], $11::text[],
-                  $12::float8[]) AS o(id, attempt, outcome, error, tb, delay)
-     WHERE j.id = o.id AND j.attempts = o.attempt AND j.worker = $13
+     WHERE j.id = ANY($7::bigint[]) AND j.worker = $13
+       AND j.attempts = ($8::int[])[array_position($7::bigint[], j.id)]
     RETURNING j.id, j.queue, j.run_at
 )
 SELECT id, queue, NULL::timestamptz AS run_at FROM moved
