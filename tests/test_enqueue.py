@@ -165,3 +165,56 @@ async def test_stale_outcome_of_a_rescued_attempt_is_fenced_out(db: asyncpg.Conn
     row = await db.fetchrow("SELECT state, worker, attempts FROM stoker.jobs WHERE id = $1", job_id)
     assert row is not None
     assert (row["state"], row["worker"], row["attempts"]) == ("active", "worker-b", 2)
+
+
+async def test_outcome_write_looks_rows_up_by_primary_key(db: asyncpg.Connection) -> None:
+    # The statistics of a fresh queue say `worker` is always NULL; a plan trusting them once
+    # scanned the whole table for every outcome. The write must stay an index lookup.
+    await db.execute(
+        "INSERT INTO stoker.jobs (queue, kind) SELECT 'q', 'noop' FROM generate_series(1, 20000)"
+    )
+    await db.execute("ANALYZE stoker.jobs")
+    claimed = await db.fetch(queries.CLAIM, "q", 500, "w", 30.0)
+    ids = [r["id"] for r in claimed]
+    n = len(ids)
+    await db.execute("SET plan_cache_mode = force_generic_plan")
+    statement = await db.prepare("EXPLAIN " + queries.COMPLETE)
+    plan = "\n".join(
+        r[0]
+        for r in await statement.fetch(
+            ids,
+            [1] * n,
+            ["succeeded"] * n,
+            [None] * n,
+            [None] * n,
+            [None] * n,
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
+            "w",
+        )
+    )
+    assert "Seq Scan on jobs" not in plan, plan
+    assert "Index Scan using jobs_pkey on jobs" in plan, plan
+
+
+async def test_heartbeat_never_waits_for_a_locked_row(db: asyncpg.Connection, dsn: str) -> None:
+    job_id = await daemon.enqueue(db, queue="default", kind="noop")
+    await db.fetch(queries.CLAIM, "default", 1, "w", 30.0)
+    other = await asyncpg.connect(dsn)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("SELECT 1 FROM stoker.jobs WHERE id = $1 FOR UPDATE", job_id)
+        # While another transaction (an outcome write, say) holds the row, the heartbeat
+        # passes it by at once instead of waiting (which deadlocked with outcome writes).
+        await db.execute("SET statement_timeout = '2s'")
+        status = await db.execute(queries.HEARTBEAT, [job_id], "w", 30.0)
+        assert status == "UPDATE 0"
+        await tx.rollback()
+        assert await db.execute(queries.HEARTBEAT, [job_id], "w", 30.0) == "UPDATE 1"
+    finally:
+        await other.close()
