@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     queues: dict[str, QueueConfig] = Field(default_factory=lambda: {"default": QueueConfig()})
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
     http: HttpConfig = Field(default_factory=HttpConfig)
-    leader_retry: float = Field(5.0, gt=0, le=600, description="seconds between leader bids")
+    leader_retry: float = Field(5.0, gt=0, le=600, description="longest single leader-lock wait")
     lease_seconds: float = Field(30.0, ge=1, le=86_400)
     rescue_interval: float = Field(5.0, gt=0, le=3600)
     listener_probe_interval: float = Field(10.0, gt=0, le=3600)

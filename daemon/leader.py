@@ -2,7 +2,8 @@
 
 One process at a time holds `pg_try_advisory_lock(LEADER_KEY)`. The lock lives and dies with
 that connection: when it drops, PostgreSQL releases the lock and this process stops leading at
-once; the others bid every `retry` seconds. The connection is never borrowed from the pool,
+once; the others wait for the lock inside PostgreSQL (each wait bounded by `retry` seconds),
+so one of them takes over the moment the old session is gone. The connection is never borrowed from the pool,
 which would run pg_advisory_unlock_all() on release."""
 
 from __future__ import annotations
@@ -65,9 +66,15 @@ class Leader:
             await wait_any(self._stopping, seconds=self._retry)
 
     async def _bid(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        # Wait *in* PostgreSQL for the lock, so a dead leader is replaced the moment its
+        # session ends; lock_timeout bounds each wait, which also probes the connection.
+        await conn.execute(
+            "SELECT set_config('lock_timeout', $1, false)", f"{int(self._retry * 1000)}ms"
+        )
         while not self._stopping.is_set() and not lost.is_set():
-            got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_KEY)
+            got = await self._wait_for_lock(conn, lost)
             if got:
+                await conn.execute("RESET lock_timeout")
                 self.conn = conn
                 self._set(True)
                 log.info("became leader: worker %s fires the schedules", self._worker_id)
@@ -76,7 +83,20 @@ class Leader:
                     self._set(False)
                     log.warning("lost leadership: the lock connection is gone")
                 return
-            await wait_any(self._stopping, lost, seconds=self._retry)
+
+    async def _wait_for_lock(self, conn: asyncpg.Connection, lost: asyncio.Event) -> bool:
+        attempt = asyncio.ensure_future(conn.execute("SELECT pg_advisory_lock($1)", LEADER_KEY))
+        await wait_any(self._stopping, lost, _done_event(attempt))
+        if not attempt.done():
+            attempt.cancel()  # stopping, or the connection died under the wait
+            with contextlib.suppress(asyncio.CancelledError, *DB_ERRORS):
+                await attempt
+            return False
+        try:
+            attempt.result()
+        except asyncpg.LockNotAvailableError:
+            return False  # lock_timeout passed: another process leads; wait again
+        return True
 
     async def _hold(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         """Return when the connection is lost, fails a probe, or the daemon stops."""
@@ -89,6 +109,12 @@ class Leader:
                     await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=self._retry)
             except DB_ERRORS:
                 return
+
+
+def _done_event(future: asyncio.Future[object]) -> asyncio.Event:
+    event = asyncio.Event()
+    future.add_done_callback(lambda _f: event.set())
+    return event
 
 
 def _lost(event: asyncio.Event, leader: Leader) -> Callable[[object], None]:

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import daemon
-from daemon import admin, queries
+from daemon import admin, admin_models, queries
 from daemon.admin import ROUTES, create_admin_app
 from daemon.config import QueueConfig, ScheduleConfig, Settings
 from daemon.db import create_pool
@@ -193,7 +193,7 @@ async def test_enqueue_then_show_the_job(api: Api, db: asyncpg.Connection) -> No
     shown = await api.call("GET", f"/jobs/{job_id}")
     assert shown.status == 200
     job = shown.body
-    assert set(job) == set(admin.Job.model_fields)
+    assert set(job) == set(admin_models.Job.model_fields)
     assert (job["id"], job["state"], job["errors"], job["attempts"]) == (job_id, "queued", [], 0)
     assert datetime.fromisoformat(job["run_at"]) == run_at
 

@@ -1,0 +1,142 @@
+"""Request and response models of the admin API: validation of what comes in, and the
+schemas /openapi.json publishes for what goes out."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+
+from daemon.config import QUEUE_NAME
+from daemon.db import as_json_text
+
+State = Literal["queued", "active", "succeeded", "failed", "cancelled"]
+STATES: tuple[State, ...] = ("queued", "active", "succeeded", "failed", "cancelled")
+BIGINT_MAX = 2**63 - 1
+
+
+def _jsonb_safe(value: dict[str, Any]) -> dict[str, Any]:
+    as_json_text(value)  # jsonb has no NaN/Infinity: refuse them here, naming the field
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_jsonb_safe)]
+QueueName = Annotated[str, Field(pattern=QUEUE_NAME.pattern)]
+Kind = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class EnqueueRequest(BaseModel):
+    # strict: a JSON "5" is not a priority; JSON strings still parse as datetimes
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    queue: QueueName
+    kind: Kind
+    payload: JsonObject = Field(default_factory=dict)
+    run_at: AwareDatetime | None = Field(None, description="ISO 8601 with a zone; default now")
+    priority: int = Field(0, ge=-32768, le=32767, description="higher runs first")
+    # an index key: PostgreSQL refuses btree entries much larger than 2 kB
+    unique_key: str | None = Field(None, min_length=1, max_length=1000, description="skip if held")
+    max_attempts: int | None = Field(None, ge=1, le=2**31 - 1)
+    meta: JsonObject = Field(default_factory=dict)
+
+
+class JobsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # lax: query values arrive as text
+
+    state: State | None = None
+    queue: QueueName | None = None
+    kind: Kind | None = None
+    limit: int = Field(50, ge=1, le=500)
+    before: int | None = Field(None, ge=1, le=BIGINT_MAX, description="only smaller ids")
+
+
+class Created(BaseModel):
+    id: int
+
+
+class Job(BaseModel):
+    id: int
+    queue: str
+    kind: str
+    payload: Any
+    meta: dict[str, Any]
+    priority: int
+    state: State
+    run_at: datetime
+    attempts: int
+    max_attempts: int | None
+    unique_key: str | None
+    worker: str | None
+    lease_expires_at: datetime | None
+    last_error: str | None
+    errors: list[dict[str, Any]]
+    result: Any
+    progress: Any
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    jobs: list[Job]
+    next_before: int | None = Field(description="pass as ?before= for the next page")
+
+
+class Retried(BaseModel):
+    retried: bool
+
+
+class Cancelled(BaseModel):
+    cancelled: bool
+
+
+class QueueInfo(BaseModel):
+    name: str
+    paused: bool
+    counts: dict[State, int]
+    oldest_due_s: float | None
+
+
+class QueueList(BaseModel):
+    queues: list[QueueInfo]
+
+
+class QueuePaused(BaseModel):
+    name: str
+    paused: bool
+
+
+class ScheduleInfo(BaseModel):
+    name: str
+    source: Literal["config", "db"]
+    enabled: bool
+    cron: str
+    timezone: str
+    kind: str
+    queue: str
+    last_tick: datetime | None
+    last_job_id: int | None
+    last_job_state: State | None
+    last_duration_s: float | None
+    fired: int
+    skipped: int
+    next_tick: datetime | None
+    description: str
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleInfo]
+
+
+class FieldError(BaseModel):
+    loc: str
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    fields: list[FieldError] | None = None
+
+
+# -- errors and JSON ------------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""The `stoker` command line's grammar: argument types that reject bad input with one clear
+line, and the parser."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+from daemon.config import QUEUE_NAME
+from daemon.errors import StokerError
+
+EXIT_USAGE = 2
+STATES = ("queued", "active", "succeeded", "failed", "cancelled")
+RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class UsageError(StokerError):
+    """A bad command-line argument."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+# -- argument types ------------------------------------------------------------------------
+
+
+def json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+
+
+def when(text: str) -> datetime:
+    """An ISO 8601 time with a zone, or +N[s|m|h|d] from now."""
+    match = RELATIVE.match(text)
+    if match:
+        try:
+            return datetime.now(UTC) + timedelta(seconds=float(match[1]) * UNITS[match[2]])
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{text!r} is too far in the future") from None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: use ISO 8601 with a zone (2026-01-31T09:00:00Z) "
+            "or a delay like +30s, +5m, +2h"
+        ) from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no time zone: add one, e.g. {text}Z or {text}+01:00"
+        )
+    return value
+
+
+def queue_name(text: str) -> str:
+    if not QUEUE_NAME.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a valid queue name (1-128 of A-Z a-z 0-9 _ . : -)"
+        )
+    return text
+
+
+def priority(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not -32768 <= value <= 32767:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range (-32768 to 32767)")
+    return value
+
+
+def kind_name(text: str) -> str:
+    if not text.strip() or len(text) > 200:
+        raise argparse.ArgumentTypeError("a job kind is 1-200 characters, e.g. reports.build")
+    return text
+
+
+def job_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a positive integer)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a positive integer)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="stoker", description="Background jobs for PostgreSQL.")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="TOML configuration (default: $STOKER_CONFIG, /etc/stoker/stoker.toml, "
+        "deploy/stoker.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--no-migrate", action="store_true", help="do not migrate on start")
+    run.add_argument("--log-format", choices=["auto", "json", "text"])
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    sub.add_parser("migrate", help="apply pending database migrations")
+
+    enq = sub.add_parser("enqueue", help="enqueue one job")
+    enq.add_argument("queue", type=queue_name)
+    enq.add_argument("kind", type=kind_name)
+    enq.add_argument("--payload", type=json_value, default={}, help="JSON (default {})")
+    enq.add_argument("--run-at", type=when, help="ISO 8601 time with zone, or +30s/+5m/+2h")
+    enq.add_argument("--priority", type=priority, default=0, help="higher runs first")
+    enq.add_argument("--unique-key", help="skip if a live job holds this key")
+    enq.add_argument("--max-attempts", type=positive_int)
+    enq.add_argument("--meta", type=json_value, default={}, help="JSON object")
+
+    jobs = sub.add_parser("jobs", help="list, show, retry or cancel jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True, parser_class=Parser)
+    lst = jsub.add_parser("list", help="newest first")
+    lst.add_argument("--state", choices=STATES)
+    lst.add_argument("--queue", type=queue_name)
+    lst.add_argument("--limit", type=positive_int, default=50)
+    lst.add_argument("--before", type=job_id, help="only jobs with a smaller id (paging)")
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    show = jsub.add_parser("show", help="one job with its errors and tracebacks")
+    show.add_argument("id", type=job_id)
+    show.add_argument("--json", action="store_true")
+    retry = jsub.add_parser("retry", help="run failed/cancelled jobs again, or delayed ones now")
+    retry.add_argument("ids", type=job_id, nargs="*")
+    retry.add_argument("--all-failed", action="store_true")
+    retry.add_argument("--queue", type=queue_name, help="with --all-failed: only this queue")
+    cancel = jsub.add_parser("cancel", help="cancel a queued job")
+    cancel.add_argument("id", type=job_id)
+
+    sub.add_parser("status", help="jobs per queue and state, oldest due job's age")
+
+    sched = sub.add_parser("schedules", help="list cron schedules; add or remove user schedules")
+    sched.add_argument("--json", action="store_true", help="one JSON object per line")
+    ssub = sched.add_subparsers(dest="schedules_command", parser_class=Parser)
+    add = ssub.add_parser("add", help="create or replace a schedule in stoker.schedules")
+    add.add_argument("name")
+    add.add_argument("--cron", required=True, help="5 fields, or 6 with seconds first")
+    add.add_argument("--kind", required=True, type=kind_name)
+    add.add_argument("--timezone", default="UTC")
+    add.add_argument("--queue", type=queue_name, default="default")
+    add.add_argument("--payload", type=json_value, default={})
+    add.add_argument("--meta", type=json_value, default={})
+    add.add_argument("--disabled", action="store_true")
+    add.add_argument("--catch-up", choices=["skip", "latest", "all"], default="latest")
+    add.add_argument("--max-catch-up", type=positive_int, default=10)
+    add.add_argument("--overlap", choices=["skip", "allow"], default="skip")
+    add.add_argument("--description", default="")
+    rm = ssub.add_parser("remove", help="delete a schedule from stoker.schedules")
+    rm.add_argument("name")
+    trig = sub.add_parser("trigger", help="enqueue a schedule's job now (not counted as a tick)")
+    trig.add_argument("name")
+    return parser
+
+
+# -- commands --------------------------------------------------------------------------------
