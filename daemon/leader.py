@@ -1,10 +1,10 @@
 """Advisory-lock leader election on a dedicated session connection.
 
-One process at a time holds `pg_try_advisory_lock(LEADER_KEY)`. The lock lives and dies with
-that connection: when it drops, PostgreSQL releases the lock and this process stops leading at
-once; the others wait for the lock inside PostgreSQL (each wait bounded by `retry` seconds),
-so one of them takes over the moment the old session is gone. The connection is never borrowed from the pool,
-which would run pg_advisory_unlock_all() on release."""
+One process at a time holds `pg_advisory_lock(LEADER_KEY)`. The lock lives and dies with that
+connection: when it drops, PostgreSQL releases the lock and this process stops leading at once.
+The others wait for the lock inside PostgreSQL (each wait bounded by `retry` seconds), so one
+of them takes over the moment the old session is gone. The connection is never borrowed from
+the pool, which would run pg_advisory_unlock_all() on release."""
 
 from __future__ import annotations
 
