@@ -104,3 +104,15 @@ async def block_loop(ctx: JobContext, payload: Sleep) -> None:
     with open(os.environ["STOKER_TEST_EVENTS"], "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"id": ctx.id, "label": "blocking"}) + "\n")
     time.sleep(Sleep.model_validate(payload).seconds)
+
+
+class NeedsFile(BaseModel):
+    path: str
+
+
+@handler("test.needs_file", payload=NeedsFile)
+async def needs_file(ctx: JobContext, payload: NeedsFile) -> str:
+    """Fails until the file exists: an operator fixes the cause, then retries the job."""
+    if not os.path.exists(payload.path):
+        raise FileNotFoundError(payload.path)
+    return "found"

@@ -631,3 +631,47 @@ async def test_pause_stops_claiming_on_two_daemons_and_resume_restarts_it(
             "SELECT DISTINCT worker FROM stoker.job_history WHERE id = ANY($1)", ids
         )
         assert len(claimed_by) >= 1
+
+
+async def test_retry_through_the_api_runs_a_failed_job_again(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    token = "r" * 32
+    running = await daemons.start(
+        "[queues.default]\nmax_attempts = 1\n", STOKER_HTTP__ADMIN_TOKEN=token
+    )
+    port = await _daemon_port(running)
+    marker = daemons.tmp / "fixed"
+    job_id = await db.fetchval(
+        "INSERT INTO stoker.jobs (queue, kind, payload) VALUES ('default', 'test.needs_file', $1) "
+        "RETURNING id",
+        {"path": str(marker)},
+    )
+
+    async def state() -> str | None:
+        value: str | None = await db.fetchval(
+            "SELECT state::text FROM stoker.all_jobs WHERE id = $1", job_id
+        )
+        return value
+
+    async def failed() -> bool:
+        return await state() == "failed"
+
+    await eventually(failed)
+    marker.write_text("the operator fixed the cause")
+    headers = {"Authorization": f"Bearer {token}"}
+    url = f"http://127.0.0.1:{port}/api/v1/jobs/{job_id}/retry"
+    async with aiohttp.ClientSession(headers=headers) as http, http.post(url) as r:
+        assert r.status == 200
+        assert await r.json() == {"retried": True}
+
+    async def succeeded() -> bool:
+        return await state() == "succeeded"
+
+    await eventually(succeeded)
+    row = await db.fetchrow(
+        "SELECT attempts, result, errors FROM stoker.job_history WHERE id = $1", job_id
+    )
+    assert row is not None
+    assert (row["attempts"], row["result"]) == (1, "found")  # a retried job starts over
+    assert "FileNotFoundError" in row["errors"][0]["error"]  # the failure stays on record
