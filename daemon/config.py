@@ -100,7 +100,7 @@ class HttpConfig(_Strict):
     loop_lag_threshold: float = Field(5.0, gt=0, description="seconds blocked before /health fails")
     depth_sample_interval: float = Field(5.0, gt=0, description="queue depth sampling, seconds")
     max_requests_per_second: float = Field(
-        200.0, gt=0, description="beyond this, requests wait their turn (the job path comes first)"
+        100.0, gt=0, description="beyond this, requests wait their turn (the job path comes first)"
     )
 
 
