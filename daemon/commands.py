@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from daemon import queries
 from daemon.cli_args import STATES, UsageError
 from daemon.config import Settings
-from daemon.db import connect, redact
+from daemon.db import CONNECT_ERRORS, connect, redact
 from daemon.enqueue import enqueue
 from daemon.errors import StokerError
 from daemon.migrations import migrate
@@ -42,13 +42,7 @@ async def with_connection(
 ) -> int:
     try:
         conn = await connect(settings.database_url, application_name="stoker-cli")
-    except (
-        OSError,
-        ValueError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-        TimeoutError,
-    ) as exc:
+    except CONNECT_ERRORS as exc:
         raise StokerError(
             f"cannot connect to the database at {redact(settings.database_url)}: {exc}"
         ) from exc

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from daemon import queries
 from daemon.config import Settings
-from daemon.db import DB_ERRORS, create_pool, redact
+from daemon.db import CONNECT_ERRORS, DB_ERRORS, create_pool, redact
 from daemon.dbclock import DbClock
 from daemon.errors import StokerError
 from daemon.http import HealthState, HttpServer, build_app, loop_lag_probe, sample_database
@@ -120,13 +120,7 @@ class Runtime:
                 statement_cache_size=s.statement_cache_size,
                 application_name=f"stoker {s.worker_id}"[:63],
             )
-        except (
-            OSError,
-            ValueError,
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            TimeoutError,
-        ) as exc:
+        except CONNECT_ERRORS as exc:
             raise StartupError(
                 f"cannot connect to the database at {redact(s.database_url)}: {exc} "
                 "(check database_url / DATABASE_URL and that PostgreSQL is running)"

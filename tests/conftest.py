@@ -4,6 +4,7 @@ migrated template, and real daemon processes stopped by PID at teardown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -88,9 +89,9 @@ def template_db(server_dsn: str) -> Iterator[str]:
         run_sync(drop())
 
 
-@pytest.fixture
-def dsn(server_dsn: str, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for this test alone."""
+@contextlib.contextmanager
+def scratch_database(server_dsn: str, template: str | None = None) -> Iterator[str]:
+    """A database of its own (a copy of `template`, if given), dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
 
     async def admin(sql: str) -> None:
@@ -100,11 +101,19 @@ def dsn(server_dsn: str, template_db: str) -> Iterator[str]:
         finally:
             await conn.close()
 
-    run_sync(admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    copy = f' TEMPLATE "{template}"' if template else ""
+    run_sync(admin(f'CREATE DATABASE "{name}"{copy}'))
     try:
         yield with_database(server_dsn, name)
     finally:
         run_sync(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for this test alone."""
+    with scratch_database(server_dsn, template_db) as database:
+        yield database
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 
 import asyncpg
@@ -13,26 +12,14 @@ import pytest
 
 from daemon import migrations
 from daemon.errors import MigrationError
-from tests.conftest import REPO, run_sync, with_database
+from tests.conftest import REPO, scratch_database
 
 
 @pytest.fixture
 def empty_dsn(server_dsn: str) -> Iterator[str]:
     """A database with no Stoker schema at all."""
-    name = f"empty_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(server_dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    run_sync(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield with_database(server_dsn, name)
-    finally:
-        run_sync(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_database(server_dsn) as database:
+        yield database
 
 
 def migrate_process(dsn: str) -> subprocess.Popen[str]:
