@@ -7,10 +7,11 @@ The public API for applications and handler modules::
 
 from __future__ import annotations
 
+from daemon.config import Settings
 from daemon.context import JobContext
 from daemon.enqueue import Job, enqueue, enqueue_many
 from daemon.errors import ConfigError, PermanentJobError, RetryJob, StokerError
-from daemon.registry import REGISTRY, handler
+from daemon.registry import REGISTRY, handler, on_shutdown, on_startup
 from daemon.schedules import delete_schedule, save_schedule
 
 __all__ = [
@@ -20,10 +21,13 @@ __all__ = [
     "JobContext",
     "PermanentJobError",
     "RetryJob",
+    "Settings",
     "StokerError",
     "delete_schedule",
     "enqueue",
     "enqueue_many",
     "handler",
+    "on_shutdown",
+    "on_startup",
     "save_schedule",
 ]

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -104,6 +105,28 @@ class HttpConfig(_Strict):
     )
 
 
+class SmtpConfig(_Strict):
+    """Where email.send delivers. Without it, messages go to the outbox directory as files."""
+
+    host: str
+    port: int = Field(587, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = Field(False, description="implicit TLS (usually port 465)")
+    starttls: bool = Field(True, description="upgrade with STARTTLS when the server offers it")
+    timeout: float = Field(30.0, gt=0)
+    validate_certs: bool = True
+
+
+class EmailConfig(_Strict):
+    sender: str = Field("stoker@localhost", description="From: unless a payload sets from_")
+    templates: Path = Field(Path("deploy/templates"), description="Jinja2 templates directory")
+    outbox: Path = Field(Path(".stoker/outbox"), description=".eml files when no SMTP is set")
+    smtp: SmtpConfig | None = None
+    max_attachment_bytes: int = Field(5 * 1_048_576, ge=0)
+    message_id_domain: str = "stoker.local"
+
+
 def default_worker_id() -> str:
     """Per process and unique even when hosts share a name: host, pid and a random nonce."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -132,6 +155,7 @@ class Settings(BaseSettings):
     queues: dict[str, QueueConfig] = Field(default_factory=lambda: {"default": QueueConfig()})
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    email: EmailConfig = Field(default_factory=EmailConfig)
     leader_retry: float = Field(5.0, gt=0, le=600, description="longest single leader-lock wait")
     lease_seconds: float = Field(30.0, ge=1, le=86_400)
     rescue_interval: float = Field(5.0, gt=0, le=3600)

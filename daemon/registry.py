@@ -33,9 +33,25 @@ class Handler:
         return self.payload.model_validate(payload)
 
 
+LifecycleHook = Callable[[Any], Awaitable[None]]
+
+
 class Registry:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self.startup_hooks: list[LifecycleHook] = []
+        self.shutdown_hooks: list[LifecycleHook] = []
+
+    def on_startup(self, func: LifecycleHook) -> LifecycleHook:
+        """Run `await func(settings)` once the daemon has its configuration, before any job:
+        open long-lived resources (an SMTP connection pool, an HTTP session) here."""
+        self.startup_hooks.append(func)
+        return func
+
+    def on_shutdown(self, func: LifecycleHook) -> LifecycleHook:
+        """Run `await func(settings)` after the last job has finished: close resources here."""
+        self.shutdown_hooks.append(func)
+        return func
 
     def handler(
         self,
@@ -79,6 +95,8 @@ def _where(func: Callable[..., Any]) -> str:
 # The process-wide registry that `@daemon.handler` fills.
 REGISTRY = Registry()
 handler = REGISTRY.handler
+on_startup = REGISTRY.on_startup
+on_shutdown = REGISTRY.on_shutdown
 
 
 def import_handler_modules(modules: list[str]) -> None:

@@ -185,9 +185,16 @@ class Runtime:
                 await self.http.start()
             except OSError as exc:
                 raise StartupError(str(exc)) from exc
+        for hook in self.registry.startup_hooks:
+            await hook(s)
         try:
             await self._run_tasks(db, completer)
         finally:
+            for hook in self.registry.shutdown_hooks:
+                try:
+                    await hook(s)
+                except Exception:  # one resource failing to close must not keep others open
+                    log.exception("shutdown hook %s failed", getattr(hook, "__qualname__", hook))
             if self.http is not None:
                 await self.http.stop()
             self.notifier.close()

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from handlers import basic
+from handlers import basic, email
 
-__all__ = ["basic"]
+__all__ = ["basic", "email"]

@@ -1,0 +1,211 @@
+"""email.send with a real daemon: the file outbox, and a real SMTP server (aiosmtpd) on
+loopback that accepts, defers (4xx) or refuses (5xx)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import socket
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiosmtpd.controller import Controller
+
+from tests.conftest import REPO, DaemonFactory, eventually
+
+TEMPLATES = REPO / "deploy" / "templates"
+
+
+class Inbox:
+    """An SMTP server's behaviour, scripted by the test: each DATA answers with the next reply."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self.replies: list[str] = []
+        self.refuse_rcpt: set[str] = set()
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
+    ) -> str:
+        if address in self.refuse_rcpt:
+            return "550 5.1.1 no such mailbox here"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(
+        self, server: Any, session: Any, envelope: Any
+    ) -> str:
+        reply = self.replies.pop(0) if self.replies else "250 OK"
+        if reply.startswith("250"):
+            parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+            assert isinstance(parsed, EmailMessage)
+            self.messages.append(parsed)
+        return reply
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield inbox, port
+    finally:
+        controller.stop()
+
+
+async def finished(db: asyncpg.Connection, job_id: int) -> asyncpg.Record:
+    async def done() -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await db.fetchrow(
+            "SELECT * FROM stoker.all_jobs WHERE id = $1 AND state IN ('succeeded', 'failed')",
+            job_id,
+        )
+        return row
+
+    return await eventually(done, timeout=30)
+
+
+async def send(db: asyncpg.Connection, payload: dict[str, Any], **cols: Any) -> int:
+    job_id: int = await db.fetchval(
+        "SELECT stoker.enqueue('default', 'email.send', $1, max_attempts => $2)",
+        payload,
+        cols.get("max_attempts"),
+    )
+    return job_id
+
+
+WELCOME = {
+    "to": "bob@example.com",
+    "template": "welcome",
+    "context": {"name": "<b>Bob</b>", "shop_name": "Gear Shop", "login_url": "https://x/login"},
+}
+
+
+async def test_without_smtp_messages_land_in_the_outbox(
+    daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    outbox = tmp_path / "outbox"
+    await daemons.start(
+        f"""
+        [email]
+        templates = "{TEMPLATES}"
+        outbox = "{outbox}"
+        sender = "shop@example.com"
+        """
+    )
+    job_id = await send(db, WELCOME)
+    row = await finished(db, job_id)
+    assert row["state"] == "succeeded", row["last_error"]
+    path = outbox / f"{job_id}.eml"
+    message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    assert message["Subject"] == "Welcome to Gear Shop, <b>Bob</b>"
+    assert message["To"] == "bob@example.com"
+    assert message["From"] == "shop@example.com"
+    assert message["Message-ID"] == f"<stoker-job-{job_id}@stoker.local>"
+    text = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert text is not None and html is not None
+    assert "Hello <b>Bob</b>," in text.get_content()  # plain text stays as written
+    assert "Hello &lt;b&gt;Bob&lt;/b&gt;," in html.get_content()  # HTML is escaped
+    assert row["result"]["delivered"] == str(path)
+
+
+async def test_a_missing_template_variable_fails_clearly(
+    daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    await daemons.start(f'[email]\ntemplates = "{TEMPLATES}"\noutbox = "{tmp_path}"\n')
+    job_id = await send(db, {"to": "a@example.com", "template": "welcome", "context": {}})
+    row = await finished(db, job_id)
+    assert row["state"] == "failed"
+    assert row["attempts"] == 1
+    assert "'name' is undefined (add it to `context`)" in row["last_error"]
+
+
+def smtp_config(port: int) -> str:
+    return f"""
+    [queues.default]
+    backoff = {{ base = 0.2, jitter = 0 }}
+    [email]
+    templates = "{TEMPLATES}"
+    smtp = {{ host = "127.0.0.1", port = {port}, starttls = false }}
+    """
+
+
+async def test_smtp_delivery_retries_4xx_with_the_same_message_id(
+    daemons: DaemonFactory, db: asyncpg.Connection, smtp: tuple[Inbox, int]
+) -> None:
+    inbox, port = smtp
+    inbox.replies = ["451 4.3.0 try again later"]
+    await daemons.start(smtp_config(port))
+    job_id = await send(db, {**WELCOME, "cc": ["carol@example.com"], "bcc": "audit@example.com"})
+    row = await finished(db, job_id)
+    assert row["state"] == "succeeded", row["last_error"]
+    assert row["attempts"] == 2
+    assert "451" in row["errors"][0]["error"]
+    [message] = inbox.messages
+    assert message["Message-ID"] == f"<stoker-job-{job_id}@stoker.local>"
+    assert message["Cc"] == "carol@example.com"
+    assert "Bcc" not in message  # blind copies travel in the envelope only
+    assert row["result"]["recipients"] == 3
+
+
+async def test_smtp_5xx_fails_at_once_with_the_servers_reply(
+    daemons: DaemonFactory, db: asyncpg.Connection, smtp: tuple[Inbox, int]
+) -> None:
+    inbox, port = smtp
+    inbox.refuse_rcpt = {"nobody@example.com"}
+    await daemons.start(smtp_config(port))
+    job_id = await send(db, {"to": "nobody@example.com", "subject": "Hi", "text": "hello"})
+    row = await finished(db, job_id)
+    assert row["state"] == "failed"
+    assert row["attempts"] == 1
+    assert "550 5.1.1 no such mailbox here" in row["last_error"]
+    assert inbox.messages == []
+
+
+async def test_smtp_server_down_is_retried_until_it_is_back(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    port = free_port()
+    await daemons.start(smtp_config(port))
+    job_id = await send(db, {"to": "a@example.com", "subject": "Hi", "text": "hello"})
+
+    async def retried() -> bool:
+        errors = await db.fetchval("SELECT errors FROM stoker.all_jobs WHERE id = $1", job_id)
+        return bool(errors)
+
+    await eventually(retried)
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        row = await finished(db, job_id)
+        assert row["state"] == "succeeded", row["last_error"]
+        assert row["attempts"] >= 2
+        assert len(inbox.messages) == 1
+    finally:
+        controller.stop()
+
+
+async def test_bad_payloads_name_the_field(daemons: DaemonFactory, db: asyncpg.Connection) -> None:
+    await daemons.start(f'[email]\ntemplates = "{TEMPLATES}"\n')
+    bad = await send(db, {"to": "a@example.com", "text": "x", "headers": {"Subject": "sneaky"}})
+    row = await finished(db, bad)
+    assert row["state"] == "failed"
+    assert "headers: Value error, header 'Subject' is set by its own field" in row["last_error"]
+    nobody = await send(db, {"subject": "x", "text": "x"})
+    row = await finished(db, nobody)
+    assert "to: Field required" in row["last_error"]
