@@ -127,6 +127,51 @@ class EmailConfig(_Strict):
     message_id_domain: str = "stoker.local"
 
 
+PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class SqlTaskConfig(_Strict):
+    """A maintenance statement sql.batch runs `batch_size` rows at a time until done. The
+    statement comes only from here, never from a job payload; `:name` placeholders are bound
+    as values (`:batch_size` always exists), and payloads may override declared params only."""
+
+    statement: str = Field(min_length=1)
+    batch_size: int = Field(1000, ge=1, le=1_000_000)
+    params: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+    pause: float = Field(0.1, ge=0, le=3600, description="seconds between batches")
+    max_batches: int | None = Field(None, ge=1)
+    statement_timeout: float = Field(30.0, gt=0)
+    lock_timeout: float = Field(5.0, gt=0)
+    database_url: str | None = Field(None, description="another database; default: Stoker's")
+    description: str = ""
+
+    @field_validator("params")
+    @classmethod
+    def _param_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not PARAM_NAME.match(name) or name == "batch_size":
+                raise ValueError(f"parameter name {name!r} is not valid (a-z 0-9 _)")
+        return value
+
+
+class WebhookTarget(_Strict):
+    url: str = Field(pattern=r"^https?://")
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    headers: dict[str, SecretStr] = Field(
+        default_factory=dict, description="e.g. Authorization; from config or env, never payloads"
+    )
+    timeout: float = Field(30.0, gt=0, le=3600)
+
+
+class WebhooksConfig(_Strict):
+    """http.request: named targets, and hosts a payload URL may point at."""
+
+    targets: dict[str, WebhookTarget] = Field(default_factory=dict)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    timeout: float = Field(30.0, gt=0, le=3600)
+    max_result_bytes: int = Field(4096, ge=0, le=1_048_576)
+
+
 def default_worker_id() -> str:
     """Per process and unique even when hosts share a name: host, pid and a random nonce."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -156,6 +201,8 @@ class Settings(BaseSettings):
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
     http: HttpConfig = Field(default_factory=HttpConfig)
     email: EmailConfig = Field(default_factory=EmailConfig)
+    sql_tasks: dict[str, SqlTaskConfig] = Field(default_factory=dict)
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     leader_retry: float = Field(5.0, gt=0, le=600, description="longest single leader-lock wait")
     lease_seconds: float = Field(30.0, ge=1, le=86_400)
     rescue_interval: float = Field(5.0, gt=0, le=3600)
