@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from handlers import basic, email
+from handlers import basic, email, sql
 
-__all__ = ["basic", "email"]
+__all__ = ["basic", "email", "sql"]

@@ -1,0 +1,128 @@
+"""sql.batch: run a maintenance statement from the configuration in batches until it is done
+(expired locks, old notifications, audit log retention, anonymisation).
+
+The statement is only ever taken from `[sql_tasks.NAME]`, never from a payload; its `:name`
+placeholders become `$n` parameters bound as values. A batch that touches fewer rows than
+`batch_size` is the last one. Each job runs on a connection of its own with a statement and a
+lock timeout, so a maintenance task can neither hang nor hold locks on the application's
+tables for long."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict, Field
+
+from daemon import JobContext, PermanentJobError, Settings, handler, on_startup
+from daemon.config import SqlTaskConfig
+
+# `:name` but not the `::type` of a cast, nor inside quoted strings (see _bind).
+PLACEHOLDER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+
+_state: dict[str, Any] = {}
+
+
+class RunTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str = Field(min_length=1)
+    params: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
+
+
+def bind(statement: str, values: dict[str, Any]) -> tuple[str, list[Any]]:
+    """Turn `:name` placeholders into `$n` and the matching list of values."""
+    order: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match[1]
+        if name not in values:
+            raise PermanentJobError(
+                f"the statement uses :{name}, which is not a declared parameter "
+                f"(declare it under params, or use one of: {', '.join(sorted(values))})"
+            )
+        if name not in order:
+            order.append(name)
+        return f"${order.index(name) + 1}"
+
+    parts: list[str] = []
+    last = 0
+    for quoted in QUOTED.finditer(statement):  # leave quoted text alone
+        parts.append(PLACEHOLDER.sub(number, statement[last : quoted.start()]))
+        parts.append(quoted[0])
+        last = quoted.end()
+    parts.append(PLACEHOLDER.sub(number, statement[last:]))
+    return "".join(parts), [values[name] for name in order]
+
+
+def rows_touched(status: str) -> int:
+    """asyncpg's command tag, e.g. 'DELETE 1000' or 'INSERT 0 1000' or 'UPDATE 12'."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+@on_startup
+async def _start(settings: Settings) -> None:
+    _state["settings"] = settings
+
+
+@handler("sql.batch", payload=RunTask)
+async def run_batches(ctx: JobContext, run: RunTask) -> dict[str, Any]:
+    settings: Settings | None = _state.get("settings")
+    if settings is None:
+        raise RuntimeError("sql.batch runs only inside the daemon (its start-up sets it up)")
+    task = settings.sql_tasks.get(run.task)
+    if task is None:
+        known = ", ".join(sorted(settings.sql_tasks)) or "none configured"
+        raise PermanentJobError(f"no sql task {run.task!r} (known: {known}); see [sql_tasks]")
+    undeclared = sorted(set(run.params) - set(task.params))
+    if undeclared:
+        raise PermanentJobError(
+            f"task {run.task!r} has no parameter {', '.join(undeclared)}; a payload may only "
+            f"override declared ones: {', '.join(sorted(task.params)) or 'none'}"
+        )
+    values = {**task.params, **run.params, "batch_size": task.batch_size}
+    statement, args = bind(task.statement, values)
+    return await _run(ctx, run.task, task, statement, args, settings.database_url)
+
+
+async def _run(
+    ctx: JobContext,
+    name: str,
+    task: SqlTaskConfig,
+    statement: str,
+    args: list[Any],
+    default_dsn: str,
+) -> dict[str, Any]:
+    conn = await asyncpg.connect(
+        task.database_url or default_dsn,
+        server_settings={
+            "application_name": f"stoker sql.batch {name}"[:63],
+            "statement_timeout": str(int(task.statement_timeout * 1000)),
+            "lock_timeout": str(int(task.lock_timeout * 1000)),
+        },
+    )
+    started = time.monotonic()
+    total = batches = 0
+    try:
+        while task.max_batches is None or batches < task.max_batches:
+            try:
+                status = await conn.execute(statement, *args)
+            except asyncpg.QueryCanceledError as exc:
+                raise RuntimeError(f"batch {batches + 1} of {name!r} timed out: {exc}") from exc
+            except (asyncpg.SyntaxOrAccessError, asyncpg.DataError) as exc:
+                raise PermanentJobError(f"task {name!r}: {type(exc).__name__}: {exc}") from exc
+            touched = rows_touched(status)
+            total += touched
+            batches += 1
+            if touched < task.batch_size:
+                break
+            await asyncio.sleep(task.pause)  # let the application's own queries through
+    finally:
+        await conn.close()
+    elapsed = time.monotonic() - started
+    ctx.log.info("sql task %s: %d rows in %d batches, %.1fs", name, total, batches, elapsed)
+    return {"task": name, "rows": total, "batches": batches, "seconds": round(elapsed, 3)}

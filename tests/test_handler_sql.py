@@ -1,0 +1,113 @@
+"""sql.batch with a real daemon on a real table: batches until done, parameters bound as
+values, payload overrides only for declared parameters, clear failures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+
+from daemon.errors import PermanentJobError
+from handlers.sql import bind
+from tests.conftest import DaemonFactory, eventually
+
+AUDIT_PURGE = """
+[sql_tasks.audit_purge]
+statement = '''
+DELETE FROM audit_logs WHERE id IN (
+    SELECT id FROM audit_logs
+     WHERE created_at < now() - make_interval(days => :retention_days)
+       AND note <> 'keep: it''s :retention_days'
+     LIMIT :batch_size)
+'''
+batch_size = 1000
+pause = 0
+params = { retention_days = 30 }
+description = "audit logs older than retention_days"
+"""
+
+
+async def finished(db: asyncpg.Connection, job_id: int) -> asyncpg.Record:
+    async def done() -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await db.fetchrow(
+            "SELECT * FROM stoker.all_jobs WHERE id = $1 AND state IN ('succeeded', 'failed')",
+            job_id,
+        )
+        return row
+
+    return await eventually(done, timeout=30)
+
+
+async def run(db: asyncpg.Connection, payload: dict[str, Any]) -> asyncpg.Record:
+    job_id = await db.fetchval("SELECT stoker.enqueue('default', 'sql.batch', $1)", payload)
+    return await finished(db, job_id)
+
+
+@pytest.fixture
+async def audit_logs(db: asyncpg.Connection) -> asyncpg.Connection:
+    await db.execute(
+        """CREATE TABLE audit_logs (id serial PRIMARY KEY, created_at timestamptz NOT NULL,
+                                    note text NOT NULL DEFAULT '')"""
+    )
+    await db.execute(
+        """INSERT INTO audit_logs (created_at)
+           SELECT now() - make_interval(days => CASE WHEN i <= 2500 THEN 40 ELSE 10 END)
+             FROM generate_series(1, 3000) AS i"""
+    )
+    return db
+
+
+async def test_deletes_in_batches_until_done(
+    daemons: DaemonFactory, audit_logs: asyncpg.Connection
+) -> None:
+    await daemons.start(AUDIT_PURGE)
+    row = await run(audit_logs, {"task": "audit_purge"})
+    assert row["state"] == "succeeded", row["last_error"]
+    assert row["result"]["rows"] == 2500
+    assert row["result"]["batches"] == 3  # 1000, 1000, 500 (< batch_size: done)
+    assert await audit_logs.fetchval("SELECT count(*) FROM audit_logs") == 500
+
+
+async def test_payload_overrides_a_declared_parameter_only(
+    daemons: DaemonFactory, audit_logs: asyncpg.Connection
+) -> None:
+    await daemons.start(AUDIT_PURGE)
+    row = await run(audit_logs, {"task": "audit_purge", "params": {"retention_days": 5}})
+    assert row["state"] == "succeeded", row["last_error"]
+    assert row["result"]["rows"] == 3000
+    row = await run(audit_logs, {"task": "audit_purge", "params": {"table": "users"}})
+    assert row["state"] == "failed"
+    assert "task 'audit_purge' has no parameter table" in row["last_error"]
+
+
+async def test_unknown_task_and_broken_statement_fail_clearly(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    await daemons.start(
+        AUDIT_PURGE
+        + """
+[sql_tasks.broken]
+statement = "DELETE FROM no_such_table WHERE id < :batch_size"
+"""
+    )
+    row = await run(db, {"task": "nope"})
+    assert row["state"] == "failed"
+    assert row["last_error"] == (
+        "PermanentJobError: no sql task 'nope' (known: audit_purge, broken); see [sql_tasks]"
+    )
+    row = await run(db, {"task": "broken"})
+    assert row["state"] == "failed"
+    assert row["attempts"] == 1
+    assert 'relation "no_such_table" does not exist' in row["last_error"]
+
+
+def test_placeholders_become_parameters_and_leave_casts_and_strings_alone() -> None:
+    sql, args = bind(
+        "SELECT :a::int, ':a', \"col:a\", :b, :a WHERE x = 'it''s :b'",
+        {"a": 1, "b": "two", "batch_size": 10},
+    )
+    assert sql == "SELECT $1::int, ':a', \"col:a\", $2, $1 WHERE x = 'it''s :b'"
+    assert args == [1, "two"]
+    with pytest.raises(PermanentJobError, match="uses :c, which is not a declared parameter"):
+        bind("SELECT :c", {"batch_size": 1})
