@@ -36,9 +36,7 @@ class Inbox:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(
-        self, server: Any, session: Any, envelope: Any
-    ) -> str:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         reply = self.replies.pop(0) if self.replies else "250 OK"
         if reply.startswith("250"):
             parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
