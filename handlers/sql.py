@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -108,9 +109,17 @@ async def _run(
     started = time.monotonic()
     total = batches = 0
     try:
+        try:
+            prepared = await conn.prepare(statement)
+        except (asyncpg.SyntaxOrAccessError, asyncpg.DataError) as exc:
+            raise PermanentJobError(f"task {name!r}: {type(exc).__name__}: {exc}") from exc
+        args = [
+            _coerce(name, v, t.name) for v, t in zip(args, prepared.get_parameters(), strict=True)
+        ]
         while task.max_batches is None or batches < task.max_batches:
             try:
-                status = await conn.execute(statement, *args)
+                await prepared.fetch(*args)
+                status = prepared.get_statusmsg()
             except asyncpg.QueryCanceledError as exc:
                 raise RuntimeError(f"batch {batches + 1} of {name!r} timed out: {exc}") from exc
             except (asyncpg.SyntaxOrAccessError, asyncpg.DataError) as exc:
@@ -126,3 +135,25 @@ async def _run(
     elapsed = time.monotonic() - started
     ctx.log.info("sql task %s: %d rows in %d batches, %.1fs", name, total, batches, elapsed)
     return {"task": name, "rows": total, "batches": batches, "seconds": round(elapsed, 3)}
+
+
+INTEGERS = {"int2", "int4", "int8", "oid"}
+FLOATS = {"float4", "float8"}
+
+
+def _coerce(task: str, value: Any, type_name: str) -> Any:
+    """Values from the environment arrive as text: give PostgreSQL the type it asked for."""
+    if not isinstance(value, str):
+        return value
+    try:
+        if type_name in INTEGERS:
+            return int(value)
+        if type_name in FLOATS or type_name == "numeric":
+            return float(value) if type_name in FLOATS else Decimal(value)
+        if type_name == "bool":
+            return value.strip().lower() in ("1", "true", "yes", "on")
+    except (ValueError, ArithmeticError) as exc:
+        raise PermanentJobError(
+            f"task {task!r}: parameter value {value!r} is not a valid {type_name}"
+        ) from exc
+    return value

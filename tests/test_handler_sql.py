@@ -111,3 +111,13 @@ def test_placeholders_become_parameters_and_leave_casts_and_strings_alone() -> N
     assert args == [1, "two"]
     with pytest.raises(PermanentJobError, match="uses :c, which is not a declared parameter"):
         bind("SELECT :c", {"batch_size": 1})
+
+
+async def test_a_parameter_from_the_environment_is_bound_with_the_right_type(
+    daemons: DaemonFactory, audit_logs: asyncpg.Connection
+) -> None:
+    # Environment values are text; the statement wants an integer number of days.
+    await daemons.start(AUDIT_PURGE, STOKER_SQL_TASKS__AUDIT_PURGE__PARAMS__RETENTION_DAYS="5")
+    row = await run(audit_logs, {"task": "audit_purge"})
+    assert row["state"] == "succeeded", row["last_error"]
+    assert row["result"]["rows"] == 3000
