@@ -52,8 +52,8 @@ async def audit_logs(db: asyncpg.Connection) -> asyncpg.Connection:
     )
     await db.execute(
         """INSERT INTO audit_logs (created_at)
-           SELECT now() - make_interval(days => CASE WHEN i <= 2500 THEN 40 ELSE 10 END)
-             FROM generate_series(1, 3000) AS i"""
+           SELECT now() - make_interval(days => CASE WHEN i <= 25000 THEN 40 ELSE 10 END)
+             FROM generate_series(1, 25500) AS i"""
     )
     return db
 
@@ -64,21 +64,26 @@ async def test_deletes_in_batches_until_done(
     await daemons.start(AUDIT_PURGE)
     row = await run(audit_logs, {"task": "audit_purge"})
     assert row["state"] == "succeeded", row["last_error"]
-    assert row["result"]["rows"] == 2500
-    assert row["result"]["batches"] == 3  # 1000, 1000, 500 (< batch_size: done)
-    assert await audit_logs.fetchval("SELECT count(*) FROM audit_logs") == 500
+    assert row["result"]["rows"] == 25000
+    assert row["result"]["batches"] == 26  # 25 full batches, then one that finds nothing
+    assert await audit_logs.fetchval("SELECT count(*) FROM audit_logs") == 500  # unexpired
 
 
 async def test_payload_overrides_a_declared_parameter_only(
     daemons: DaemonFactory, audit_logs: asyncpg.Connection
 ) -> None:
     await daemons.start(AUDIT_PURGE)
-    row = await run(audit_logs, {"task": "audit_purge", "params": {"retention_days": 5}})
-    assert row["state"] == "succeeded", row["last_error"]
-    assert row["result"]["rows"] == 3000
     row = await run(audit_logs, {"task": "audit_purge", "params": {"table": "users"}})
     assert row["state"] == "failed"
     assert "task 'audit_purge' has no parameter table" in row["last_error"]
+    sneaky = {"task": "audit_purge", "statement": "DROP TABLE audit_logs"}
+    row = await run(audit_logs, sneaky)
+    assert row["state"] == "failed"
+    assert "statement: Extra inputs are not permitted" in row["last_error"]
+    assert await audit_logs.fetchval("SELECT count(*) FROM audit_logs") == 25500  # ran nothing
+    row = await run(audit_logs, {"task": "audit_purge", "params": {"retention_days": 5}})
+    assert row["state"] == "succeeded", row["last_error"]
+    assert row["result"]["rows"] == 25500
 
 
 async def test_unknown_task_and_broken_statement_fail_clearly(
@@ -120,4 +125,4 @@ async def test_a_parameter_from_the_environment_is_bound_with_the_right_type(
     await daemons.start(AUDIT_PURGE, STOKER_SQL_TASKS__AUDIT_PURGE__PARAMS__RETENTION_DAYS="5")
     row = await run(audit_logs, {"task": "audit_purge"})
     assert row["state"] == "succeeded", row["last_error"]
-    assert row["result"]["rows"] == 3000
+    assert row["result"]["rows"] == 25500
