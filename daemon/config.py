@@ -116,6 +116,7 @@ class SmtpConfig(_Strict):
     starttls: bool = Field(True, description="upgrade with STARTTLS when the server offers it")
     timeout: float = Field(30.0, gt=0)
     validate_certs: bool = True
+    ca_file: Path | None = Field(None, description="trust this CA (e.g. a self-signed server)")
 
 
 class EmailConfig(_Strict):

@@ -207,6 +207,7 @@ class Mailer:
             start_tls=None if cfg.starttls and not cfg.tls else False,
             timeout=cfg.timeout,
             validate_certs=cfg.validate_certs,
+            cert_bundle=str(cfg.ca_file) if cfg.ca_file else None,
         )
         await smtp.connect()
         return smtp
