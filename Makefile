@@ -37,6 +37,9 @@ run: install
 	@if [ -n "$$DATABASE_URL" ]; then dsn="$$DATABASE_URL"; \
 	else $(MAKE) --no-print-directory postgres-binaries || exit 1; \
 		dsn=$$($(BIN)/python -m daemon.pgcluster start $(DEV_PG)) || exit 1; \
+		DATABASE_URL="$$dsn" $(BIN)/stoker --config deploy/stoker.toml migrate >/dev/null || exit 1; \
+		$(BIN)/python -m daemon.pgcluster load "$$dsn" deploy/demo.sql || exit 1; \
+		echo "demo tables and jobs loaded (deploy/demo.sql); emails go to .stoker/outbox/"; \
 		echo "PostgreSQL (dev cluster in $(DEV_PG)): psql $$dsn"; \
 		echo "try: psql $$dsn -c \"SELECT stoker.enqueue('default', 'log', '{\\\"message\\\": \\\"hello\\\"}')\""; \
 		echo "     export DATABASE_URL=$$dsn; .venv/bin/stoker status"; \

@@ -226,10 +226,32 @@ def ensure_database(dsn: str, name: str) -> str:
     return dsn.rsplit("/", 1)[0] + f"/{name}"
 
 
+def load_sql(dsn: str, path: Path) -> None:
+    """Run a file of SQL statements (the development demo data) in one transaction."""
+    import asyncio
+
+    import asyncpg
+
+    sql = path.read_text(encoding="utf-8")
+
+    async def run() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 3 and args[0] == "load":
+        load_sql(args[1], Path(args[2]))
+        return 0
     if len(args) != 2 or args[0] not in {"start", "stop"}:
-        print("usage: python -m daemon.pgcluster start|stop DIR", file=sys.stderr)
+        print("usage: python -m daemon.pgcluster start|stop DIR | load DSN FILE", file=sys.stderr)
         return 2
     cluster = Cluster(Path(args[1]).resolve())
     try:

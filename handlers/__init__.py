@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from handlers import basic, email, sql
+from handlers import basic, email, examples, sql
 
-__all__ = ["basic", "email", "sql"]
+__all__ = ["basic", "email", "examples", "sql"]
