@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from handlers import basic, email, examples, sql
+from handlers import basic, email, examples, http, sql
 
-__all__ = ["basic", "email", "examples", "sql"]
+__all__ = ["basic", "email", "examples", "http", "sql"]

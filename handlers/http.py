@@ -1,0 +1,295 @@
+"""http.request: call a webhook, a named [webhooks.targets.NAME] (whose headers, such as
+Authorization, come from configuration or the environment) or a payload URL whose host is in
+webhooks.allowed_hosts. 2xx succeeds; 429/5xx retry (after Retry-After if sent); connection
+errors and timeouts retry with backoff; anything else, redirects included, fails at once.
+Configured header values are sent, but redacted from any response text the job keeps."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+
+import aiohttp
+from multidict import CIMultiDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from yarl import URL
+
+from daemon import (
+    JobContext,
+    PermanentJobError,
+    RetryJob,
+    Settings,
+    handler,
+    on_shutdown,
+    on_startup,
+)
+from daemon.config import WebhooksConfig
+
+log = logging.getLogger("stoker.http")
+
+# Credentials belong in configuration; framing belongs to the client (a payload that sets
+# Host could reach a virtual host the allowlist does not name).
+CREDENTIAL_HEADERS = {"authorization", "cookie", "proxy-authorization"}
+CLIENT_HEADERS = {"host", "content-length", "transfer-encoding"}
+MAX_RETRY_AFTER = 86_400.0
+EXCERPT_CHARS = 200
+
+
+class WebhookError(Exception):
+    """A transient failure: the queue's backoff decides when to try again."""
+
+
+class HttpRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: str | None = Field(None, min_length=1)
+    url: str | None = None
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: Any = Field(None, alias="json")  # `json` would shadow BaseModel.json
+    timeout: float | None = Field(None, gt=0, le=3600)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            url = URL(value)
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if url.user is not None or url.password is not None:
+            raise ValueError("must not carry credentials: configure a [webhooks.targets.NAME]")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if name.lower() in CREDENTIAL_HEADERS:
+                raise ValueError(
+                    f"header {name!r} may not come from a payload: put credentials in "
+                    "[webhooks.targets.NAME] headers (configuration or environment)"
+                )
+            if name.lower() in CLIENT_HEADERS:
+                raise ValueError(f"header {name!r} is set by the HTTP client, not by payloads")
+            if any(c in name + text for c in "\r\n\x00"):
+                raise ValueError(f"header {name!r} contains a line break or NUL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> HttpRequest:
+        if (self.target is None) == (self.url is None):
+            raise ValueError(
+                "give exactly one of `target` (a [webhooks.targets.NAME]) or `url` "
+                "(whose host is in webhooks.allowed_hosts)"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Call:
+    """A request resolved against the configuration, ready to send."""
+
+    method: str
+    url: str
+    where: str  # the target's name or the URL's host: what logs and errors may show
+    headers: CIMultiDict[str]
+    timeout: float
+    secrets: tuple[str, ...]
+
+
+class Webhooks:
+    """One per daemon: the configuration and one pooled aiohttp session."""
+
+    def __init__(self, config: WebhooksConfig) -> None:
+        self.config = config
+        self.session = aiohttp.ClientSession(
+            # One session serves every target: cookies from one must never reach another.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=config.timeout),
+            headers={"User-Agent": "stoker-http.request"},
+        )
+
+    def resolve(self, req: HttpRequest) -> Call:
+        headers: CIMultiDict[str] = CIMultiDict(req.headers)
+        if req.target is not None:
+            target = self.config.targets.get(req.target)
+            if target is None:
+                known = ", ".join(sorted(self.config.targets)) or "none"
+                raise PermanentJobError(
+                    f"target: {req.target!r} is not configured (known: {known}); "
+                    f"add [webhooks.targets.{req.target}] or fix the name"
+                )
+            secrets = {name: value.get_secret_value() for name, value in target.headers.items()}
+            for name in req.headers:
+                if name in CIMultiDict(secrets):
+                    raise PermanentJobError(
+                        f"headers: {name!r} is set by [webhooks.targets.{req.target}] and "
+                        "a payload may not override it"
+                    )
+            headers.update(secrets)
+            where, cap = f"target {req.target}", target.timeout
+            url, method, redact = target.url, target.method, _redactable([*secrets.values()])
+        else:
+            assert req.url is not None  # the model guarantees exactly one of target and url
+            host = (URL(req.url).host or "").lower()
+            if host not in {allowed.lower() for allowed in self.config.allowed_hosts}:
+                raise PermanentJobError(
+                    f"url: host {host} is not in webhooks.allowed_hosts; add it there, "
+                    "or configure a [webhooks.targets.NAME] for this endpoint"
+                )
+            url, method, where, cap, redact = req.url, "POST", host, self.config.timeout, ()
+        timeout = min(req.timeout or cap, cap)
+        return Call(req.method or method, url, where, headers, timeout, redact)
+
+    async def send(self, ctx: JobContext, call: Call, body: bytes | None) -> dict[str, Any]:
+        headers = CIMultiDict({"Idempotency-Key": f"stoker-job-{ctx.id}"})
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        headers.update(call.headers)
+        status: int | str = "error"
+        started = time.monotonic()
+        try:
+            async with self.session.request(
+                call.method,
+                call.url,
+                headers=headers,
+                data=body,
+                timeout=aiohttp.ClientTimeout(total=call.timeout),
+                allow_redirects=False,  # a redirect could lead off the allowlist
+            ) as resp:
+                status = resp.status
+                text = await self._read(resp, call.secrets)
+                return self._outcome(call, resp, text)
+        except TimeoutError as exc:
+            status = "timeout"
+            raise WebhookError(
+                f"{call.method} {call.where}: no response within {call.timeout:g}s"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            status = type(exc).__name__
+            # A target URL may itself be a credential (chat webhooks): show its name instead.
+            message = _redact(str(exc).replace(call.url, call.where), call.secrets)
+            raise WebhookError(f"{call.method} {call.where}: {message}") from exc
+        finally:
+            elapsed = (time.monotonic() - started) * 1000
+            ctx.log.info(
+                "http.request %s %s -> %s in %.0f ms", call.method, call.where, status, elapsed
+            )
+
+    async def _read(self, resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> str:
+        # Only a prefix is kept, so only a prefix is read: a huge response costs no memory.
+        # The extra bytes let a secret straddling the cut still be recognised and redacted.
+        want = max(self.config.max_result_bytes, EXCERPT_CHARS * 4)
+        want += max((len(s.encode()) for s in secrets), default=0)
+        data = bytearray()
+        while len(data) < want:
+            chunk = await resp.content.read(want - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return _redact(_decode(bytes(data), resp.charset), secrets)
+
+    def _outcome(self, call: Call, resp: aiohttp.ClientResponse, text: str) -> dict[str, Any]:
+        status = resp.status
+        excerpt = " ".join(text[:EXCERPT_CHARS].split())
+        what = f"HTTP {status} from {call.method} {call.where}"
+        if 200 <= status < 300:
+            limit = self.config.max_result_bytes
+            return {"status": status, "body": text.encode()[:limit].decode(errors="ignore")}
+        if status == 429 or status >= 500:
+            delay = retry_after(resp.headers.get("Retry-After"))
+            if delay is not None:
+                raise RetryJob(f"{what} (Retry-After {delay:g}s): {excerpt}", delay=delay)
+            raise WebhookError(f"{what}: {excerpt}")
+        if 300 <= status < 400:
+            location = resp.headers.get("Location", "(no Location)")
+            location = _redact(location, call.secrets)[:EXCERPT_CHARS]
+            raise PermanentJobError(
+                f"{what}: redirect to {location} not followed, since it could leave "
+                "webhooks.allowed_hosts; point the target or url at the final address"
+            )
+        raise PermanentJobError(f"{what}: {excerpt}")
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), within a day;
+    None when absent or unreadable, so the queue's backoff applies."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _decode(data: bytes, charset: str | None) -> str:
+    try:
+        decoder = codecs.getincrementaldecoder(charset or "utf-8")(errors="replace")
+    except LookupError:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # final=False drops a character cut in half by the prefix; PostgreSQL refuses NUL in jsonb.
+    return decoder.decode(data, final=False).replace("\x00", "\ufffd")
+
+
+def _redactable(values: list[str]) -> tuple[str, ...]:
+    found = set(values)
+    # Servers that echo credentials may echo only the token of "Bearer <token>".
+    found.update(value.rsplit(" ", 1)[-1] for value in values)
+    return tuple(sorted((s for s in found if len(s) >= 4), key=len, reverse=True))
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "[redacted]")
+    return text
+
+
+# The daemon's one Webhooks, made at start-up (handlers get no constructor arguments).
+_state: dict[str, Webhooks] = {}
+
+
+@on_startup
+async def _start(settings: Settings) -> None:
+    _state["webhooks"] = Webhooks(settings.webhooks)
+    log.info("http.request: %d webhook target(s) configured", len(settings.webhooks.targets))
+
+
+@on_shutdown
+async def _stop(settings: Settings) -> None:
+    webhooks = _state.pop("webhooks", None)
+    if webhooks is not None:
+        await webhooks.close()
+
+
+@handler("http.request", payload=HttpRequest)
+async def http_request(ctx: JobContext, req: HttpRequest) -> dict[str, Any]:
+    webhooks = _state.get("webhooks")
+    if webhooks is None:
+        raise RuntimeError("http.request runs only inside the daemon (its start-up sets it up)")
+    call = webhooks.resolve(req)
+    # A body given as `"json": null` is sent as null; an absent one sends no body at all.
+    body = json.dumps(req.body).encode() if "body" in req.model_fields_set else None
+    return await webhooks.send(ctx, call, body)
+
+
+__all__ = ["HttpRequest", "Webhooks", "http_request", "retry_after"]
