@@ -27,6 +27,7 @@ class Inbox:
 
     def __init__(self) -> None:
         self.messages: list[EmailMessage] = []
+        self.attempted_ids: list[str] = []  # Message-ID of every DATA, accepted or not
         self.replies: list[str] = []
         self.refuse_rcpt: set[str] = set()
 
@@ -40,9 +41,10 @@ class Inbox:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         reply = self.replies.pop(0) if self.replies else "250 OK"
+        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        self.attempted_ids.append(str(parsed["Message-ID"]))
         if reply.startswith("250"):
-            parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
-            assert isinstance(parsed, EmailMessage)
             self.messages.append(parsed)
         return reply
 
@@ -159,7 +161,14 @@ async def test_smtp_delivery_retries_4xx_with_the_same_message_id(
         "(451, 4.3.0 still busy)",
     ] or all("451" in e["error"] for e in row["errors"])
     [message] = inbox.messages  # the two refused deliveries left nothing behind
-    assert message["Message-ID"] == f"<stoker-job-{job_id}@stoker.local>"
+    expected_id = f"<stoker-job-{job_id}@stoker.local>"
+    assert inbox.attempted_ids == [expected_id] * 3  # every retry re-sent the same id
+    assert message["Message-ID"] == expected_id
+    assert message["Subject"] == "Welcome to Gear Shop, <b>Bob</b>"
+    assert message["To"] == "bob@example.com"
+    text, html = message.get_body(("plain",)), message.get_body(("html",))
+    assert text is not None and "Sign in here: https://x/login" in text.get_content()
+    assert html is not None and '<a href="https://x/login">Sign in</a>' in html.get_content()
     assert message["Cc"] == "carol@example.com"
     assert "Bcc" not in message  # blind copies travel in the envelope only
     assert row["result"]["recipients"] == 3
