@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEV_PG := .stoker/pg
 
-.PHONY: install run test test-tools lint format db-start db-stop bench postgres-binaries clean
+.PHONY: install run test test-tools lint format db-start db-stop bench bench-peers postgres-binaries clean
 
 install: $(STAMP)
 
@@ -70,6 +70,11 @@ test: install postgres-binaries test-tools lint
 
 bench: install postgres-binaries
 	$(BIN)/python -m bench.throughput --http-load
+
+# The peers go into the bench environment only: never a dependency in pyproject.toml.
+bench-peers: install postgres-binaries
+	$(BIN)/pip install --quiet --disable-pip-version-check "pgqueuer==1.6.*" "procrastinate==3.10.*"
+	$(BIN)/python -m bench.peers
 
 clean:
 	-$(BIN)/python -m daemon.pgcluster stop $(DEV_PG)
