@@ -6,6 +6,7 @@ Precedence, highest first: environment (`DATABASE_URL`, `STOKER_...`, `__` for n
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -83,6 +84,11 @@ class ScheduleConfig(_Strict):
     @model_validator(mode="after")
     def _valid_cron(self) -> ScheduleConfig:
         CronSpec(self.cron, self.timezone)  # raises ValueError naming the expression or zone
+        for field in ("payload", "meta"):
+            try:
+                json.dumps(getattr(self, field), allow_nan=False)
+            except ValueError as exc:
+                raise ValueError(f"{field} is not valid JSON for PostgreSQL: {exc}") from None
         if not QUEUE_NAME.match(self.queue):
             raise ValueError(f"queue {self.queue!r} is not a valid queue name")
         return self

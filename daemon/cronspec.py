@@ -45,6 +45,8 @@ class CronSpec:
         object.__setattr__(self, "zone", parse_zone(self.timezone))
         try:
             croniter(self.expr, datetime(2026, 1, 1), second_at_beginning=self.seconds)
+            # Parses is not enough: "0 0 30 2 *" (30 February) never fires.
+            self.next_after(datetime(2026, 1, 1, tzinfo=UTC))
         except (CroniterError, ValueError, KeyError) as exc:
             raise ValueError(f"invalid cron expression {self.expr!r}: {exc}") from None
 
@@ -113,21 +115,27 @@ class CronSpec:
         return shift if close_before != close_later else None
 
     def latest_ticks(self, after: datetime, upto: datetime, limit: int) -> list[datetime]:
-        """Up to `limit` most recent ticks in (after, upto], oldest first (for catch-up)."""
-        found: list[datetime] = []
+        """Up to `limit` most recent ticks in (after, upto], oldest first (for catch-up).
+
+        Walks wall times backwards. Near a clock change, wall order and instant order differ
+        (the first pass of a repeated hour has later wall times than the start of the second),
+        so the walk starts and stops a clock change's width beyond the window."""
+        shift = self._shift_near(upto) or self._shift_near(after) or timedelta(0)
+        floor = self._wall(after) - shift
         it = croniter(
             self.expr,
-            self._wall(upto) + timedelta(seconds=1),
+            self._wall(upto) + shift + timedelta(seconds=1),
             second_at_beginning=self.seconds,
             is_prev=True,
         )
-        for _ in range(limit * 3 + 10):
+        found: set[datetime] = set()
+        for _ in range(100_000):
             wall = it.get_prev(datetime)
-            for instant in sorted(self.instants(wall), reverse=True):
-                if instant <= after:
-                    return sorted(found)
-                if instant <= upto and instant not in found:
-                    found.append(instant)
-                    if len(found) == limit:
-                        return sorted(found)
-        return sorted(found)
+            if wall < floor:
+                break
+            found.update(i for i in self.instants(wall) if after < i <= upto)
+            if len(found) >= limit:
+                nth = sorted(found)[-limit]
+                if wall < self._wall(nth) - shift - timedelta(seconds=1):
+                    break
+        return sorted(found)[-limit:] if limit else []

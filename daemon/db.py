@@ -58,13 +58,19 @@ async def create_pool(
 
 
 async def connect(
-    dsn: str, *, application_name: str, statement_cache_size: int = 100, connect_timeout: float = 10
+    dsn: str,
+    *,
+    application_name: str,
+    statement_cache_size: int = 100,
+    connect_timeout: float = 10,
+    command_timeout: float | None = None,
 ) -> asyncpg.Connection:
     """A connection of its own (LISTEN, advisory locks): never borrowed from the pool, because
     the pool resets connections with UNLISTEN * and pg_advisory_unlock_all()."""
     conn: asyncpg.Connection = await asyncpg.connect(
         dsn,
         timeout=connect_timeout,
+        command_timeout=command_timeout,
         statement_cache_size=statement_cache_size,
         server_settings={**SERVER_SETTINGS, "application_name": application_name},
     )

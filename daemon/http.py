@@ -35,7 +35,7 @@ class HealthState:
     """What the probes look at. The runtime fills it; the probes only read it."""
 
     db: asyncpg.Pool | None = None
-    listener_up: Callable[[], bool] = lambda: True
+    listener_up: Callable[[], bool] = lambda: False  # not ready until the runtime wires it
     draining: Callable[[], bool] = lambda: False
     migrations_current: bool = True
     last_beat: float = field(default_factory=time.monotonic)
@@ -101,7 +101,9 @@ async def _probe_database(state: HealthState) -> str | None:
         state.db_error = "no database pool"
     else:
         try:
-            await state.db.fetchval("SELECT 1", timeout=DB_CHECK_TIMEOUT)
+            # Bounds the wait for a pool connection too, not only the query.
+            async with asyncio.timeout(DB_CHECK_TIMEOUT):
+                await state.db.fetchval("SELECT 1")
             state.db_error = None
         except DB_ERRORS as exc:
             state.db_error = f"{type(exc).__name__}: {exc}".strip() or type(exc).__name__
@@ -169,7 +171,8 @@ def build_app(
     async def governed(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        await governor.wait_turn()
+        if request.path != "/health":  # liveness is never throttled
+            await governor.wait_turn()
         return await handler(request)
 
     app.router.add_get("/health", health)

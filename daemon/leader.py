@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from daemon.db import CONNECT_ERRORS, DB_ERRORS, connect, redact
+from daemon.db import COMMAND_TIMEOUT, CONNECT_ERRORS, DB_ERRORS, connect, redact
 from daemon.waiting import wait_any
 
 log = logging.getLogger("stoker.leader")
@@ -45,7 +45,11 @@ class Leader:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await connect(
-                    self._dsn, application_name=f"stoker-leader {self._worker_id}"[:63]
+                    self._dsn,
+                    application_name=f"stoker-leader {self._worker_id}"[:63],
+                    # A fire stuck on a half-open socket must fail, so that leadership is
+                    # given up instead of held by a process that can no longer fire.
+                    command_timeout=COMMAND_TIMEOUT,
                 )
                 lost = asyncio.Event()
                 conn.add_termination_listener(_lost(lost, self))
@@ -105,8 +109,9 @@ class Leader:
             if self._stopping.is_set() or lost.is_set():
                 return
             try:
-                async with self.lock:
-                    await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=self._retry)
+                async with asyncio.timeout(COMMAND_TIMEOUT + self._retry):
+                    async with self.lock:
+                        await conn.fetchval("SELECT 1", timeout=self._retry)
             except DB_ERRORS:
                 return
 

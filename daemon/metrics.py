@@ -80,10 +80,10 @@ class Metrics:
         return kind if kind in self.kinds else OTHER
 
     def job_ended(self, queue: str, kind: str, outcome: str, duration: float) -> None:
-        key = (queue, kind, outcome)
+        q, k = self.queue_label(queue), self.kind_label(kind)
+        key = (q, k, outcome)  # bounded like the labels: unknown kinds share "(other)"
         children = self._children.get(key)
         if children is None:
-            q, k = self.queue_label(queue), self.kind_label(kind)
             children = (self.completed.labels(q, k, outcome), self.duration.labels(q, k))
             self._children[key] = children
         children[0].inc()

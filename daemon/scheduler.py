@@ -46,6 +46,7 @@ class Scheduler:
         # metric label -> (fired, skipped, last tick epoch); db schedules share one label.
         self.stats: dict[str, tuple[int, int, float | None]] = {}
         self.schedules: dict[str, Schedule] = {}
+        self.broken: dict[str, str] = {}  # name -> why it is set aside
 
     def schedules_changed(self) -> None:
         self._changed.set()
@@ -80,21 +81,39 @@ class Scheduler:
                     await self._reload(conn, cursors)
             now = self._now()
             for name, schedule in self.schedules.items():
-                if not schedule.enabled:
+                if not schedule.enabled or name in self.broken:
                     continue
-                due = schedule.due_ticks(cursors[name], now)
-                for i, tick in enumerate(due):
-                    if not self._leader.is_leader:
-                        return
-                    async with self._leader.lock:
-                        result = await fire(conn, schedule, tick, first_of_batch=i == 0)
-                    self._count(schedule, tick, result)
-                    if result == "skipped":
-                        cursors[name] = due[-1]  # the previous run still goes: skip the batch
-                        break
-                    # Older missed ticks than those due_ticks chose are passed over for good.
-                    cursors[name] = tick
+                try:
+                    await self._fire_due(conn, schedule, cursors, now)
+                except (ValueError, asyncpg.DataError) as exc:
+                    # One bad schedule must not stop the others, nor the daemon: set it aside
+                    # until it is changed (a reload clears the mark).
+                    self.broken[name] = str(exc)
+                    log.error("schedule %s is set aside until it is changed: %s", name, exc)
+                if not self._leader.is_leader:
+                    return
             await self._sleep_until_next(cursors)
+
+    async def _fire_due(
+        self,
+        conn: asyncpg.Connection,
+        schedule: Schedule,
+        cursors: dict[str, datetime],
+        now: datetime,
+    ) -> None:
+        name = schedule.name
+        due = schedule.due_ticks(cursors[name], now)
+        for i, tick in enumerate(due):
+            if not self._leader.is_leader:
+                return
+            async with self._leader.lock:
+                result = await fire(conn, schedule, tick, first_of_batch=i == 0)
+            self._count(schedule, tick, result)
+            if result == "skipped":
+                cursors[name] = due[-1]  # the previous run still goes: skip the batch
+                return
+            # Older missed ticks than those due_ticks chose are passed over for good.
+            cursors[name] = tick
 
     async def _reload(self, conn: asyncpg.Connection, cursors: dict[str, datetime]) -> None:
         schedules = await load_schedules(conn, self._configured)
@@ -120,6 +139,9 @@ class Scheduler:
                 )
         for name in set(cursors) - set(schedules):
             del cursors[name]
+        for name in list(self.broken):
+            if schedules.get(name) != self.schedules.get(name):
+                del self.broken[name]  # changed: give it another chance
         self.schedules = schedules
         log.info(
             "leading %d schedules (%d enabled)",
@@ -157,7 +179,7 @@ class Scheduler:
         upcoming = [
             s.spec.next_after(max(cursors[n], now - timedelta(seconds=1)))
             for n, s in self.schedules.items()
-            if s.enabled
+            if s.enabled and n not in self.broken
         ]
         delay = MAX_SLEEP
         if upcoming:

@@ -260,11 +260,20 @@ async def status(
                 "last_duration_s": duration,
                 "fired": st["fired"] if st else 0,
                 "skipped": st["skipped"] if st else 0,
-                "next_tick": sched.spec.next_after(now) if sched.enabled else None,
+                "next_tick": _next(sched, now),
                 "description": sched.description,
             }
         )
     return rows
+
+
+def _next(schedule: Schedule, now: datetime) -> datetime | None:
+    if not schedule.enabled:
+        return None
+    try:
+        return schedule.spec.next_after(now)
+    except ValueError:
+        return None  # a schedule that never fires; the leader's log names it
 
 
 async def save_schedule(

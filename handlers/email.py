@@ -13,6 +13,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
@@ -28,6 +29,13 @@ log = logging.getLogger("stoker.email")
 
 # Headers a payload may not set: they are the message's identity and routing.
 RESERVED_HEADERS = {"from", "to", "cc", "bcc", "subject", "message-id", "date", "reply-to"}
+HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # RFC 5322: printable, no colon, no space
+
+
+def _one_line(value: str, field: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"{field} contains a line break")
+    return value
 
 
 class Attachment(BaseModel):
@@ -57,10 +65,22 @@ class SendEmail(BaseModel):
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("to", "cc", "bcc")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return [_one_line(address, "an address") for address in value]
+
+    @field_validator("from_", "reply_to", "subject")
+    @classmethod
+    def _single_line(cls, value: str | None) -> str | None:
+        return None if value is None else _one_line(value, "the value")
+
     @field_validator("headers")
     @classmethod
     def _no_reserved(cls, value: dict[str, str]) -> dict[str, str]:
         for name, text in value.items():
+            if not HEADER_NAME.match(name):
+                raise ValueError(f"header name {name!r} is not valid (no spaces, no colon)")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by its own field, not by headers")
             if "\n" in name or "\r" in name or "\n" in text or "\r" in text:
@@ -159,7 +179,10 @@ class Mailer:
     async def deliver(self, job_id: int, message: EmailMessage, recipients: list[str]) -> str:
         if self.config.smtp is None:
             return await asyncio.to_thread(self._to_outbox, job_id, message)
-        await self._send(message, recipients)
+        refused = await self._send(message, recipients)
+        if refused:
+            log.warning("message %s: some recipients refused: %s", message["Message-ID"], refused)
+            return f"sent; refused: {refused}"
         return "sent"
 
     def _to_outbox(self, job_id: int, message: EmailMessage) -> str:
@@ -171,10 +194,11 @@ class Mailer:
         os.replace(partial, path)  # a reader never sees half a message
         return str(path)
 
-    async def _send(self, message: EmailMessage, recipients: list[str]) -> None:
+    async def _send(self, message: EmailMessage, recipients: list[str]) -> str | None:
+        """Deliver; return the replies of recipients refused for good, if only some were."""
         smtp = await self._acquire()
         try:
-            await smtp.send_message(message, recipients=recipients)
+            refused, _ = await smtp.send_message(message, recipients=recipients)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             self._release(smtp)
             replies = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
@@ -190,6 +214,13 @@ class Mailer:
             self._discard(smtp)
             raise
         self._release(smtp)
+        if refused:  # some recipients were accepted, some not
+            replies = "; ".join(f"{rcpt}: {r.code} {r.message}" for rcpt, r in refused.items())
+            if any(r.code < 500 for r in refused.values()):
+                # Sent again to everyone; the stable Message-ID lets receivers drop repeats.
+                raise ConnectionError(f"some recipients deferred: {replies}")
+            return replies
+        return None
 
     async def _acquire(self) -> aiosmtplib.SMTP:
         while self._idle:
@@ -254,7 +285,10 @@ async def send_email(ctx: JobContext, mail: SendEmail) -> dict[str, Any]:
     mailer = _state.get("mailer")
     if mailer is None:
         raise RuntimeError("email.send runs only inside the daemon (its start-up sets it up)")
-    message = mailer.compose(ctx.id, mail)
+    try:
+        message = mailer.compose(ctx.id, mail)
+    except ValueError as exc:  # the email library refused a value: retrying cannot help
+        raise PermanentJobError(f"cannot compose the message: {exc}") from exc
     where = await mailer.deliver(ctx.id, message, [*mail.to, *mail.cc, *mail.bcc])
     ctx.log.info("email %s to %s: %s", message["Message-ID"], ", ".join(mail.to), where)
     return {

@@ -244,8 +244,11 @@ def retry_after(value: str | None) -> float | None:
 
 def _decode(data: bytes, charset: str | None) -> str:
     try:
-        decoder = codecs.getincrementaldecoder(charset or "utf-8")(errors="replace")
-    except LookupError:
+        info = codecs.lookup(charset or "utf-8")
+        if not info._is_text_encoding:  # hex, base64, zlib...: not a charset at all
+            raise LookupError(charset)
+        decoder = info.incrementaldecoder(errors="replace")
+    except (LookupError, TypeError):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     # final=False drops a character cut in half by the prefix; PostgreSQL refuses NUL in jsonb.
     return decoder.decode(data, final=False).replace("\x00", "\ufffd")

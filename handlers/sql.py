@@ -21,9 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from daemon import JobContext, PermanentJobError, Settings, handler, on_startup
 from daemon.config import SqlTaskConfig
 
-# `:name` but not the `::type` of a cast, nor inside quoted strings (see _bind).
+# `:name` but not the `::type` of a cast, nor inside what is not SQL code (see bind).
 PLACEHOLDER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
-QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+NOT_CODE = re.compile(
+    r"--[^\n]*"  # line comment
+    r"|/\*.*?\*/"  # block comment
+    r"|\$([A-Za-z_]\w*|)\$.*?\$\1\$"  # dollar-quoted string
+    r"|[Ee]'(?:[^'\\]|\\.|'')*'"  # E'' string with backslash escapes
+    r"|'(?:[^']|'')*'"  # string
+    r"|\"(?:[^\"]|\"\")*\"",  # quoted identifier
+    re.DOTALL,
+)
 
 _state: dict[str, Any] = {}
 
@@ -51,7 +59,7 @@ def bind(statement: str, values: dict[str, Any]) -> tuple[str, list[Any]]:
 
     parts: list[str] = []
     last = 0
-    for quoted in QUOTED.finditer(statement):  # leave quoted text alone
+    for quoted in NOT_CODE.finditer(statement):  # leave strings and comments alone
         parts.append(PLACEHOLDER.sub(number, statement[last : quoted.start()]))
         parts.append(quoted[0])
         last = quoted.end()
@@ -113,9 +121,13 @@ async def _run(
             prepared = await conn.prepare(statement)
         except (asyncpg.SyntaxOrAccessError, asyncpg.DataError) as exc:
             raise PermanentJobError(f"task {name!r}: {type(exc).__name__}: {exc}") from exc
-        args = [
-            _coerce(name, v, t.name) for v, t in zip(args, prepared.get_parameters(), strict=True)
-        ]
+        types = prepared.get_parameters()
+        if len(types) != len(args):
+            raise PermanentJobError(
+                f"task {name!r}: the statement has {len(types)} parameters but {len(args)} "
+                "placeholders were bound; write parameters only as :name"
+            )
+        args = [_coerce(name, v, t.name) for v, t in zip(args, types, strict=True)]
         while task.max_batches is None or batches < task.max_batches:
             try:
                 await prepared.fetch(*args)

@@ -361,3 +361,25 @@ async def test_schedules_add_and_remove_from_the_command_line(
     gone = stoker_cli(dsn, "schedules", "remove", "stock-check")
     assert gone.returncode == 0, gone.stderr
     assert await db.fetchval("SELECT count(*) FROM stoker.schedules") == 0
+
+
+async def test_a_schedule_postgres_refuses_is_set_aside_and_the_others_fire(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    daemon = await daemons.start(
+        """
+        leader_retry = 1
+        [schedules.bad]
+        cron = "* * * * * *"
+        kind = "noop"
+        payload = { text = "nul \\u0000 byte" }
+        [schedules.control]
+        cron = "* * * * * *"
+        kind = "noop"
+        overlap = "allow"
+        """
+    )
+    await eventually(lambda: fired_control(db), timeout=15)
+    assert await fired_ticks(db, "bad") == []
+    assert "schedule bad is set aside until it is changed" in daemon.log()
+    assert daemon.proc.poll() is None

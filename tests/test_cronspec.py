@@ -85,3 +85,23 @@ def test_latest_ticks_for_catch_up() -> None:
 def test_invalid_expressions_are_named(expr: str, zone: str, message: str) -> None:
     with pytest.raises(ValueError, match="^" + message.replace("*", r"\*")):
         CronSpec(expr, zone)
+
+
+def test_latest_ticks_around_the_repeated_hour() -> None:
+    # Catching up inside or after the fall-back hour must not miss its first occurrences.
+    daily = CronSpec("30 1 * * *", "America/New_York")
+    assert daily.latest_ticks(utc(2026, 11, 1, 5, 2), utc(2026, 11, 1, 6, 2), 1) == [
+        utc(2026, 11, 1, 5, 30)
+    ]
+    quarterly = CronSpec("*/15 * * * *", "America/New_York")
+    assert quarterly.latest_ticks(utc(2026, 11, 1, 5, 0), utc(2026, 11, 1, 6, 2), 10) == [
+        utc(2026, 11, 1, 5, 15),
+        utc(2026, 11, 1, 5, 30),
+        utc(2026, 11, 1, 5, 45),
+        utc(2026, 11, 1, 6, 0),
+    ]
+
+
+def test_an_expression_that_never_fires_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^invalid cron expression '0 0 30 2 \*'"):
+        CronSpec("0 0 30 2 *")

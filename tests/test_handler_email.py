@@ -222,6 +222,20 @@ async def test_bad_payloads_name_the_field(daemons: DaemonFactory, db: asyncpg.C
     nobody = await send(db, {"subject": "x", "text": "x"})
     row = await finished(db, nobody)
     assert "to: Field required" in row["last_error"]
+    for sneaky, message in (
+        (
+            {"to": "a@example.com", "subject": "hi\nBcc: x@evil.example", "text": "x"},
+            "subject: Value error, the value contains a line break",
+        ),
+        (
+            {"to": "a@example.com", "subject": "hi", "text": "x", "headers": {"From ": "x@evil"}},
+            "header name 'From ' is not valid",
+        ),
+    ):
+        row = await finished(db, await send(db, sneaky))
+        assert row["state"] == "failed"
+        assert row["attempts"] == 1
+        assert message in row["last_error"]
 
 
 async def test_starttls_with_a_self_signed_certificate_the_config_trusts(

@@ -126,3 +126,12 @@ async def test_a_parameter_from_the_environment_is_bound_with_the_right_type(
     row = await run(audit_logs, {"task": "audit_purge"})
     assert row["state"] == "succeeded", row["last_error"]
     assert row["result"]["rows"] == 25500
+
+
+def test_placeholders_in_comments_and_dollar_quotes_are_left_alone() -> None:
+    sql, args = bind(
+        "SELECT :a -- :b\n, $$ :b $$, $t$ :b $t$, E'it\\'s :b', /* :b */ :a::int",
+        {"a": 1, "b": 2, "batch_size": 10},
+    )
+    assert sql == "SELECT $1 -- :b\n, $$ :b $$, $t$ :b $t$, E'it\\'s :b', /* :b */ $1::int"
+    assert args == [1]
