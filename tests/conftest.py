@@ -140,6 +140,19 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+async def finished(db: asyncpg.Connection, job_id: int, timeout: float = 30) -> asyncpg.Record:
+    """Wait until the job has succeeded or failed; return its row (live or in history)."""
+
+    async def done() -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await db.fetchrow(
+            "SELECT * FROM stoker.all_jobs WHERE id = $1 AND state IN ('succeeded', 'failed')",
+            job_id,
+        )
+        return row
+
+    return await eventually(done, timeout)
+
+
 @dataclass
 class DaemonProcess:
     proc: subprocess.Popen[bytes]

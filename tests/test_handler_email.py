@@ -17,7 +17,7 @@ import pytest
 import trustme
 from aiosmtpd.controller import Controller
 
-from tests.conftest import REPO, DaemonFactory, eventually
+from tests.conftest import REPO, DaemonFactory, eventually, finished
 
 TEMPLATES = REPO / "deploy" / "templates"
 
@@ -66,17 +66,6 @@ def smtp() -> Iterator[tuple[Inbox, int]]:
         yield inbox, port
     finally:
         controller.stop()
-
-
-async def finished(db: asyncpg.Connection, job_id: int) -> asyncpg.Record:
-    async def done() -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await db.fetchrow(
-            "SELECT * FROM stoker.all_jobs WHERE id = $1 AND state IN ('succeeded', 'failed')",
-            job_id,
-        )
-        return row
-
-    return await eventually(done, timeout=30)
 
 
 async def send(db: asyncpg.Connection, payload: dict[str, Any], **cols: Any) -> int:

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from handlers.http import retry_after
-from tests.conftest import DaemonFactory, DaemonProcess, eventually
+from tests.conftest import DaemonFactory, DaemonProcess, finished
 
 # Until handlers/__init__.py imports handlers.http, the daemon loads it as a handler module.
 MODULES = '["tests.job_handlers", "handlers.http"]'
@@ -115,17 +115,6 @@ async def call(db: asyncpg.Connection, payload: dict[str, Any], max_attempts: in
         max_attempts,
     )
     return job_id
-
-
-async def finished(db: asyncpg.Connection, job_id: int) -> asyncpg.Record:
-    async def done() -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await db.fetchrow(
-            "SELECT * FROM stoker.all_jobs WHERE id = $1 AND state IN ('succeeded', 'failed')",
-            job_id,
-        )
-        return row
-
-    return await eventually(done, timeout=30)
 
 
 def row_text(row: asyncpg.Record) -> str:

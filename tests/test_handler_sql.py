@@ -10,7 +10,7 @@ import pytest
 
 from daemon.errors import PermanentJobError
 from handlers.sql import bind
-from tests.conftest import DaemonFactory, eventually
+from tests.conftest import DaemonFactory, finished
 
 AUDIT_PURGE = """
 [sql_tasks.audit_purge]
@@ -26,17 +26,6 @@ pause = 0
 params = { retention_days = 30 }
 description = "audit logs older than retention_days"
 """
-
-
-async def finished(db: asyncpg.Connection, job_id: int) -> asyncpg.Record:
-    async def done() -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await db.fetchrow(
-            "SELECT * FROM stoker.all_jobs WHERE id = $1 AND state IN ('succeeded', 'failed')",
-            job_id,
-        )
-        return row
-
-    return await eventually(done, timeout=30)
 
 
 async def run(db: asyncpg.Connection, payload: dict[str, Any]) -> asyncpg.Record:
