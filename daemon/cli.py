@@ -18,6 +18,7 @@ from daemon.commands import (
     cmd_jobs_retry,
     cmd_jobs_show,
     cmd_migrate,
+    cmd_pause,
     cmd_run,
     cmd_schedules,
     cmd_status,
@@ -38,6 +39,8 @@ def dispatch(settings: Settings, args: argparse.Namespace) -> int:
         work = cmd_enqueue(args)
     elif args.command == "status":
         work = cmd_status
+    elif args.command in ("pause", "resume"):
+        work = cmd_pause(args.queue, paused=args.command == "pause")
     elif args.command == "schedules":
         work = cmd_schedules(settings, args)
     elif args.command == "trigger":

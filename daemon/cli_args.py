@@ -152,6 +152,12 @@ def build_parser() -> Parser:
     cancel.add_argument("id", type=job_id)
 
     sub.add_parser("status", help="jobs per queue and state, oldest due job's age")
+    for verb, text in (
+        ("pause", "stop every daemon claiming from a queue"),
+        ("resume", "let daemons claim from a paused queue again"),
+    ):
+        cmd = sub.add_parser(verb, help=text)
+        cmd.add_argument("queue", type=queue_name)
 
     sched = sub.add_parser("schedules", help="list cron schedules; add or remove user schedules")
     sched.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -194,7 +194,17 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> Callable[[asyncpg.Connection], 
     return work
 
 
+def cmd_pause(queue: str, *, paused: bool) -> Callable[[asyncpg.Connection], Awaitable[int]]:
+    async def work(conn: asyncpg.Connection) -> int:
+        await conn.execute(queries.SET_PAUSED, queue, paused)
+        print(f"queue {queue} {'paused: no daemon claims from it' if paused else 'resumed'}")
+        return 0
+
+    return work
+
+
 async def cmd_status(conn: asyncpg.Connection) -> int:
+    paused = {r["name"] for r in await conn.fetch(queries.PAUSED_QUEUES)}
     rows = await conn.fetch(queries.QUEUE_STATUS)
     queues: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -202,8 +212,14 @@ async def cmd_status(conn: asyncpg.Connection) -> int:
         entry[r["state"]] = r["jobs"]
         if r["oldest_due_s"] is not None:
             entry["oldest"] = float(r["oldest_due_s"])
+    for name in paused:
+        queues.setdefault(name, {s: 0 for s in STATES} | {"oldest": None})
     table = [
-        [q, *(v[s] for s in STATES), "-" if v["oldest"] is None else f"{v['oldest']:.1f}s"]
+        [
+            f"{q} (paused)" if q in paused else q,
+            *(v[s] for s in STATES),
+            "-" if v["oldest"] is None else f"{v['oldest']:.1f}s",
+        ]
         for q, v in sorted(queues.items())
     ]
     print(_table(["QUEUE", *(s.upper() for s in STATES), "OLDEST DUE"], table))

@@ -229,3 +229,18 @@ def test_bad_environment_values_are_named_and_secrets_are_not_printed(dsn: str) 
     )
     assert "hunter2" not in out.stderr
     assert "Traceback" not in out.stderr
+
+
+async def test_pause_and_resume_a_queue(db: asyncpg.Connection, dsn: str) -> None:
+    await daemon.enqueue(db, queue="email-default", kind="noop")
+    out = stoker_cli(dsn, "pause", "email-default")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "queue email-default paused: no daemon claims from it"
+    assert await db.fetch(queries.CLAIM, "email-default", 10, "w", 30.0) == []
+    status = stoker_cli(dsn, "status").stdout.splitlines()
+    assert status[1].split()[:3] == ["email-default", "(paused)", "1"]
+    assert stoker_cli(dsn, "resume", "email-default").returncode == 0
+    assert len(await db.fetch(queries.CLAIM, "email-default", 10, "w", 30.0)) == 1
+    bad = stoker_cli(dsn, "pause", "no spaces")
+    assert bad.returncode == 2
+    assert "is not a valid queue name" in bad.stderr
