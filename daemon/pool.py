@@ -70,6 +70,7 @@ class QueuePool:
         stopping: asyncio.Event,
         clock: DbClock,
         metrics: Metrics | None = None,
+        adaptive_notify: bool = True,
     ) -> None:
         self.name = name
         self.config = config
@@ -81,6 +82,8 @@ class QueuePool:
         self._stopping = stopping
         self._clock = clock
         self._metrics = metrics
+        self._adaptive = adaptive_notify
+        self._waiting_since: float | None = None  # when this pool last said it waits
         # Keyed by (job id, attempt): if a lease was lost and this pool claims the same job
         # again, both attempts count against the limit until each ends.
         self.running: dict[tuple[int, int], asyncio.Task[None]] = {}
@@ -139,9 +142,38 @@ class QueuePool:
             failures = 0
             for job in jobs:
                 self._start(job)
-            if len(jobs) == want:
-                continue  # there may be more: claim again as soon as slots allow
+            try:
+                if len(jobs) == want:
+                    if self._waiting_since is not None:
+                        await self._set_waiting(False)  # busy: it claims without wake-ups
+                    continue  # there may be more: claim again as soon as slots allow
+                if self._adaptive and self._waiting_stale():
+                    # Say we wait *before* the last look, so that an insert committed after
+                    # that look finds us registered and sends its NOTIFY.
+                    first_time = self._waiting_since is None
+                    await self._set_waiting(True)
+                    if first_time:
+                        continue
+            except DB_ERRORS as exc:
+                log.warning("queue %s: cannot update its waiting mark (%s)", self.name, exc)
             await self._idle(claimed_nothing=not jobs)
+
+    def _waiting_stale(self) -> bool:
+        since = self._waiting_since
+        return since is None or time.monotonic() - since > self.config.poll_interval
+
+    async def _set_waiting(self, waiting: bool) -> None:
+        if waiting:
+            await self._db.execute(
+                queries.REGISTER_WAITING,
+                self.name,
+                self._worker_id,
+                self.config.poll_interval * 3,
+            )
+            self._waiting_since = time.monotonic()
+        else:
+            self._waiting_since = None
+            await self._db.execute(queries.UNREGISTER_WAITING, self.name, self._worker_id)
 
     @property
     def _claim_floor(self) -> int:

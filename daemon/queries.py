@@ -41,6 +41,17 @@ RETURNING j.id, j.kind, j.payload, j.meta, j.attempts, j.max_attempts, j.run_at,
           j.created_at, j.started_at
 """
 
+# An idle pool says it waits (so inserts NOTIFY it), and stops saying so when busy.
+REGISTER_WAITING = """
+INSERT INTO stoker.waiting (queue, worker, expires_at)
+VALUES ($1, $2, now() + make_interval(secs => $3))
+ON CONFLICT (queue, worker) DO UPDATE SET expires_at = excluded.expires_at
+"""
+
+UNREGISTER_WAITING = "DELETE FROM stoker.waiting WHERE queue = $1 AND worker = $2"
+
+UNREGISTER_WORKER = "DELETE FROM stoker.waiting WHERE worker = $1"
+
 # The earliest future run_at of a queue: how long an idle pool may sleep.
 NEXT_DUE = """
 SELECT min(run_at) FROM stoker.jobs WHERE queue = $1 AND state = 'queued' AND run_at > now()

@@ -174,6 +174,7 @@ class Runtime:
                 stopping=self.stopping,
                 clock=self.clock,
                 metrics=self.metrics,
+                adaptive_notify=not s.poll_only,
             )
         await self.clock.sync(db)
         self._wire_metrics(db, completer)
@@ -309,6 +310,7 @@ class Runtime:
             with contextlib.suppress(*DB_ERRORS):
                 # Jobs handed back are due now: let other daemons know.
                 await db.execute(queries.NOTIFY_QUEUES, list(self.pools))
+                await db.execute(queries.UNREGISTER_WORKER, s.worker_id)
             self.finished.set()
             await asyncio.gather(*background)
 

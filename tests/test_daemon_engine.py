@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from typing import Any
 
@@ -447,3 +448,69 @@ async def test_leases_are_renewed_while_draining_after_sigterm(
     assert await draining.wait_exit() == 0
     row = await finished(db, job_id)
     assert (row["state"], row["attempts"], row["errors"]) == ("succeeded", 1, [])
+
+
+async def test_no_lost_wake_up_at_the_idle_busy_boundary(
+    daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
+) -> None:
+    # Inserts only NOTIFY a daemon that said it waits. Hammer the moment a pool goes from busy
+    # to idle: with a 60 s poll interval, any lost wake-up would show as a job that waited.
+    await daemons.start(
+        """
+        [queues.default]
+        concurrency = 4
+        batch_size = 4
+        poll_interval = 60
+        """
+    )
+    producer = await asyncpg.connect(dsn)
+    try:
+        ids = []
+        for burst in range(40):
+            for _ in range(1 + burst % 7):  # bursts of 1-7 jobs, 0-9 ms apart
+                ids.append(await producer.fetchval("SELECT stoker.enqueue('default', 'noop')"))
+            await asyncio.sleep((burst % 10) / 1000)  # vary the gap across the boundary
+
+        async def all_done() -> bool:
+            done: int = await db.fetchval(
+                "SELECT count(*) FROM stoker.job_history WHERE id = ANY($1)", ids
+            )
+            return done == len(ids)
+
+        await eventually(all_done, timeout=30)
+    finally:
+        await producer.close()
+    waits = await db.fetch(
+        "SELECT extract(epoch FROM started_at - created_at) AS wait FROM stoker.job_history"
+    )
+    slowest = max(float(r["wait"]) for r in waits)
+    assert slowest < 5, f"a job waited {slowest:.2f}s: a wake-up was lost"
+
+
+async def test_a_busy_daemon_is_not_notified_and_an_idle_one_is(
+    daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
+) -> None:
+    await daemons.start(QUIET)
+    first = await insert(db, "noop")
+    await finished(db, first)
+
+    async def registered() -> bool:
+        n: int = await db.fetchval("SELECT count(*) FROM stoker.waiting WHERE queue = 'default'")
+        return n == 1
+
+    await eventually(registered)  # idle: it said it waits, so inserts wake it
+    listener = await asyncpg.connect(dsn)
+    received: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("stoker_jobs", lambda *a: received.put_nowait(a[3]))
+    try:
+        await db.execute("DELETE FROM stoker.waiting")  # as if every daemon were busy
+        await insert(db, "noop", queue="nobody-waits")
+        await insert(db, "noop", queue="default")
+        await db.execute(
+            "INSERT INTO stoker.waiting VALUES ('default', 'x', now() + interval '1 minute')"
+        )
+        await insert(db, "noop", queue="default")
+        assert await asyncio.wait_for(received.get(), timeout=10) == "default"
+        assert received.empty()  # the first two inserts sent nothing
+    finally:
+        await listener.close()

@@ -70,8 +70,17 @@ async def test_enqueue_many_inserts_in_one_statement_and_skips_held_keys(
     assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 101
 
 
-async def listen(dsn: str) -> tuple[asyncpg.Connection, asyncio.Queue[str]]:
+async def listen(
+    dsn: str, waiting_queues: list[str]
+) -> tuple[asyncpg.Connection, asyncio.Queue[str]]:
+    """Listen as a daemon does, registered as waiting on `waiting_queues` (inserts only NOTIFY
+    queues that an idle daemon waits for)."""
     conn = await asyncpg.connect(dsn)
+    await conn.execute(
+        "INSERT INTO stoker.waiting SELECT q, 'test', now() + interval '1 hour' "
+        "FROM unnest($1::text[]) AS q",
+        waiting_queues,
+    )
     received: asyncio.Queue[str] = asyncio.Queue()
     await conn.add_listener("stoker_jobs", lambda *args: received.put_nowait(args[3]))
     return conn, received
@@ -80,7 +89,7 @@ async def listen(dsn: str) -> tuple[asyncpg.Connection, asyncio.Queue[str]]:
 async def test_rolled_back_enqueue_leaves_no_job_and_wakes_nobody(
     db: asyncpg.Connection, dsn: str
 ) -> None:
-    listener, received = await listen(dsn)
+    listener, received = await listen(dsn, ["rolled-back", "committed"])
     try:
         tx = db.transaction()
         await tx.start()
@@ -99,7 +108,7 @@ async def test_rolled_back_enqueue_leaves_no_job_and_wakes_nobody(
 async def test_one_notify_per_queue_per_statement_and_delayed_jobs_carry_their_time(
     db: asyncpg.Connection, dsn: str
 ) -> None:
-    listener, received = await listen(dsn)
+    listener, received = await listen(dsn, ["a", "b", "later", "end"])
     try:
         await db.execute(
             """INSERT INTO stoker.jobs (queue, kind)
