@@ -69,7 +69,7 @@ test: install postgres-binaries test-tools lint
 	$(BIN)/pytest
 
 bench: install postgres-binaries
-	$(BIN)/python -m bench.throughput --http-load
+	$(BIN)/python -m bench.throughput --http-load --producers
 
 # The peers go into the bench environment only: never a dependency in pyproject.toml.
 bench-peers: install postgres-binaries

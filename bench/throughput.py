@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -31,7 +32,7 @@ import asyncpg
 from daemon import Job, enqueue_many
 from daemon.db import init_connection
 from daemon.migrations import migrate
-from daemon.pgcluster import Cluster, free_port
+from daemon.pgcluster import Cluster, find_bindir, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = """
@@ -202,6 +203,76 @@ async def latency_once(admin_dsn: str, samples: int) -> list[float]:
             await conn.close()
 
 
+PLAIN_INSERT = (
+    "INSERT INTO plain_jobs (id, queue, kind) "
+    "VALUES (nextval('stoker.jobs_id_seq'), 'default', 'noop');\n"
+)
+ENQUEUE = "SELECT stoker.enqueue('default', 'noop');\n"
+
+
+def pgbench_tps(dsn: str, script: str, seconds: int, clients: int = 8) -> float:
+    """Transactions a second of `clients` pgbench producers running `script`, one per commit."""
+    parts = urlsplit(dsn)
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as fh:
+        fh.write(script)
+    try:
+        out = subprocess.run(
+            [
+                str(find_bindir() / "pgbench"),
+                "-n",
+                "-c",
+                str(clients),
+                "-j",
+                "2",
+                "-T",
+                str(seconds),
+                "-f",
+                fh.name,
+                "-h",
+                parts.hostname or "127.0.0.1",
+                "-p",
+                str(parts.port or 5432),
+                "-U",
+                parts.username or "postgres",
+                parts.path.lstrip("/"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
+        )
+    finally:
+        os.unlink(fh.name)
+    for line in out.stdout.splitlines():
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    raise RuntimeError(f"pgbench printed no tps:\n{out.stdout}\n{out.stderr}")
+
+
+async def producers_once(admin_dsn: str, seconds: int) -> tuple[float, float]:
+    """The NOTIFY tax: eight producers inserting one job per transaction into a table without
+    a trigger, then through stoker.enqueue while a daemon is busy draining a backlog."""
+    async with fresh_database(admin_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE plain_jobs (LIKE stoker.jobs INCLUDING DEFAULTS)")
+            await conn.execute("ALTER TABLE plain_jobs ADD PRIMARY KEY (id)")
+            await conn.execute("CHECKPOINT")
+            plain = await asyncio.to_thread(pgbench_tps, dsn, PLAIN_INSERT, seconds)
+            for _ in range(40):  # a backlog the daemon is still draining when producers stop
+                await enqueue_many(conn, [Job("default", "noop")] * 5000)
+            await conn.execute("VACUUM ANALYZE stoker.jobs")
+            await conn.execute("CHECKPOINT")
+            async with daemon(dsn, 200, 100, free_port()):
+                busy = await asyncio.to_thread(pgbench_tps, dsn, ENQUEUE, seconds)
+                left = await conn.fetchval("SELECT count(*) FROM stoker.jobs")
+                if not left:
+                    print("warning: the daemon ran out of backlog before the producers stopped")
+            return plain, busy
+        finally:
+            await conn.close()
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -218,6 +289,11 @@ async def main_async(args: argparse.Namespace) -> None:
                     await drain_once(admin_dsn, args.jobs, args.concurrency, args.batch_size, load)
                 )
         latencies = await latency_once(admin_dsn, args.samples)
+        producers = (
+            [await producers_once(admin_dsn, args.producer_seconds) for _ in range(args.runs)]
+            if args.producers
+            else []
+        )
     finally:
         if cluster is not None:
             cluster.stop()
@@ -239,6 +315,15 @@ async def main_async(args: argparse.Namespace) -> None:
         f"{f'p50 {pct(latencies, 50):.2f} ms  p95 {pct(latencies, 95):.2f} ms':<36} "
         f"p99 {pct(latencies, 99):.2f} ms over {len(latencies)} jobs inserted one at a time"
     )
+    if producers:
+        plain = statistics.median(p for p, _ in producers)
+        busy = statistics.median(b for _, b in producers)
+        print(
+            f"{'producers':<10} {'stoker':<8} "
+            f"{f'{busy:,.0f} tx/s vs {plain:,.0f} plain ({busy / plain:.0%})':<36} "
+            f"{args.runs} runs; 8 pgbench clients, one enqueue per transaction, daemon busy, "
+            "vs the same INSERT into a table with no trigger"
+        )
 
 
 def main() -> None:
@@ -253,6 +338,12 @@ def main() -> None:
         action="store_true",
         help="also drain while /metrics and /ready are scraped (50/s, and 50 clients flat out)",
     )
+    parser.add_argument(
+        "--producers",
+        action="store_true",
+        help="also measure the NOTIFY tax on producers (pgbench) while a daemon is busy",
+    )
+    parser.add_argument("--producer-seconds", type=int, default=8)
     asyncio.run(main_async(parser.parse_args()))
 
 
