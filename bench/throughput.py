@@ -203,9 +203,7 @@ async def latency_once(admin_dsn: str, samples: int) -> list[float]:
             await conn.close()
 
 
-PLAIN_INSERT = (
-    "INSERT INTO plain_jobs (queue, kind) VALUES ('default', 'noop');\n"
-)
+PLAIN_INSERT = "INSERT INTO plain_jobs (queue, kind) VALUES ('default', 'noop');\n"
 ENQUEUE = "SELECT stoker.enqueue('default', 'noop');\n"
 
 
