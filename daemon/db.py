@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -91,3 +93,12 @@ def redact(dsn: str) -> str:
 def as_json_text(value: Any) -> str:
     """JSON for a jsonb parameter; NaN and Infinity are refused (PostgreSQL has no such JSON)."""
     return json.dumps(value, default=str, separators=(",", ":"), allow_nan=False)
+
+
+async def close_quietly(conn: asyncpg.Connection) -> None:
+    """Close a dedicated connection that may already be dead, without raising."""
+    try:
+        await asyncio.wait_for(conn.close(), timeout=2)
+    except Exception:  # a dead connection may fail to close in many ways
+        with contextlib.suppress(Exception):
+            conn.terminate()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from daemon.db import COMMAND_TIMEOUT, CONNECT_ERRORS, DB_ERRORS, connect, redact
+from daemon.db import COMMAND_TIMEOUT, CONNECT_ERRORS, DB_ERRORS, close_quietly, connect, redact
 from daemon.waiting import wait_any
 
 log = logging.getLogger("stoker.leader")
@@ -64,7 +64,7 @@ class Leader:
                 self._set(False)
                 self.conn = None
                 if conn is not None:
-                    await _close(conn)
+                    await close_quietly(conn)
                 if was and self._stopping.is_set():
                     log.info("gave up leadership (shutting down)")
             await wait_any(self._stopping, seconds=self._retry)
@@ -128,11 +128,3 @@ def _lost(event: asyncio.Event, leader: Leader) -> Callable[[object], None]:
         leader._set(False)  # stop firing the moment the connection is known gone
 
     return on_lost
-
-
-async def _close(conn: asyncpg.Connection) -> None:
-    try:
-        await asyncio.wait_for(conn.close(), timeout=2)
-    except Exception:  # a dead connection may fail to close in many ways
-        with contextlib.suppress(Exception):
-            conn.terminate()

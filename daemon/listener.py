@@ -4,13 +4,13 @@ connections, and wakes every pool after a reconnect (notifications sent meanwhil
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 import asyncpg
 
-from daemon.db import CONNECT_ERRORS, DB_ERRORS, connect, redact
+from daemon.db import CONNECT_ERRORS, DB_ERRORS, close_quietly, connect, redact
+from daemon.waiting import wait_any
 
 log = logging.getLogger("stoker.listener")
 
@@ -98,40 +98,24 @@ class Listener:
             finally:
                 self.connected = False
                 if conn is not None:
-                    await _close_quietly(conn)
+                    await close_quietly(conn)
             if self._stopping.is_set():
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+            await wait_any(self._stopping, seconds=delay)
             delay = min(delay * 2, 5.0)
 
     async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         """Return when the connection is lost, fails a probe, or the daemon stops."""
-        stop = asyncio.ensure_future(self._stopping.wait())
-        gone = asyncio.ensure_future(lost.wait())
-        try:
-            while True:
-                done, _ = await asyncio.wait(
-                    {stop, gone}, timeout=self._probe_interval, return_when=asyncio.FIRST_COMPLETED
-                )
-                if done:
-                    return
-                try:
-                    await asyncio.wait_for(conn.fetchval("SELECT 1"), timeout=5)
-                except DB_ERRORS:
-                    log.warning("listener probe failed: connection is half-open or gone")
-                    return
-        finally:
-            stop.cancel()
-            gone.cancel()
+        while True:
+            await wait_any(self._stopping, lost, seconds=self._probe_interval)
+            if self._stopping.is_set() or lost.is_set():
+                return
+            try:
+                await conn.fetchval("SELECT 1", timeout=5)
+            except DB_ERRORS:
+                log.warning("listener probe failed: connection is half-open or gone")
+                return
 
 
 def _setter(event: asyncio.Event) -> Callable[[object], None]:
     return lambda _conn: event.set()
-
-
-async def _close_quietly(conn: asyncpg.Connection) -> None:
-    try:
-        await asyncio.wait_for(conn.close(), timeout=2)
-    except Exception:  # a dead connection may fail to close in many ways
-        conn.terminate()

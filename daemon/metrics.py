@@ -72,6 +72,7 @@ class Metrics:
         )
         self.registry.register(_StateCollector(self.snapshot))
         self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+        self._wait_children: dict[str, Histogram] = {}
 
     def queue_label(self, queue: str) -> str:
         return queue if queue in self.queues else OTHER
@@ -91,7 +92,10 @@ class Metrics:
             children[1].observe(duration)
 
     def job_started(self, queue: str, wait: float) -> None:
-        self.wait.labels(self.queue_label(queue)).observe(max(0.0, wait))
+        child = self._wait_children.get(queue)
+        if child is None:  # resolved once per queue, not per job
+            child = self._wait_children[queue] = self.wait.labels(self.queue_label(queue))
+        child.observe(max(0.0, wait))
 
 
 class _StateCollector(Collector):
