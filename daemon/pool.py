@@ -32,6 +32,9 @@ log = logging.getLogger("stoker.pool")
 GATHER_WINDOW = 0.005
 # Shortest sleep of an idle pool between timer-driven claims that found nothing.
 MIN_IDLE = 0.01
+# Longest: a due job the claim keeps missing (a row someone holds locked) is looked for again
+# with doubling pauses up to this, a few claims a second rather than a hundred.
+MAX_IDLE_FLOOR = 1.0
 # Longest retry delay (a year): beyond it timestamps overflow, and nobody means it.
 MAX_RETRY_DELAY = 365 * 86_400.0
 
@@ -92,6 +95,7 @@ class QueuePool:
         self._hint_due: float | None = None
         self._slot_freed = asyncio.Event()
         self._handing_back = False
+        self._out_of_reach = 0  # empty claims in a row while a due job was waiting
         self.claimed_total = 0
 
     # -- wake-ups -----------------------------------------------------------------------------
@@ -212,14 +216,23 @@ class QueuePool:
         now = self._clock.now()
         deadline = now + self.config.poll_interval
         # After an empty claim, a timer wake-up waits at least a moment, so that a job whose
-        # run_at is a hair away (or clocks that disagree) cannot make the pool spin.
+        # run_at is a hair away, or due but held by another worker's claim, or clocks that
+        # disagree, cannot make the pool spin.
         floor = now + MIN_IDLE if claimed_nothing else now
         try:
             next_due = await self._db.fetchval(queries.NEXT_DUE, self.name)
         except DB_ERRORS:
             next_due = None
         if next_due is not None:
-            deadline = min(deadline, next_due.timestamp())
+            due = next_due.timestamp()
+            if claimed_nothing and due <= now:
+                # Due, yet the claim did not get it: another worker's claim holds it, or a
+                # transaction has it locked. Look again soon, but less often each time.
+                self._out_of_reach = min(self._out_of_reach + 1, 8)
+                floor = now + min(MAX_IDLE_FLOOR, MIN_IDLE * 2 ** (self._out_of_reach - 1))
+            else:
+                self._out_of_reach = 0
+            deadline = min(deadline, due)
         while not self._stopping.is_set():
             if self._hint_due is not None:
                 deadline = min(deadline, self._hint_due)

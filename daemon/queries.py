@@ -52,9 +52,13 @@ UNREGISTER_WAITING = "DELETE FROM stoker.waiting WHERE queue = $1 AND worker = $
 
 UNREGISTER_WORKER = "DELETE FROM stoker.waiting WHERE worker = $1"
 
-# The earliest future run_at of a queue: how long an idle pool may sleep.
+# The earliest run_at of a queue's waiting jobs: how long an idle pool may sleep. Past ones
+# count too: a job can fall due between an empty claim and this query (clocks are never exactly
+# in step), and leaving it out would let the pool sleep a whole poll interval past it.
 NEXT_DUE = """
-SELECT min(run_at) FROM stoker.jobs WHERE queue = $1 AND state = 'queued' AND run_at > now()
+SELECT min(run_at) FROM stoker.jobs
+ WHERE queue = $1 AND state = 'queued'
+   AND NOT EXISTS (SELECT 1 FROM stoker.queues q WHERE q.name = $1 AND q.paused)
 """
 
 # Renews leases without ever waiting for a row lock: a row locked right now is being completed

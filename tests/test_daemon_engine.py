@@ -333,6 +333,39 @@ async def test_delayed_job_runs_at_run_at_not_before(
     assert late < 1.0, f"ran {late:.3f}s after its run_at"
 
 
+async def test_a_due_job_locked_when_it_fell_due_still_runs_without_waiting_a_poll_interval(
+    daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
+) -> None:
+    # The pool wakes at run_at but its claim skips the row (locked elsewhere). With a 60 s
+    # poll interval, only looking again for jobs already due gets it run once the lock goes;
+    # the same path catches a job that falls due between an empty claim and the next look.
+    await daemons.start(QUIET)
+    job_id = await db.fetchval(
+        "SELECT stoker.enqueue('default', 'noop', '{}', now() + interval '1 second')"
+    )
+    holder = await asyncpg.connect(dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM stoker.jobs WHERE id = $1 FOR UPDATE", job_id)
+
+            async def due_for_a_while() -> bool:
+                return bool(
+                    await db.fetchval(
+                        "SELECT run_at < now() - interval '1 second' FROM stoker.jobs"
+                        " WHERE id = $1",
+                        job_id,
+                    )
+                )
+
+            await eventually(due_for_a_while, timeout=10)
+            held = await job(db, job_id)
+            assert held is not None and held["state"] == "queued"
+    finally:
+        await holder.close()
+    row = await finished(db, job_id, timeout=10)
+    assert row["state"] == "succeeded"
+
+
 async def test_bad_payload_and_unknown_kind_fail_clearly_and_daemon_keeps_running(
     daemons: DaemonFactory, db: asyncpg.Connection
 ) -> None:
