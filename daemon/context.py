@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 ProgressWriter = Callable[[int, int, str], Awaitable[None]]
@@ -33,10 +34,12 @@ class JobContext:
     run_at: datetime
     worker: str
     _progress_writer: ProgressWriter = field(repr=False)
-    log: JobLogger = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.log = JobLogger(
+    @cached_property
+    def log(self) -> JobLogger:
+        """A logger whose lines carry the job's id, queue, kind and attempt (made on first use:
+        most handlers never log)."""
+        return JobLogger(
             logging.getLogger("stoker.job"),
             {"job_id": self.id, "queue": self.queue, "kind": self.kind, "attempt": self.attempt},
         )

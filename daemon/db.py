@@ -40,21 +40,35 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset: none. asyncpg's default sends `pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL` on every release, a round trip per claim and per write. The pool
+    runs only the engine's own statements, which leave no session state behind (LISTEN and
+    advisory locks live on dedicated connections); asyncpg still rolls back a transaction
+    left open before a connection goes back."""
+
+
 async def create_pool(
     dsn: str,
     *,
     max_size: int = 10,
     statement_cache_size: int = 100,
     application_name: str = "stoker",
+    settings: dict[str, str] | None = None,
 ) -> asyncpg.Pool:
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
         min_size=1,
         max_size=max_size,
         init=init_connection,
+        reset=keep_session,
         statement_cache_size=statement_cache_size,
         command_timeout=COMMAND_TIMEOUT,
-        server_settings={**SERVER_SETTINGS, "application_name": application_name},
+        server_settings={
+            **SERVER_SETTINGS,
+            "application_name": application_name,
+            **(settings or {}),
+        },
     )
     return pool
 

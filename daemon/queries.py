@@ -23,7 +23,8 @@ RETURNING id
 
 # Claims at most $2 due jobs of queue $1, in priority order, skipping rows other workers hold.
 CLAIM = """
-WITH next AS (
+WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),
+next AS (
     SELECT id FROM stoker.jobs
      WHERE queue = $1 AND state = 'queued' AND run_at <= now()
        AND NOT EXISTS (SELECT 1 FROM stoker.queues q WHERE q.name = $1 AND q.paused)
@@ -35,10 +36,10 @@ UPDATE stoker.jobs j
    SET state = 'active', attempts = j.attempts + 1, worker = $3,
        lease_expires_at = now() + make_interval(secs => $4), started_at = now(),
        updated_at = now()
-  FROM next
+  FROM next, relaxed
  WHERE j.id = next.id
-RETURNING j.id, j.kind, j.payload, j.meta, j.attempts, j.max_attempts, j.run_at, j.priority,
-          j.created_at, j.started_at
+RETURNING j.id, j.kind, j.payload::text, j.meta::text, j.attempts, j.max_attempts, j.run_at,
+          j.started_at
 """
 
 # An idle pool says it waits (so inserts NOTIFY it), and stops saying so when busy.

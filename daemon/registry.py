@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,6 +32,12 @@ class Handler:
         if self.payload is None:
             return payload
         return self.payload.model_validate(payload)
+
+    def parse_json(self, text: str) -> Any:
+        """`parse` from the payload's JSON text: a model validates it in one pass."""
+        if self.payload is None:
+            return json.loads(text)
+        return self.payload.model_validate_json(text)
 
 
 LifecycleHook = Callable[[Any], Awaitable[None]]
