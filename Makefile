@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEV_PG := .stoker/pg
 
-.PHONY: install run test test-tools lint format db-start db-stop bench bench-peers postgres-binaries clean
+.PHONY: install run test test-tools lint format db-start db-stop bench bench-peers bench-profile postgres-binaries clean
 
 install: $(STAMP)
 
@@ -69,12 +69,16 @@ test: install postgres-binaries test-tools lint
 	$(BIN)/pytest
 
 bench: install postgres-binaries
-	$(BIN)/python -m bench.throughput --http-load --producers
+	$(BIN)/python -m bench
 
-# The peers go into the bench environment only: never a dependency in pyproject.toml.
+# The peers and py-spy go into the bench environment only: never dependencies in pyproject.toml.
 bench-peers: install postgres-binaries
 	$(BIN)/pip install --quiet --disable-pip-version-check "pgqueuer==1.6.*" "procrastinate==3.10.*"
-	$(BIN)/python -m bench.peers
+	$(BIN)/python -m bench --peers drain latency
+
+bench-profile: install postgres-binaries
+	$(BIN)/pip install --quiet --disable-pip-version-check "py-spy>=0.3"
+	$(BIN)/python -m bench.profile
 
 clean:
 	-$(BIN)/python -m daemon.pgcluster stop $(DEV_PG)

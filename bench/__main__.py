@@ -1,0 +1,270 @@
+"""Stoker's benchmarks, and the peers side by side: `python -m bench [SCENARIO ...] [--peers]`.
+
+    make bench          # every scenario, Stoker only
+    make bench-peers    # drain and latency with PgQueuer and Procrastinate in the same run
+
+Scenarios (default: all):
+    drain      N no-op jobs queued, then drained by one `stoker run` (also two processes, and
+               one while /metrics and /ready are scraped 50 times a second)
+    latency    jobs inserted one at a time into an idle worker: commit to handler start
+    producers  eight pgbench clients enqueueing one job per transaction while a daemon is busy,
+               against the same INSERT into a table with no trigger (the NOTIFY tax)
+    scale      drain rate with 10,000 vs 1,000,000 queued; claim time with an empty history
+               vs 10,000,000 finished jobs
+    memory     resident memory of an idle daemon, and its peak while draining 1,000,000 jobs
+
+Every figure is the median of --runs runs (min-max beside it), runs of different systems
+interleaved so that drift in the machine hits all alike. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+from bench import peers, stoker
+from bench.common import Row, fresh_database, pct, print_table, server_dsn
+
+SCENARIOS = ("drain", "latency", "producers", "scale", "memory")
+
+
+def progress(row: Row) -> None:
+    print(
+        f"  {row.scenario} {row.system} {row.setting}: {row.figure(row.values[-1])} {row.unit}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def interleaved(
+    runs: int, plan: list[tuple[Row, Callable[[], Awaitable[float]]]]
+) -> list[Row]:
+    for _ in range(runs):
+        for row, once in plan:
+            row.values.append(await once())
+            progress(row)
+    return [row for row, _ in plan]
+
+
+async def drain(admin: str, args: argparse.Namespace) -> list[Row]:
+    jobs, conc, batch = args.jobs, args.concurrency, args.batch_size
+    setting = f"{jobs:,} jobs, conc {conc}, batch {batch}"
+    one = Row("drain", "stoker", setting, "jobs/s")
+    plan: list[tuple[Row, Callable[[], Awaitable[float]]]] = [
+        (one, lambda: stoker.drain_once(admin, jobs, concurrency=conc, batch_size=batch)),
+        (
+            Row("drain", "stoker x2", f"two processes, {jobs:,} jobs", "jobs/s"),
+            lambda: stoker.drain_once(admin, jobs, concurrency=conc, batch_size=batch, processes=2),
+        ),
+        (
+            Row("drain", "stoker +http", "/metrics+/ready 50/s", "jobs/s"),
+            lambda: stoker.drain_once(
+                admin, jobs, concurrency=conc, batch_size=batch, scrape_rate=50.0
+            ),
+        ),
+    ]
+    if args.peers:
+        pjobs = args.procrastinate_jobs
+        plan += [
+            (
+                Row("drain", "pgqueuer", f"{jobs:,} jobs, batch {b}", "jobs/s"),
+                lambda b=b: peers.pgqueuer_drain_once(admin, jobs, b),  # type: ignore[misc]
+            )
+            for b in (10, 100)
+        ]
+        plan.append(
+            (
+                Row("drain", "procrastinate", f"{pjobs:,} jobs, conc 20", "jobs/s"),
+                lambda: peers.procrastinate_drain_once(admin, pjobs, 20),
+            )
+        )
+    rows = await interleaved(args.runs, plan)
+    base = one.median
+    for row in rows[1:]:
+        if row.system == "stoker x2":
+            row.note = f"{row.median / base:.2f}x one process (goal >= 1.5x)"
+        elif row.system == "stoker +http":
+            row.note = f"{row.median / base:.0%} of no scraping (goal >= 90%)"
+        else:
+            row.note = f"stoker {base / row.median:.2f}x this"
+    if args.peers:
+        best = max(r.median for r in rows if r.system == "pgqueuer")
+        one.note = f"{base / best:.2f}x PgQueuer's best (goal >= 2x)"
+    return rows
+
+
+async def latency(admin: str, args: argparse.Namespace) -> list[Row]:
+    systems: list[tuple[str, Callable[[], Awaitable[tuple[list[float], list[float]]]]]] = [
+        ("stoker", lambda: stoker.latency_once(admin, args.samples))
+    ]
+    if args.peers:
+        systems.append(("pgqueuer", lambda: peers.pgqueuer_latency_once(admin, args.samples)))
+    samples: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name, _ in systems}
+    for _ in range(args.runs):
+        for name, once in systems:
+            samples[name].append(await once())
+            print(f"  latency {name}: run done", file=sys.stderr, flush=True)
+    rows = []
+    for name, runs in samples.items():
+        for label, index in (("commit->start", 0), ("send->start", 1)):
+            for p in (50, 99):
+                values = [pct(run[index], p) for run in runs]
+                rows.append(
+                    Row("latency", name, f"{label} p{p}, {args.samples} jobs", "ms", values)
+                )
+    if args.peers:
+        for row in rows:
+            if row.system == "stoker":
+                peer = next(r for r in rows if r.system == "pgqueuer" and r.setting == row.setting)
+                row.note = f"{row.median / peer.median:.2f}x PgQueuer's"
+    for row in rows:
+        if row.system == "stoker" and row.setting.startswith("commit->start"):
+            goal = 1.5 if " p50" in row.setting else 3.0
+            row.note = (row.note + "; " if row.note else "") + f"goal <= {goal} ms"
+    return rows
+
+
+async def producers(admin: str, args: argparse.Namespace) -> list[Row]:
+    results = []
+    for _ in range(args.runs):
+        results.append(await stoker.producers_once(admin, args.producer_seconds))
+        print(f"  producers: {results[-1][1] / results[-1][0]:.0%}", file=sys.stderr)
+    plain = Row(
+        "producers", "no trigger", "8 clients, 1 insert/tx", "tx/s", [p for p, _ in results]
+    )
+    busy = Row(
+        "producers", "stoker", "8 clients, stoker.enqueue/tx", "tx/s", [b for _, b in results]
+    )
+    ratio = Row(
+        "producers",
+        "stoker",
+        "share of no-trigger rate",
+        "%",
+        [100 * b / p for p, b in results],
+        note="goal >= 80%; daemon busy draining",
+    )
+    return [plain, busy, ratio]
+
+
+async def scale(admin: str, args: argparse.Namespace, rss: list[float]) -> list[Row]:
+    small = Row("scale", "stoker", "10,000 queued", "jobs/s")
+    big = Row("scale", "stoker", f"{args.scale_jobs:,} queued", "jobs/s")
+    await interleaved(
+        args.runs,
+        [
+            (small, lambda: stoker.drain_once(admin, 10_000)),
+            (big, lambda: stoker.drain_once(admin, args.scale_jobs, peak_rss=rss)),
+        ],
+    )
+    big.note = f"{big.median / small.median:.0%} of the 10,000 rate (goal >= 85%)"
+    empty = Row("scale", "stoker", "claim 100, empty history", "ms")
+    full = Row("scale", "stoker", f"claim 100, {args.history:,} history", "ms")
+    async with fresh_database(admin) as bare, fresh_database(admin) as deep:
+        conn = await asyncpg.connect(deep)
+        try:
+            print(f"  scale: writing {args.history:,} history rows", file=sys.stderr)
+            await stoker.fill_history(conn, args.history)
+            await conn.execute("VACUUM ANALYZE stoker.job_history")
+        finally:
+            await conn.close()
+        await interleaved(
+            args.runs,
+            [
+                (empty, lambda: stoker.claim_ms_once(bare)),
+                (full, lambda: stoker.claim_ms_once(deep)),
+            ],
+        )
+    full.note = f"{full.median / empty.median:.2f}x the empty-history claim"
+    return [small, big, empty, full]
+
+
+async def memory(admin: str, args: argparse.Namespace, rss: list[float]) -> list[Row]:
+    idle = Row("memory", "stoker", "idle", "MB", note="goal < 80 MB")
+    await interleaved(args.runs, [(idle, lambda: stoker.idle_rss_once(admin))])
+    rows = [idle]
+    if not rss:  # the scale scenario did not run: drain the big backlog here
+        for _ in range(args.runs):
+            await stoker.drain_once(admin, args.scale_jobs, peak_rss=rss)
+    rows.append(
+        Row(
+            "memory",
+            "stoker",
+            f"peak draining {args.scale_jobs:,}",
+            "MB",
+            list(rss),
+            note="goal < 200 MB",
+        )
+    )
+    return rows
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    chosen = args.scenarios or list(SCENARIOS)
+    if args.peers and not peers.installed():
+        sys.exit("the peers are not installed: run `make bench-peers`")
+    admin, cluster = server_dsn()
+    rows: list[Row] = []
+    rss: list[float] = []
+    try:
+        for name in SCENARIOS:
+            if name not in chosen:
+                continue
+            print(f"{name}...", file=sys.stderr, flush=True)
+            if name == "drain":
+                rows += await drain(admin, args)
+            elif name == "latency":
+                rows += await latency(admin, args)
+            elif name == "producers":
+                rows += await producers(admin, args)
+            elif name == "scale":
+                rows += await scale(admin, args, rss)
+            elif name == "memory":
+                rows += await memory(admin, args, rss)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    print_table(
+        rows,
+        f"medians of {args.runs} runs (min-max); rates from each system's own tables on the "
+        "database clock",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"any of {', '.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument("--peers", action="store_true", help="PgQueuer and Procrastinate too")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (default 3)")
+    parser.add_argument("--jobs", type=int, default=20_000, help="drain size (default 20,000)")
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=200, help="latency samples per run")
+    parser.add_argument("--producer-seconds", type=int, default=8)
+    parser.add_argument("--scale-jobs", type=int, default=1_000_000)
+    parser.add_argument("--history", type=int, default=10_000_000, help="history rows for scale")
+    parser.add_argument(
+        "--procrastinate-jobs",
+        type=int,
+        default=5_000,
+        help="fewer: Procrastinate drains in the hundreds of jobs a second",
+    )
+    args = parser.parse_args()
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {unknown[0]!r}: choose from {', '.join(SCENARIOS)}")
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

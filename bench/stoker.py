@@ -1,0 +1,297 @@
+"""Stoker under test: `stoker run` processes against a fresh database per run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import asyncpg
+
+from bench.common import (
+    fresh_database,
+    log_text,
+    rss_mb,
+    settle,
+    wait_for,
+    worker_process,
+)
+from daemon import queries
+from daemon.db import init_connection
+from daemon.pgcluster import find_bindir, free_port
+
+QUEUE = "bench"
+CONFIG = """
+handler_modules = ["bench.handlers"]
+log_level = "WARNING"
+[queues.{queue}]
+concurrency = {concurrency}
+batch_size = {batch_size}
+poll_interval = 2.0
+"""
+
+
+@asynccontextmanager
+async def daemon(
+    dsn: str,
+    *,
+    concurrency: int = 200,
+    batch_size: int = 100,
+    http_port: int = 0,
+    name: str = "daemon",
+    queue: str = QUEUE,
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """A `stoker run` process, yielded once it listens for jobs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "stoker.toml"
+        config.write_text(
+            CONFIG.format(queue=queue, concurrency=concurrency, batch_size=batch_size)
+        )
+        argv = [sys.executable, "-m", "daemon", "--config", str(config), "run"]
+        argv += ["--log-format", "text", "--log-level", "INFO"]
+        env = {"DATABASE_URL": dsn, "STOKER_HTTP__PORT": str(http_port)}
+        with worker_process(name, argv, env) as proc:
+
+            async def listening() -> bool:
+                return "listening on channel" in log_text(name)
+
+            await wait_for("daemon start", listening, timeout=30, proc=proc, log_name=name)
+            yield proc
+
+
+async def fill(conn: asyncpg.Connection, jobs: int, queue: str = QUEUE) -> None:
+    """`jobs` no-op jobs in one statement (the trigger fires once)."""
+    await conn.execute(
+        "INSERT INTO stoker.jobs (queue, kind) SELECT $1, 'noop' FROM generate_series(1, $2)",
+        queue,
+        jobs,
+    )
+
+
+async def fill_history(conn: asyncpg.Connection, rows: int) -> None:
+    """`rows` finished jobs, as a long-running installation accumulates them."""
+    for start in range(0, rows, 1_000_000):
+        await conn.execute(
+            """INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state,
+                   run_at, attempts, errors, created_at, started_at, finished_at)
+               SELECT -i, 'old', 'noop', '{}', '{}', 0,
+                      CASE WHEN i % 50 = 0 THEN 'failed' ELSE 'succeeded' END::stoker.job_state,
+                      t, 1, '[]', t, t, t
+                 FROM generate_series($1::bigint, $2::bigint) AS i,
+                      LATERAL (SELECT now() - make_interval(secs => i::float8 / 10)) AS x(t)""",
+            start + 1,
+            min(rows, start + 1_000_000),
+        )
+
+
+async def drained(conn: asyncpg.Connection) -> bool:
+    # Cheap at any depth: both probes are served by partial indexes.
+    return not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM stoker.jobs WHERE state = 'queued')"
+        " OR EXISTS (SELECT 1 FROM stoker.jobs WHERE state = 'active')"
+    )
+
+
+async def drain_rate(conn: asyncpg.Connection, jobs: int) -> float:
+    """Jobs over the span from the first claim to the last completion, on the database clock."""
+    row = await conn.fetchrow(
+        "SELECT count(*) AS n, extract(epoch FROM max(finished_at) - min(started_at)) AS span"
+        " FROM stoker.job_history WHERE queue = $1 AND state = 'succeeded'",
+        QUEUE,
+    )
+    assert row["n"] == jobs, f"{row['n']} of {jobs} jobs succeeded"
+    return jobs / float(row["span"])
+
+
+async def scrape(port: int, stop: asyncio.Event, clients: int, rate: float | None) -> int:
+    """`clients` loops hitting /metrics and /ready; `rate` caps the total requests a second."""
+    sent = 0
+
+    async def one(session: aiohttp.ClientSession, path: str) -> None:
+        nonlocal sent
+        while not stop.is_set():
+            async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{path} answered {response.status}")
+            sent += 1
+            if rate:
+                await asyncio.sleep(clients / rate)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(
+            *(one(session, "/metrics" if i % 2 else "/ready") for i in range(clients))
+        )
+    return sent
+
+
+async def drain_once(
+    admin_dsn: str,
+    jobs: int,
+    *,
+    concurrency: int = 200,
+    batch_size: int = 100,
+    processes: int = 1,
+    scrape_rate: float | None = None,
+    peak_rss: list[float] | None = None,
+) -> float:
+    """Jobs a second for `processes` daemons draining `jobs` queued no-op jobs."""
+    async with fresh_database(admin_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await fill(conn, jobs)
+            await settle(conn, "stoker.jobs")
+            port = free_port()
+            async with AsyncExitStack() as stack:
+                procs = [
+                    await stack.enter_async_context(
+                        daemon(
+                            dsn,
+                            concurrency=concurrency,
+                            batch_size=batch_size,
+                            http_port=port if i == 0 else 0,
+                            name="daemon" if i == 0 else f"daemon-{i + 1}",
+                        )
+                    )
+                    for i in range(processes)
+                ]
+                stop = asyncio.Event()
+                scraper = (
+                    asyncio.create_task(scrape(port, stop, 5, scrape_rate)) if scrape_rate else None
+                )
+                await wait_for(f"drain of {jobs:,}", lambda: drained(conn), timeout=900)
+                stop.set()
+                if scraper is not None:
+                    await scraper
+                if peak_rss is not None:
+                    peak_rss.append(rss_mb(procs[0].pid)[1])
+            return await drain_rate(conn, jobs)
+        finally:
+            await conn.close()
+
+
+async def idle_rss_once(admin_dsn: str, seconds: float = 5.0) -> float:
+    """Resident memory of a daemon that started, served a few jobs, and idled."""
+    async with fresh_database(admin_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with daemon(dsn) as proc:
+                await fill(conn, 100)
+                await wait_for("100 jobs", lambda: drained(conn), timeout=60)
+                await asyncio.sleep(seconds)  # a bench's settling time, not a test's wait
+                return rss_mb(proc.pid)[0]
+        finally:
+            await conn.close()
+
+
+async def claim_ms_once(dsn: str, claims: int = 100, batch: int = 100) -> float:
+    """Median round trip of the engine's claim statement (`batch` jobs) on a fresh backlog."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await init_connection(conn)
+        await conn.execute("DELETE FROM stoker.jobs")
+        await fill(conn, claims * batch, queue="claimbench")
+        await settle(conn, "stoker.jobs")
+        times = []
+        for _ in range(claims):
+            t0 = time.perf_counter()
+            rows = await conn.fetch(queries.CLAIM, "claimbench", batch, "bench", 30.0)
+            times.append((time.perf_counter() - t0) * 1000)
+            assert len(rows) == batch
+        times.sort()
+        return times[len(times) // 2]
+    finally:
+        await conn.close()
+
+
+async def latency_once(admin_dsn: str, samples: int) -> tuple[list[float], list[float]]:
+    """Jobs inserted one at a time into an idle daemon: ms from the client seeing its INSERT
+    commit to the handler's start, and from just before it sent the INSERT."""
+    async with fresh_database(admin_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        await init_connection(conn)
+        try:
+            async with daemon(dsn, concurrency=10, batch_size=10):
+                from_commit, from_send = [], []
+                for _ in range(samples + 5):
+                    sent = time.time()
+                    job_id = await conn.fetchval("SELECT stoker.enqueue($1, 'bench.stamp')", QUEUE)
+                    committed = time.time()
+
+                    async def stamped(job_id: int = job_id) -> bool:
+                        return bool(
+                            await conn.fetchval(
+                                "SELECT result FROM stoker.job_history WHERE id = $1", job_id
+                            )
+                        )
+
+                    await wait_for("latency sample", stamped, timeout=30, interval=0.002)
+                    result = await conn.fetchval(
+                        "SELECT result FROM stoker.job_history WHERE id = $1", job_id
+                    )
+                    from_commit.append((result["started"] - committed) * 1000)
+                    from_send.append((result["started"] - sent) * 1000)
+                    await asyncio.sleep(0.05)  # let the daemon go idle again
+                return from_commit[5:], from_send[5:]  # the first few warm up caches
+        finally:
+            await conn.close()
+
+
+PLAIN_INSERT = "INSERT INTO plain_jobs (queue, kind) VALUES ('default', 'noop');\n"
+ENQUEUE = "SELECT stoker.enqueue('default', 'noop');\n"
+
+
+def pgbench_tps(dsn: str, script: str, seconds: int, clients: int = 8) -> float:
+    """Transactions a second of `clients` pgbench producers running `script`, one per commit."""
+    parts = urlsplit(dsn)
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as fh:
+        fh.write(script)
+    try:
+        out = subprocess.run(
+            [
+                str(find_bindir() / "pgbench"),
+                *("-n", "-c", str(clients), "-j", "2", "-T", str(seconds), "-f", fh.name),
+                *("-h", parts.hostname or "127.0.0.1", "-p", str(parts.port or 5432)),
+                *("-U", parts.username or "postgres", parts.path.lstrip("/")),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
+        )
+    finally:
+        os.unlink(fh.name)
+    for line in out.stdout.splitlines():
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    raise RuntimeError(f"pgbench printed no tps:\n{out.stdout}\n{out.stderr}")
+
+
+async def producers_once(admin_dsn: str, seconds: int) -> tuple[float, float]:
+    """The NOTIFY tax: eight producers inserting one job per transaction into a table without
+    a trigger, then through stoker.enqueue while a daemon is busy draining a backlog."""
+    async with fresh_database(admin_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            # The same table, indexes and constraints, only without the trigger.
+            await conn.execute("CREATE TABLE plain_jobs (LIKE stoker.jobs INCLUDING ALL)")
+            await conn.execute("CHECKPOINT")
+            plain = await asyncio.to_thread(pgbench_tps, dsn, PLAIN_INSERT, seconds)
+            # A backlog the daemon is still draining when the producers stop.
+            await fill(conn, 200_000, queue="default")
+            await settle(conn, "stoker.jobs")
+            async with daemon(dsn, queue="default"):
+                busy = await asyncio.to_thread(pgbench_tps, dsn, ENQUEUE, seconds)
+                if await drained(conn):
+                    print("warning: the daemon ran out of backlog before the producers stopped")
+            return plain, busy
+        finally:
+            await conn.close()
