@@ -218,6 +218,9 @@ class Settings(BaseSettings):
     flush_interval: float = Field(0.002, ge=0, le=1, description="outcome batching window, s")
     flush_max: int = Field(1000, ge=1, le=100_000)
     history_retention_days: float = Field(7.0, gt=0)
+    vacuum_after_claims: int = Field(
+        10_000, ge=0, description="VACUUM stoker.jobs after this many claims (0: autovacuum only)"
+    )
     migrate_on_start: bool = True
     run_scheduler: bool = Field(True, description="take part in leader election and fire cron")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -19,7 +19,7 @@ from daemon.errors import StokerError
 from daemon.http import HealthState, HttpServer, build_app, loop_lag_probe, sample_database
 from daemon.leader import Leader
 from daemon.listener import Listener
-from daemon.maintenance import heartbeat_loop, maintenance_loop
+from daemon.maintenance import heartbeat_loop, maintenance_loop, vacuum_loop
 from daemon.metrics import Metrics
 from daemon.migrations import migrate, pending_migrations
 from daemon.outcomes import Completer
@@ -248,6 +248,18 @@ class Runtime:
                     name="stoker-maintenance",
                 ),
             ]
+            if s.vacuum_after_claims:
+                background.append(
+                    tg.create_task(
+                        vacuum_loop(
+                            db,
+                            after_claims=s.vacuum_after_claims,
+                            claimed=lambda: sum(p.claimed_total for p in self.pools.values()),
+                            stopping=self.stopping,
+                        ),
+                        name="stoker-vacuum",
+                    )
+                )
             if s.run_scheduler:
                 self.leader = Leader(
                     s.listen_dsn or s.database_url,

@@ -547,3 +547,31 @@ async def test_a_busy_daemon_is_not_notified_and_an_idle_one_is(
         assert received.empty()  # the first two inserts sent nothing
     finally:
         await listener.close()
+
+
+async def test_daemon_vacuums_the_jobs_table_after_every_n_claims(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    # Dead fetch-index entries of claimed jobs slow every later claim until a vacuum.
+    async def vacuums() -> int:
+        count: int = await db.fetchval(
+            "SELECT vacuum_count FROM pg_stat_user_tables"
+            " WHERE schemaname = 'stoker' AND relname = 'jobs'"
+        )
+        return count
+
+    before = await vacuums()
+    await daemons.start(
+        QUIET.replace("lease_seconds = 30", "lease_seconds = 30\nvacuum_after_claims = 100")
+    )
+    await db.execute(
+        "INSERT INTO stoker.jobs (queue, kind)"
+        " SELECT 'default', 'noop' FROM generate_series(1, 300)"
+    )
+
+    async def vacuumed() -> bool:
+        return await vacuums() > before and not await db.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM stoker.jobs)"
+        )
+
+    await eventually(vacuumed, timeout=20)
