@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 from collections.abc import Awaitable, Callable
@@ -55,16 +56,33 @@ async def drain(admin: str, args: argparse.Namespace) -> list[Row]:
     jobs, conc, batch = args.jobs, args.concurrency, args.batch_size
     setting = f"{jobs:,} jobs, conc {conc}, batch {batch}"
     one = Row("drain", "stoker", setting, "jobs/s")
+    busy_one: list[float] = []
+    busy_two: list[float] = []
     plan: list[tuple[Row, Callable[[], Awaitable[float]]]] = [
-        (one, lambda: stoker.drain_once(admin, jobs, concurrency=conc, batch_size=batch)),
         (
-            Row("drain", "stoker x2", f"two processes, {jobs:,} jobs", "jobs/s"),
-            lambda: stoker.drain_once(admin, jobs, concurrency=conc, batch_size=batch, processes=2),
+            one,
+            lambda: stoker.drain_once(
+                admin, jobs, concurrency=conc, batch_size=batch, busy=busy_one
+            ),
         ),
         (
-            Row("drain", "stoker +http", "/metrics+/ready 50/s", "jobs/s"),
+            Row("drain", "stoker x2", f"two processes, {jobs:,} jobs", "jobs/s"),
             lambda: stoker.drain_once(
-                admin, jobs, concurrency=conc, batch_size=batch, scrape_rate=50.0
+                admin, jobs, concurrency=conc, batch_size=batch, processes=2, busy=busy_two
+            ),
+        ),
+        # Scraping costs little per second, so it is compared on drains long enough for the
+        # noise of a shared machine to average out.
+        (
+            deep := Row("drain", "stoker", f"{args.http_jobs:,} jobs, no scraping", "jobs/s"),
+            lambda: stoker.drain_once(admin, args.http_jobs, concurrency=conc, batch_size=batch),
+        ),
+        (
+            Row(
+                "drain", "stoker +http", f"{args.http_jobs:,} jobs, /metrics+/ready 50/s", "jobs/s"
+            ),
+            lambda: stoker.drain_once(
+                admin, args.http_jobs, concurrency=conc, batch_size=batch, scrape_rate=50.0
             ),
         ),
     ]
@@ -86,10 +104,17 @@ async def drain(admin: str, args: argparse.Namespace) -> list[Row]:
     rows = await interleaved(args.runs, plan)
     base = one.median
     for row in rows[1:]:
+        if row is deep:
+            continue
         # Against the single-process run of the same round: drift cancels out.
-        paired = statistics.median(v / b for v, b in zip(row.values, one.values, strict=True))
+        against = deep if row.system == "stoker +http" else one
+        paired = statistics.median(v / b for v, b in zip(row.values, against.values, strict=True))
         if row.system == "stoker x2":
-            row.note = f"{paired:.2f}x one process, paired by round (goal >= 1.5x)"
+            row.note = (
+                f"{paired:.2f}x one process, paired by round (goal >= 1.5x); cores busy: "
+                f"{statistics.median(busy_two):.2f} of {os.cpu_count()}, one process "
+                f"{statistics.median(busy_one):.2f}"
+            )
         elif row.system == "stoker +http":
             row.note = f"{paired:.0%} of no scraping, paired by round (goal >= 90%)"
         else:
@@ -250,6 +275,9 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="PgQueuer and Procrastinate too")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (default 3)")
     parser.add_argument("--jobs", type=int, default=20_000, help="drain size (default 20,000)")
+    parser.add_argument(
+        "--http-jobs", type=int, default=100_000, help="drain size with and without scraping"
+    )
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--samples", type=int, default=200, help="latency samples per run")

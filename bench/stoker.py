@@ -17,6 +17,8 @@ import aiohttp
 import asyncpg
 
 from bench.common import (
+    cores_busy,
+    cpu_ticks,
     fresh_database,
     log_text,
     rss_mb,
@@ -142,12 +144,17 @@ async def drain_once(
     processes: int = 1,
     scrape_rate: float | None = None,
     peak_rss: list[float] | None = None,
+    busy: list[float] | None = None,
 ) -> float:
-    """Jobs a second for `processes` daemons draining `jobs` queued no-op jobs."""
+    """Jobs a second for `processes` daemons draining `jobs` queued no-op jobs; `busy` gets
+    how many cores the machine kept busy meanwhile."""
     async with fresh_database(admin_dsn) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
             await fill(conn, jobs)
+            # Paused until every daemon listens: the drain starts for all of them at once, with
+            # the statistics of the full table.
+            await conn.execute(queries.SET_PAUSED, QUEUE, True)
             await settle(conn, "stoker.jobs")
             port = free_port()
             async with AsyncExitStack() as stack:
@@ -163,11 +170,17 @@ async def drain_once(
                     )
                     for i in range(processes)
                 ]
+                ticks = cpu_ticks()
+                await conn.execute(queries.SET_PAUSED, QUEUE, False)  # NOTIFYs the daemons
                 stop = asyncio.Event()
                 scraper = (
                     asyncio.create_task(scrape(port, stop, 5, scrape_rate)) if scrape_rate else None
                 )
-                await wait_for(f"drain of {jobs:,}", lambda: drained(conn), timeout=900)
+                await wait_for(
+                    f"drain of {jobs:,}", lambda: drained(conn), timeout=900, interval=0.05
+                )
+                if busy is not None:
+                    busy.append(cores_busy(ticks, cpu_ticks()))
                 stop.set()
                 if scraper is not None:
                     await scraper
