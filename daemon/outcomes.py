@@ -123,9 +123,22 @@ class Completer:
         self._pending.set()
 
     async def _write(self, batch: list[Outcome]) -> None:
+        if all(o.outcome == "succeeded" for o in batch):
+            rows = await self._db.fetch(
+                queries.COMPLETE_SUCCEEDED,
+                [o.job_id for o in batch],
+                [o.attempt for o in batch],
+                [o.result for o in batch],
+                self._worker_id,
+            )
+        else:
+            rows = await self._write_mixed(batch)
+        self._account(batch, rows)
+
+    async def _write_mixed(self, batch: list[Outcome]) -> list[asyncpg.Record]:
         done = [o for o in batch if o.outcome in FINISHED]
         again = [o for o in batch if o.outcome not in FINISHED]
-        rows = await self._db.fetch(
+        rows: list[asyncpg.Record] = await self._db.fetch(
             queries.COMPLETE,
             [o.job_id for o in done],
             [o.attempt for o in done],
@@ -141,6 +154,9 @@ class Completer:
             [o.delay for o in again],
             self._worker_id,
         )
+        return rows
+
+    def _account(self, batch: list[Outcome], rows: list[asyncpg.Record]) -> None:
         self.written += len(rows)
         if len(rows) != len(batch):
             seen = {row["id"] for row in rows}

@@ -131,6 +131,26 @@ UNION ALL
 SELECT id, queue, run_at FROM requeued
 """
 
+# The common case, a batch of successes only: COMPLETE without the failure and requeue parts,
+# which are a third of its work in PostgreSQL and most of its parameters. $1 ids, $2 attempts,
+# $3 results (JSON text or NULL), $4 worker.
+COMPLETE_SUCCEEDED = """
+WITH finished AS (
+    DELETE FROM stoker.jobs j
+     WHERE j.id = ANY($1::bigint[]) AND j.worker = $4
+       AND j.attempts = ($2::int[])[array_position($1::bigint[], j.id)]
+    RETURNING j.*, array_position($1::bigint[], j.id) AS pos
+)
+INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state, run_at,
+                                attempts, max_attempts, unique_key, worker, last_error,
+                                errors, result, progress, created_at, started_at)
+SELECT id, queue, kind, payload, meta, priority, 'succeeded', run_at, attempts, max_attempts,
+       unique_key, worker, last_error, errors, (($3::text[])[pos])::jsonb, progress,
+       created_at, started_at
+  FROM finished
+RETURNING id, queue, NULL::timestamptz AS run_at
+"""
+
 NOTIFY_QUEUES = "SELECT pg_notify('stoker_jobs', q) FROM unnest($1::text[]) AS q"
 
 # -- maintenance ----------------------------------------------------------------------------

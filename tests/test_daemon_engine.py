@@ -575,3 +575,27 @@ async def test_daemon_vacuums_the_jobs_table_after_every_n_claims(
         )
 
     await eventually(vacuumed, timeout=20)
+
+
+async def test_history_past_its_retention_is_purged_and_recent_history_kept(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        """INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state,
+               run_at, attempts, errors, created_at, finished_at)
+           SELECT -i, 'default', 'noop', '{}', '{}', 0, 'succeeded', t, 1, '[]', t, t
+             FROM generate_series(1, 6000) AS i,
+                  LATERAL (SELECT now() - CASE WHEN i % 2 = 0 THEN interval '2 days'
+                                               ELSE interval '1 hour' END) AS x(t)"""
+    )
+    await daemons.start("history_retention_days = 1\nrescue_interval = 0.2\n" + QUIET)
+
+    async def purged() -> bool:
+        old: int = await db.fetchval(
+            "SELECT count(*) FROM stoker.job_history WHERE finished_at < now() - interval '1 day'"
+        )
+        return old == 0
+
+    await eventually(purged)
+    kept = await db.fetchval("SELECT count(*) FROM stoker.job_history")
+    assert kept == 3000

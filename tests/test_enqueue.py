@@ -208,6 +208,11 @@ async def test_outcome_write_looks_rows_up_by_primary_key(db: asyncpg.Connection
     )
     assert "Seq Scan on jobs" not in plan, plan
     assert "Index Scan using jobs_pkey on jobs" in plan, plan
+    # The same for the statement that writes a batch of successes only.
+    lean = await db.prepare("EXPLAIN " + queries.COMPLETE_SUCCEEDED)
+    plan = "\n".join(r[0] for r in await lean.fetch(ids, [1] * n, [None] * n, "w"))
+    assert "Seq Scan on jobs" not in plan, plan
+    assert "Index Scan using jobs_pkey on jobs" in plan, plan
 
 
 async def test_heartbeat_never_waits_for_a_locked_row(db: asyncpg.Connection, dsn: str) -> None:
