@@ -169,6 +169,36 @@ async def test_handler_exceeding_timeout_is_failed_for_that_attempt_and_retried(
     )
 
 
+async def test_jobs_claimed_together_each_keep_their_own_timeout(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    # One claim, one statement: the quick jobs end first, and the slow one must still be cut
+    # off at its timeout, not run on because its neighbours finished.
+    await daemons.start(
+        """
+        [queues.default]
+        timeout = 0.5
+        max_attempts = 1
+        poll_interval = 60
+        """
+    )
+    ids = [
+        r["id"]
+        for r in await db.fetch(
+            """INSERT INTO stoker.jobs (queue, kind, payload)
+               SELECT 'default', 'test.sleep', jsonb_build_object('seconds', s)
+                 FROM unnest(ARRAY[0.01, 30, 0.02]::float8[]) AS s
+               RETURNING id"""
+        )
+    ]
+    quick1, slow, quick2 = [await finished(db, i) for i in ids]
+    assert (quick1["state"], quick2["state"]) == ("succeeded", "succeeded")
+    assert slow["state"] == "failed"
+    assert slow["last_error"].startswith(
+        "timed out: the handler ran longer than its timeout of 0.5s"
+    )
+
+
 async def test_kill_9_loses_nothing(daemons: DaemonFactory, db: asyncpg.Connection) -> None:
     config = """
     lease_seconds = 2
