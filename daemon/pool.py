@@ -1,30 +1,30 @@
-"""One pool per queue: claim in batches sized to free slots, run each job under the queue's
-concurrency limit and the handler's timeout, hand outcomes to the completer."""
+"""One pool per queue: claim in batches sized to free slots, start each job under the queue's
+concurrency limit and its timeout (daemon.jobrun runs it), hand outcomes to the completer."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import traceback
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, overload
 
 import asyncpg
-from pydantic import ValidationError
 
 from daemon import queries
 from daemon.config import QueueConfig
-from daemon.context import JobContext
-from daemon.db import DB_ERRORS, as_json_text
+from daemon.db import DB_ERRORS
 from daemon.dbclock import DbClock
-from daemon.errors import PermanentJobError, RetryJob
+from daemon.jobrun import (
+    ClaimedJob,
+    Deadlines,
+    JobRunner,
+    current_traceback,
+    job_fields,
+    outcome_label,
+)
 from daemon.metrics import Metrics
 from daemon.outcomes import Completer, Outcome
-from daemon.registry import Handler, Registry
-from daemon.retry import backoff_delay
+from daemon.registry import Registry
 from daemon.waiting import wait_any
 
 log = logging.getLogger("stoker.pool")
@@ -36,54 +36,6 @@ MIN_IDLE = 0.01
 # Longest: a due job the claim keeps missing (a row someone holds locked) is looked for again
 # with doubling pauses up to this, a few claims a second rather than a hundred.
 MAX_IDLE_FLOOR = 1.0
-# Longest retry delay (a year): beyond it timestamps overflow, and nobody means it.
-MAX_RETRY_DELAY = 365 * 86_400.0
-
-
-@dataclass(slots=True)  # not frozen: a frozen dataclass costs a setattr call per field
-class ClaimedJob:
-    id: int
-    kind: str
-    payload: str  # JSON text, parsed by the handler's model in one pass
-    meta: str  # JSON text
-    attempt: int
-    max_attempts: int | None
-    run_at: datetime
-    started_at: datetime
-    # Set when the job starts:
-    timeout: float = 0.0
-    deadlines: _Deadlines | None = None
-
-
-class _Deadlines:
-    """One timer for the jobs of a claim that share a timeout, cancelling those still running
-    when it fires. A timer per job cost more than the rest of starting one (uvloop: ~3 us for
-    call_at and cancel); the timer is cancelled when the group's last job ends."""
-
-    __slots__ = ("expired", "tasks", "timer")
-
-    def __init__(self) -> None:
-        self.tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
-        self.expired: set[tuple[int, int]] = set()
-        self.timer: asyncio.TimerHandle | None = None
-
-    def __call__(self) -> None:
-        for key, task in self.tasks.items():
-            self.expired.add(key)
-            task.cancel()
-
-    def done(self, key: tuple[int, int]) -> None:
-        self.tasks.pop(key, None)
-        if not self.tasks and self.timer is not None:
-            self.timer.cancel()
-
-
-def describe_validation_error(kind: str, exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "(payload)"
-        parts.append(f"{loc}: {err.get('msg')}")
-    return f"invalid payload for kind {kind!r}: " + "; ".join(parts)
 
 
 class QueuePool:
@@ -113,6 +65,7 @@ class QueuePool:
         self._clock = clock
         self._metrics = metrics
         self._adaptive = adaptive_notify
+        self._runner = JobRunner(name, config, db=db, registry=registry, worker_id=worker_id)
         self._waiting_since: float | None = None  # when this pool last said it waits
         # Keyed by (job id, attempt): if a lease was lost and this pool claims the same job
         # again, both attempts count against the limit until each ends.
@@ -264,13 +217,13 @@ class QueuePool:
 
     def _start(self, jobs: list[ClaimedJob]) -> None:
         now = self._loop.time()
-        groups: dict[float, _Deadlines] = {}
+        groups: dict[float, Deadlines] = {}
         for job in jobs:
             handler = self._registry.get(job.kind)
             timeout = (handler.timeout if handler is not None else None) or self.config.timeout
             group = groups.get(timeout)
             if group is None:
-                group = groups[timeout] = _Deadlines()
+                group = groups[timeout] = Deadlines()
             job.timeout, job.deadlines = timeout, group
             key = (job.id, job.attempt)
             task = asyncio.create_task(self._execute(job), name=f"stoker-job-{job.id}")
@@ -294,18 +247,20 @@ class QueuePool:
         if self._metrics is not None:
             self._metrics.job_started(self.name, (job.started_at - job.run_at).total_seconds())
         try:
-            outcome = await self._run_handler(job)
+            outcome = await self._runner.run(job)
         except Exception:
             # A fault of ours, not the handler's (which _run_handler catches): record it
             # rather than leave the job to expire and run again.
-            outcome = self._fail(job, "internal error while running the job", _traceback())
+            outcome = self._runner.fail(
+                job, "internal error while running the job", current_traceback()
+            )
         except asyncio.CancelledError:
             if self._handing_back:
                 outcome = Outcome(job.id, job.attempt, self.name, "handback")
                 log.warning(
                     "job %s did not finish before the shutdown deadline; handed back to the queue",
                     job.id,
-                    extra=_fields(job, self.name),
+                    extra=job_fields(job, self.name),
                 )
             raise
         finally:
@@ -314,152 +269,8 @@ class QueuePool:
                 self._completer.add(outcome)
                 if self._metrics is not None:
                     self._metrics.job_ended(
-                        self.name, job.kind, _outcome_label(outcome), time.monotonic() - started
+                        self.name, job.kind, outcome_label(outcome), time.monotonic() - started
                     )
-
-    async def _run_handler(self, job: ClaimedJob) -> Outcome:
-        handler = self._registry.get(job.kind)
-        if handler is None:
-            known = ", ".join(self._registry.kinds()) or "none"
-            return self._fail(job, f"no handler registered for kind {job.kind!r} (known: {known})")
-        max_attempts = job.max_attempts or handler.max_attempts or self.config.max_attempts
-        if job.attempt > max_attempts:
-            return self._fail(
-                job,
-                f"gave up: attempt {job.attempt} exceeds max_attempts {max_attempts} "
-                "(an earlier attempt's worker was lost mid-run)",
-            )
-        try:
-            argument = handler.parse_json(job.payload)
-        except ValidationError as exc:
-            return self._fail(job, describe_validation_error(job.kind, exc))
-        except Exception as exc:
-            return self._fail(
-                job,
-                f"invalid payload for kind {job.kind!r}: {type(exc).__name__}: {exc}",
-                _traceback(),
-            )
-        ctx = JobContext(
-            id=job.id,
-            queue=self.name,
-            kind=job.kind,
-            attempt=job.attempt,
-            max_attempts=max_attempts,
-            meta={} if job.meta == "{}" else json.loads(job.meta),
-            run_at=job.run_at,
-            worker=self._worker_id,
-            _progress_writer=self._write_progress,
-        )
-        timeout = job.timeout
-        deadlines = job.deadlines
-        assert deadlines is not None
-        try:
-            result = await handler.func(ctx, argument)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if (job.id, job.attempt) not in deadlines.expired or (task and task.cancelling() > 1):
-                raise  # cancelled from outside: the shutdown hands the job back
-            error = f"timed out: the handler ran longer than its timeout of {timeout:g}s"
-            return self._retry(job, handler, max_attempts, error, None)
-        except RetryJob as exc:
-            return self._retry(job, handler, max_attempts, f"retry requested: {exc}", exc.delay)
-        except PermanentJobError as exc:
-            return self._fail(job, f"{type(exc).__name__}: {exc}", _traceback())
-        except TimeoutError:
-            return self._retry(
-                job,
-                handler,
-                max_attempts,
-                "TimeoutError raised by handler",
-                None,
-                _traceback(),
-            )
-        except Exception as exc:
-            return self._retry(
-                job,
-                handler,
-                max_attempts,
-                f"{type(exc).__name__}: {exc}",
-                None,
-                _traceback(),
-            )
-        finally:
-            if deadlines.expired and (job.id, job.attempt) in deadlines.expired:
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()  # ours, and dealt with: later awaits must not see it
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("job %s succeeded", job.id, extra=_fields(job, self.name))
-        return Outcome(
-            job.id, job.attempt, self.name, "succeeded", result=self._result(job, result)
-        )
-
-    def _result(self, job: ClaimedJob, result: Any) -> str | None:
-        if result is None:
-            return None
-        try:
-            return as_json_text(result)
-        except (TypeError, ValueError) as exc:
-            # The work is done: keep it succeeded (running it again would repeat its effects)
-            # and say why the result is missing.
-            log.warning(
-                "job %s: its result cannot be stored as JSON: %s",
-                job.id,
-                exc,
-                extra=_fields(job, self.name),
-            )
-            return as_json_text({"unrecorded_result": f"not JSON-serialisable: {exc}"})
-
-    def _retry(
-        self,
-        job: ClaimedJob,
-        handler: Handler,
-        max_attempts: int,
-        error: str,
-        delay: float | None,
-        tb: str | None = None,
-    ) -> Outcome:
-        if job.attempt >= max_attempts:
-            return self._fail(job, f"{error} (attempt {job.attempt} of {max_attempts})", tb)
-        if delay is None:
-            delay = backoff_delay(self.config.backoff, job.attempt)
-        delay = min(delay, MAX_RETRY_DELAY)
-        log.warning(
-            "job %s attempt %s/%s failed: %s; retrying in %.1fs",
-            job.id,
-            job.attempt,
-            max_attempts,
-            error,
-            delay,
-            extra=_fields(job, self.name),
-        )
-        return Outcome(
-            job.id,
-            job.attempt,
-            self.name,
-            "retry",
-            error=_text(error),
-            traceback=_text(tb),
-            delay=delay,
-        )
-
-    def _fail(self, job: ClaimedJob, error: str, tb: str | None = None) -> Outcome:
-        log.error("job %s failed: %s", job.id, error, extra=_fields(job, self.name))
-        return Outcome(
-            job.id, job.attempt, self.name, "failed", error=_text(error), traceback=_text(tb)
-        )
-
-    async def _write_progress(self, job_id: int, attempt: int, progress: str) -> None:
-        # Progress is advisory: a database hiccup must not fail the job that reports it.
-        try:
-            await self._db.execute(queries.PROGRESS, job_id, attempt, progress)
-        except DB_ERRORS as exc:
-            log.warning(
-                "job %s: progress not recorded: %s",
-                job_id,
-                exc,
-                extra={"job_id": job_id, "queue": self.name, "attempt": attempt},
-            )
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -481,34 +292,3 @@ class QueuePool:
             for task in left:
                 task.cancel()
             await asyncio.wait(left, timeout=5)
-
-
-OUTCOME_LABELS = {
-    "succeeded": "succeeded",
-    "retry": "retried",
-    "failed": "failed",
-    "handback": "handed_back",
-}
-
-
-def _outcome_label(outcome: Outcome) -> str:
-    if outcome.error is not None and outcome.error.startswith("timed out:"):
-        return "timed_out"
-    return OUTCOME_LABELS[outcome.outcome]
-
-
-def _traceback() -> str:
-    return traceback.format_exc()
-
-
-@overload
-def _text(value: str) -> str: ...
-@overload
-def _text(value: None) -> None: ...
-def _text(value: str | None) -> str | None:
-    """PostgreSQL text cannot hold NUL characters."""
-    return None if value is None else value.replace("\x00", "\\0")
-
-
-def _fields(job: ClaimedJob, queue: str) -> dict[str, Any]:
-    return {"job_id": job.id, "queue": queue, "kind": job.kind, "attempt": job.attempt}
