@@ -119,6 +119,8 @@ async def vacuum_loop(
         last = now
         try:
             # Without the table's ownership PostgreSQL only warns and skips it: harmless.
-            await db.execute("VACUUM (SKIP_LOCKED) stoker.jobs")
+            # TRUNCATE false: giving empty tail pages back needs an exclusive lock, and waiting
+            # for it stalled every claim and write behind the vacuum (seen as VacuumTruncate).
+            await db.execute("VACUUM (SKIP_LOCKED, TRUNCATE false) stoker.jobs")
         except DB_ERRORS as exc:
             log.warning("vacuum of stoker.jobs failed: %s", exc)
