@@ -39,7 +39,8 @@ class ClaimedJob:
     max_attempts: int | None
     run_at: datetime
     started_at: datetime
-    # Set when the job starts:
+    # Set when the job starts, by the pool, which looks the handler up once:
+    handler: Handler | None = None
     timeout: float = 0.0
     deadlines: Deadlines | None = None
 
@@ -95,7 +96,7 @@ class JobRunner:
 
     async def run(self, job: ClaimedJob) -> Outcome:
         """Run the job's handler under its timeout; what became of it, as an Outcome."""
-        handler = self._registry.get(job.kind)
+        handler = job.handler
         if handler is None:
             known = ", ".join(self._registry.kinds()) or "none"
             return self.fail(job, f"no handler registered for kind {job.kind!r} (known: {known})")

@@ -224,7 +224,7 @@ class QueuePool:
             group = groups.get(timeout)
             if group is None:
                 group = groups[timeout] = Deadlines()
-            job.timeout, job.deadlines = timeout, group
+            job.handler, job.timeout, job.deadlines = handler, timeout, group
             key = (job.id, job.attempt)
             task = asyncio.create_task(self._execute(job), name=f"stoker-job-{job.id}")
             self.running[key] = group.tasks[key] = task

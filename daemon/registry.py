@@ -27,14 +27,9 @@ class Handler:
     timeout: float | None = None
     max_attempts: int | None = None
 
-    def parse(self, payload: Any) -> Any:
-        """The handler's argument: a validated model, or the raw JSON when no model is set."""
-        if self.payload is None:
-            return payload
-        return self.payload.model_validate(payload)
-
     def parse_json(self, text: str) -> Any:
-        """`parse` from the payload's JSON text: a model validates it in one pass."""
+        """The handler's argument from the payload's JSON text: a validated model (in one
+        pass), or the decoded JSON when no model is set."""
         if self.payload is None:
             return {} if text == "{}" else json.loads(text)
         return self.payload.model_validate_json(text)
