@@ -210,7 +210,9 @@ class Settings(BaseSettings):
     email: EmailConfig = Field(default_factory=EmailConfig)
     sql_tasks: dict[str, SqlTaskConfig] = Field(default_factory=dict)
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
-    leader_retry: float = Field(5.0, gt=0, le=600, description="longest single leader-lock wait")
+    leader_retry: float = Field(
+        5.0, gt=0, le=600, description="seconds between non-leaders' tries for the leader lock"
+    )
     lease_seconds: float = Field(30.0, ge=1, le=86_400)
     rescue_interval: float = Field(5.0, gt=0, le=3600)
     listener_probe_interval: float = Field(10.0, gt=0, le=3600)

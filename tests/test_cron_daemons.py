@@ -383,3 +383,36 @@ async def test_a_schedule_postgres_refuses_is_set_aside_and_the_others_fire(
     assert await fired_ticks(db, "bad") == []
     assert "schedule bad is set aside until it is changed" in daemon.log()
     assert daemon.proc.poll() is None
+
+
+async def test_a_daemon_waiting_to_lead_does_not_keep_vacuum_from_cleaning_up(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    # A non-leader that waited for the lock inside a statement held a snapshot the whole time:
+    # no dead row of any table in the database could be removed (and claims crawled over the
+    # dead index entries of their own queue).
+    procs = [await daemons.start("leader_retry = 30\n") for _ in range(2)]
+
+    async def one_leads() -> bool:
+        return sum(1 for p in procs if leader_lines(p)) == 1
+
+    await eventually(one_leads)
+    await db.execute("CREATE TABLE app_orders (id int)")
+    await db.execute("INSERT INTO app_orders SELECT generate_series(1, 1000)")
+    await db.execute("DELETE FROM app_orders")
+    reports: list[str] = []
+    db.add_log_listener(lambda _conn, message: reports.append(str(message)))
+    last = ""
+
+    async def all_removed() -> bool:
+        nonlocal last
+        reports.clear()
+        await db.execute("VACUUM (VERBOSE) app_orders")
+        last = next((r for r in reports if "are dead but not yet removable" in r), "")
+        return "1000 removed" in last
+
+    try:
+        await eventually(all_removed, timeout=5, interval=0.5)
+    except AssertionError:
+        raise AssertionError(f"VACUUM could not remove the deleted rows:\n{last}") from None
+    assert "0 are dead but not yet removable" in last, last
