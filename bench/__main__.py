@@ -5,7 +5,8 @@
 
 Scenarios (default: all):
     drain      N no-op jobs queued, then drained by one `stoker run` (also two processes, and
-               one while /metrics and /ready are scraped 50 times a second)
+               one while /metrics and /ready are scraped 50 times a second); and #6's bare
+               claim-and-delete loop in one and two processes, the machine's ceiling
     latency    jobs inserted one at a time into an idle worker: commit to handler start
     producers  eight pgbench clients enqueueing one job per transaction while a daemon is busy,
                against the same INSERT into a table with no trigger (the NOTIFY tax)
@@ -28,7 +29,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from bench import peers, stoker
+from bench import ceiling, peers, stoker
 from bench.common import Row, fresh_database, pct, print_table, server_dsn
 
 SCENARIOS = ("drain", "latency", "producers", "scale", "memory")
@@ -53,38 +54,38 @@ async def interleaved(
 
 
 async def drain(admin: str, args: argparse.Namespace) -> list[Row]:
-    jobs, conc, batch = args.jobs, args.concurrency, args.batch_size
+    jobs, conc, batch, deep_jobs = args.jobs, args.concurrency, args.batch_size, args.http_jobs
     setting = f"{jobs:,} jobs, conc {conc}, batch {batch}"
     one = Row("drain", "stoker", setting, "jobs/s")
-    busy_one: list[float] = []
-    busy_two: list[float] = []
+    two = Row("drain", "stoker x2", f"two processes, {jobs:,} jobs", "jobs/s")
+    deep = Row("drain", "stoker", f"{deep_jobs:,} jobs, no scraping", "jobs/s")
+    deep_two = Row("drain", "stoker x2", f"two processes, {deep_jobs:,} jobs", "jobs/s")
+    scraped = Row("drain", "stoker +http", f"{deep_jobs:,} jobs, /metrics+/ready 50/s", "jobs/s")
+    bare = Row("drain", "bare loop", f"{args.bare_jobs:,} rows, 1 connection", "jobs/s")
+    bare_two = Row("drain", "bare loop x2", f"two processes, {args.bare_jobs:,} rows", "jobs/s")
+    # Cores the machine kept busy during each run of a row: how much room a second process had.
+    busy: dict[int, list[float]] = {id(r): [] for r in (one, two, deep, deep_two, bare, bare_two)}
+
+    def stoker_drain(row: Row, n: int, processes: int) -> Callable[[], Awaitable[float]]:
+        return lambda: stoker.drain_once(
+            admin, n, concurrency=conc, batch_size=batch, processes=processes, busy=busy[id(row)]
+        )
+
     plan: list[tuple[Row, Callable[[], Awaitable[float]]]] = [
+        (one, stoker_drain(one, jobs, 1)),
+        (two, stoker_drain(two, jobs, 2)),
+        # Longer drains as well: start-up weighs less, and scraping costs little per second,
+        # so it is compared where the noise of a shared machine averages out.
+        (deep, stoker_drain(deep, deep_jobs, 1)),
+        (deep_two, stoker_drain(deep_two, deep_jobs, 2)),
         (
-            one,
+            scraped,
             lambda: stoker.drain_once(
-                admin, jobs, concurrency=conc, batch_size=batch, busy=busy_one
+                admin, deep_jobs, concurrency=conc, batch_size=batch, scrape_rate=50.0
             ),
         ),
-        (
-            Row("drain", "stoker x2", f"two processes, {jobs:,} jobs", "jobs/s"),
-            lambda: stoker.drain_once(
-                admin, jobs, concurrency=conc, batch_size=batch, processes=2, busy=busy_two
-            ),
-        ),
-        # Scraping costs little per second, so it is compared on drains long enough for the
-        # noise of a shared machine to average out.
-        (
-            deep := Row("drain", "stoker", f"{args.http_jobs:,} jobs, no scraping", "jobs/s"),
-            lambda: stoker.drain_once(admin, args.http_jobs, concurrency=conc, batch_size=batch),
-        ),
-        (
-            Row(
-                "drain", "stoker +http", f"{args.http_jobs:,} jobs, /metrics+/ready 50/s", "jobs/s"
-            ),
-            lambda: stoker.drain_once(
-                admin, args.http_jobs, concurrency=conc, batch_size=batch, scrape_rate=50.0
-            ),
-        ),
+        (bare, lambda: ceiling.drain_once(admin, args.bare_jobs, 1, busy[id(bare)])),
+        (bare_two, lambda: ceiling.drain_once(admin, args.bare_jobs, 2, busy[id(bare_two)])),
     ]
     if args.peers:
         pjobs = args.procrastinate_jobs
@@ -102,26 +103,33 @@ async def drain(admin: str, args: argparse.Namespace) -> list[Row]:
             )
         )
     rows = await interleaved(args.runs, plan)
-    base = one.median
-    for row in rows[1:]:
-        if row is deep:
-            continue
-        # Against the single-process run of the same round: drift cancels out.
-        against = deep if row.system == "stoker +http" else one
-        paired = statistics.median(v / b for v, b in zip(row.values, against.values, strict=True))
-        if row.system == "stoker x2":
-            row.note = (
-                f"{paired:.2f}x one process, paired by round (goal >= 1.5x); cores busy: "
-                f"{statistics.median(busy_two):.2f} of {os.cpu_count()}, one process "
-                f"{statistics.median(busy_one):.2f}"
-            )
-        elif row.system == "stoker +http":
-            row.note = f"{paired:.0%} of no scraping, paired by round (goal >= 90%)"
-        else:
-            row.note = f"stoker {base / row.median:.2f}x this"
+
+    def paired(row: Row, against: Row) -> float:
+        # Against the run of the same round: drift of the machine cancels out.
+        return statistics.median(v / b for v, b in zip(row.values, against.values, strict=True))
+
+    def cores(row: Row) -> float:
+        return statistics.median(busy[id(row)])
+
+    for multi, single in ((two, one), (deep_two, deep), (bare_two, bare)):
+        goal = " (goal >= 1.5x)" if multi.system == "stoker x2" else ""
+        multi.note = (
+            f"{paired(multi, single):.2f}x one process, paired by round{goal}; cores busy "
+            f"{cores(multi):.2f} of {os.cpu_count()}, one process {cores(single):.2f}"
+        )
+    for row in (one, deep):
+        # What a second process can add at most: the cores one process leaves idle, if two
+        # spend the same CPU per job (they do: the claims no longer contend).
+        row.note = (
+            f"cores busy {cores(row):.2f}: room for {(os.cpu_count() or 1) / cores(row):.2f}x"
+        )
+    scraped.note = f"{paired(scraped, deep):.0%} of no scraping, paired by round (goal >= 90%)"
     if args.peers:
         best = max(r.median for r in rows if r.system == "pgqueuer")
-        one.note = f"{base / best:.2f}x PgQueuer's best (goal >= 2x)"
+        one.note = f"{one.median / best:.2f}x PgQueuer's best (goal >= 2x); " + one.note
+        for row in rows:
+            if row.system in ("pgqueuer", "procrastinate"):
+                row.note = f"stoker {one.median / row.median:.2f}x this"
     return rows
 
 
@@ -277,6 +285,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000, help="drain size (default 20,000)")
     parser.add_argument(
         "--http-jobs", type=int, default=100_000, help="drain size with and without scraping"
+    )
+    parser.add_argument(
+        "--bare-jobs", type=int, default=300_000, help="rows for the bare claim-and-delete loop"
     )
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=100)

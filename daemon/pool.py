@@ -226,7 +226,8 @@ class QueuePool:
                 group = groups[timeout] = Deadlines()
             job.handler, job.timeout, job.deadlines = handler, timeout, group
             key = (job.id, job.attempt)
-            task = asyncio.create_task(self._execute(job), name=f"stoker-job-{job.id}")
+            # Unnamed: naming a task per job cost 2% of the daemon's CPU in a drain.
+            task = asyncio.create_task(self._execute(job))
             self.running[key] = group.tasks[key] = task
         for timeout, group in groups.items():
             group.timer = self._loop.call_at(now + timeout, group)
