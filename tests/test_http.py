@@ -352,3 +352,43 @@ async def test_health_fails_while_the_event_loop_is_blocked(
         return (await get(client, port, "/health"))[0] == 200
 
     await eventually(healthy_again)
+
+
+def test_job_histograms_count_a_value_on_a_bucket_bound_in_that_bucket() -> None:
+    # The per-job counters are plain numbers turned into metric families at scrape time: they
+    # must read as Prometheus's own histograms do (`le` inclusive, cumulative, +Inf = count).
+    from prometheus_client import generate_latest
+
+    from daemon.metrics import Metrics
+
+    metrics = Metrics(["default"], ["noop"])
+    for seconds in (0.001, 0.0011, 4000.0):
+        metrics.job_ended("default", "noop", "succeeded", seconds)
+    metrics.job_ended("elsewhere", "mystery", "failed", 0.5)
+    metrics.job_started("default", 0.0)
+    metrics.job_started("elsewhere", 2.0)
+    metrics.job_started("also-unknown", 7.0)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+
+    def duration(le: str) -> float:
+        key = (("kind", "noop"), ("le", le), ("queue", "default"))
+        return samples["stoker_job_duration_seconds_bucket", key]
+
+    assert duration("0.001") == 1
+    assert duration("0.005") == 2
+    assert duration("3600.0") == 2
+    assert duration("+Inf") == 3
+    noop = (("kind", "noop"), ("queue", "default"))
+    assert samples["stoker_job_duration_seconds_count", noop] == 3
+    assert samples["stoker_job_duration_seconds_sum", noop] == pytest.approx(4000.0021)
+    other = (("kind", "(other)"), ("outcome", "failed"), ("queue", "(other)"))
+    assert samples["stoker_jobs_completed_total", other] == 1
+    # Unknown queues share one "(other)" wait histogram, reported once.
+    assert samples["stoker_job_wait_seconds_count", (("queue", "(other)"),)] == 2
+    assert samples["stoker_job_wait_seconds_count", (("queue", "default"),)] == 1
+    waits = [k for k in samples if k[0] == "stoker_job_wait_seconds_count"]
+    assert len(waits) == 2
