@@ -88,6 +88,9 @@ async def drain_once(admin_dsn: str, jobs: int, processes: int, busy: list[float
                 await conn.execute("NOTIFY bare_go")
 
                 async def finished() -> bool:
+                    for i, proc in enumerate(procs):
+                        if proc.poll() is not None and proc.returncode != 0:
+                            raise RuntimeError(f"bare loop {i + 1} exited ({proc.returncode})")
                     return bool(await conn.fetchval("SELECT count(*) FROM bare_runs") == processes)
 
                 await wait_for("bare drain", finished, timeout=600, interval=0.05)

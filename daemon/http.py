@@ -64,7 +64,7 @@ async def sample_database(
         db = state.db
         if db is not None:
             try:
-                rows = await db.fetch(queries.QUEUE_STATUS, timeout=10)
+                rows = await db.fetch(queries.QUEUE_DEPTH, timeout=10)
                 applied = {
                     r["name"]
                     for r in await db.fetch("SELECT name FROM stoker.migrations", timeout=10)

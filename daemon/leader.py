@@ -73,8 +73,16 @@ class Leader:
 
     async def _bid(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         while not self._stopping.is_set() and not lost.is_set():
-            # Each try is also the probe that finds a dead connection.
-            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_KEY):
+            # Each try is also the probe that finds a dead connection; bounded like the
+            # holder's probe, so that a half-open socket cannot hold up a shutdown.
+            got = await conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)",
+                LEADER_KEY,
+                timeout=min(self._retry, COMMAND_TIMEOUT),
+            )
+            if got and self._stopping.is_set():
+                return  # closing the connection gives the lock straight back
+            if got:
                 self.conn = conn
                 self._set(True)
                 log.info("became leader: worker %s fires the schedules", self._worker_id)

@@ -255,6 +255,19 @@ SELECT queue, state::text, count(*), NULL FROM stoker.job_history GROUP BY queue
 ORDER BY queue, state
 """
 
+# What the metrics sampler reads every few seconds in every daemon: the live jobs, and the
+# failed ones kept in history (served by their partial index). Never a count of all history,
+# which holds millions of succeeded jobs: scanning it that often was a load of its own and held
+# a snapshot for seconds. Finished jobs are counted by stoker_jobs_completed_total instead.
+QUEUE_DEPTH = """
+SELECT queue, state::text AS state, count(*) AS jobs,
+       extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
+                                                      AND run_at <= now())) AS oldest_due_s
+  FROM stoker.jobs GROUP BY queue, state
+UNION ALL
+SELECT queue, 'failed', count(*), NULL FROM stoker.job_history WHERE state = 'failed'
+ GROUP BY queue
+"""
 
 # -- queues ------------------------------------------------------------------------------------
 

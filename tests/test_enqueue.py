@@ -157,6 +157,24 @@ async def test_claim_uses_the_partial_fetch_index(db: asyncpg.Connection) -> Non
     assert "Seq Scan" not in plan, plan
 
 
+async def test_metrics_sample_reads_only_failed_jobs_from_history(db: asyncpg.Connection) -> None:
+    # Every daemon samples queue depth every few seconds: it must not scan the whole history.
+    await db.execute(
+        """INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state,
+               run_at, attempts, errors, created_at, started_at, finished_at)
+           SELECT -i, 'q', 'noop', '{}', '{}', 0,
+                  CASE WHEN i % 1000 = 0 THEN 'failed' ELSE 'succeeded' END::stoker.job_state,
+                  now(), 1, '[]', now(), now(), now()
+             FROM generate_series(1, 100000) AS i"""
+    )
+    await db.execute("VACUUM ANALYZE stoker.job_history")
+    plan = "\n".join(r[0] for r in await db.fetch("EXPLAIN " + queries.QUEUE_DEPTH))
+    assert "job_history_failed_idx" in plan, plan
+    assert "Seq Scan on job_history" not in plan, plan
+    depth = {(r["queue"], r["state"]): r["jobs"] for r in await db.fetch(queries.QUEUE_DEPTH)}
+    assert depth == {("q", "failed"): 100}
+
+
 async def test_stale_outcome_of_a_rescued_attempt_is_fenced_out(db: asyncpg.Connection) -> None:
     job_id = await daemon.enqueue(db, queue="default", kind="noop")
     [first] = await db.fetch(queries.CLAIM, "default", 10, "worker-a", 30.0)
