@@ -3,6 +3,7 @@ advisory lock, recording each file's name and checksum."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.resources
 import logging
@@ -18,6 +19,7 @@ log = logging.getLogger("stoker.migrations")
 
 # pg_advisory_lock key: the bytes "stokmigr" as a signed 64-bit integer.
 MIGRATION_LOCK_KEY = int.from_bytes(b"stokmigr", "big", signed=True)
+MIGRATION_LOCK_POLL = 0.1  # seconds between tries while another process migrates
 FILE_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
@@ -83,7 +85,12 @@ async def pending_migrations(conn: asyncpg.Connection) -> list[Migration]:
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Apply pending migrations; return the names applied. Safe to run concurrently."""
-    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    # Tried, not waited for inside a statement: a statement waiting on a lock holds a snapshot,
+    # which would keep VACUUM from cleaning up any table while another process migrates.
+    while True:
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY):
+            break
+        await asyncio.sleep(MIGRATION_LOCK_POLL)  # polling the database: no event to wait on
     try:
         async with conn.transaction():
             await conn.execute("CREATE SCHEMA IF NOT EXISTS stoker")

@@ -12,7 +12,7 @@ import pytest
 
 from daemon import migrations
 from daemon.errors import MigrationError
-from tests.conftest import REPO, scratch_database
+from tests.conftest import REPO, eventually, scratch_database
 
 
 @pytest.fixture
@@ -53,6 +53,41 @@ async def test_two_migrates_at_once_both_succeed(empty_dsn: str) -> None:
     assert [(r["name"], r["checksum"]) for r in rows] == [
         (m.name, m.checksum) for m in migrations.load_migrations()
     ]
+
+
+async def test_a_migrate_waiting_for_another_holds_no_snapshot(empty_dsn: str) -> None:
+    # Waiting for the lock inside a statement would hold a snapshot all along, and keep VACUUM
+    # from cleaning up any table of the database while another process migrates.
+    holder = await asyncpg.connect(empty_dsn)
+    proc: subprocess.Popen[str] | None = None
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", migrations.MIGRATION_LOCK_KEY)
+        proc = migrate_process(empty_dsn)
+        others = (
+            "FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND query LIKE '%advisory_lock%'"
+        )
+
+        async def tried() -> bool:
+            return bool(await holder.fetchval(f"SELECT count(*) {others}"))
+
+        await eventually(tried)
+        for _ in range(5):  # over a few of its tries
+            pinned = await holder.fetch(
+                f"SELECT state, query {others} AND backend_xmin IS NOT NULL"
+            )
+            assert not pinned, [dict(r) for r in pinned]
+            await asyncio.sleep(0.1)
+        assert proc.poll() is None  # still waiting for the lock
+        await holder.execute("SELECT pg_advisory_unlock($1)", migrations.MIGRATION_LOCK_KEY)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert out.startswith("applied "), out
+    finally:
+        await holder.close()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 async def test_edited_applied_migration_is_refused(dsn: str, db: asyncpg.Connection) -> None:
