@@ -245,29 +245,34 @@ SELECT id, queue, kind, payload, meta, priority, 'cancelled', run_at, attempts, 
 RETURNING id
 """
 
-QUEUE_STATUS = """
+# Jobs in stoker.jobs per queue and state, with the age of each queue's oldest due job.
+_LIVE_BY_STATE = """
 SELECT queue, state::text AS state, count(*) AS jobs,
        extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
                                                       AND run_at <= now())) AS oldest_due_s
   FROM stoker.jobs GROUP BY queue, state
-UNION ALL
+"""
+
+# Everything, history included: for `stoker status` and the admin API, on demand.
+QUEUE_STATUS = (
+    _LIVE_BY_STATE
+    + """UNION ALL
 SELECT queue, state::text, count(*), NULL FROM stoker.job_history GROUP BY queue, state
 ORDER BY queue, state
 """
+)
 
 # What the metrics sampler reads every few seconds in every daemon: the live jobs, and the
 # failed ones kept in history (served by their partial index). Never a count of all history,
 # which holds millions of succeeded jobs: scanning it that often was a load of its own and held
 # a snapshot for seconds. Finished jobs are counted by stoker_jobs_completed_total instead.
-QUEUE_DEPTH = """
-SELECT queue, state::text AS state, count(*) AS jobs,
-       extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
-                                                      AND run_at <= now())) AS oldest_due_s
-  FROM stoker.jobs GROUP BY queue, state
-UNION ALL
+QUEUE_DEPTH = (
+    _LIVE_BY_STATE
+    + """UNION ALL
 SELECT queue, 'failed', count(*), NULL FROM stoker.job_history WHERE state = 'failed'
  GROUP BY queue
 """
+)
 
 # -- queues ------------------------------------------------------------------------------------
 
