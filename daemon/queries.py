@@ -21,16 +21,43 @@ RETURNING id
 
 # -- the hot path: claim, heartbeat, complete ------------------------------------------------
 
+# The distinct priorities of a queue's waiting jobs, highest first, each found by one descent
+# of the fetch index (a skip scan), none while the queue is paused. The claim and NEXT_DUE read
+# the index one priority at a time, where `run_at <= now()` bounds the scan: read across
+# priorities, jobs scheduled for later (delayed jobs, retries in backoff) sat in the index
+# between the due ones, and 1,000,000 of them made every claim a 170 ms scan.
+_PRIORITIES = """
+priorities AS (
+    (SELECT priority FROM stoker.jobs
+      WHERE queue = $1 AND state = 'queued'
+        AND NOT EXISTS (SELECT 1 FROM stoker.queues q WHERE q.name = $1 AND q.paused)
+      ORDER BY priority DESC LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.priority FROM stoker.jobs j
+             WHERE j.queue = $1 AND j.state = 'queued' AND j.priority < p.priority
+             ORDER BY j.priority DESC LIMIT 1)
+      FROM priorities p WHERE p.priority IS NOT NULL
+)"""
+
 # Claims at most $2 due jobs of queue $1, in priority order, skipping rows other workers hold.
-CLAIM = """
-WITH relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),
+# No ORDER BY on `next`: the nested loop yields the priorities in the CTE's order, highest
+# first, and stops pulling (and locking) rows once it has $2; a sort would make it lock up to
+# $2 rows of every priority.
+CLAIM = (
+    """
+WITH RECURSIVE relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),"""
+    + _PRIORITIES
+    + """,
 next AS (
-    SELECT id FROM stoker.jobs
-     WHERE queue = $1 AND state = 'queued' AND run_at <= now()
-       AND NOT EXISTS (SELECT 1 FROM stoker.queues q WHERE q.name = $1 AND q.paused)
-     ORDER BY priority DESC, run_at, id
+    SELECT due.id FROM priorities p
+     CROSS JOIN LATERAL (
+        SELECT id FROM stoker.jobs
+         WHERE queue = $1 AND state = 'queued' AND priority = p.priority AND run_at <= now()
+         ORDER BY run_at, id
+         LIMIT $2
+         FOR UPDATE SKIP LOCKED) due
+     WHERE p.priority IS NOT NULL
      LIMIT $2
-     FOR UPDATE SKIP LOCKED
 )
 UPDATE stoker.jobs j
    SET state = 'active', attempts = j.attempts + 1, worker = $3,
@@ -41,6 +68,7 @@ UPDATE stoker.jobs j
 RETURNING j.id, j.kind, j.payload::text, j.meta::text, j.attempts, j.max_attempts, j.run_at,
           j.started_at
 """
+)
 
 # An idle pool says it waits (so inserts NOTIFY it), and stops saying so when busy.
 REGISTER_WAITING = """
@@ -56,11 +84,18 @@ UNREGISTER_WORKER = "DELETE FROM stoker.waiting WHERE worker = $1"
 # The earliest run_at of a queue's waiting jobs: how long an idle pool may sleep. Past ones
 # count too: a job can fall due between an empty claim and this query (clocks are never exactly
 # in step), and leaving it out would let the pool sleep a whole poll interval past it.
-NEXT_DUE = """
-SELECT min(run_at) FROM stoker.jobs
- WHERE queue = $1 AND state = 'queued'
-   AND NOT EXISTS (SELECT 1 FROM stoker.queues q WHERE q.name = $1 AND q.paused)
+NEXT_DUE = (
+    "WITH RECURSIVE"
+    + _PRIORITIES
+    + """
+SELECT min(first.run_at) FROM priorities p
+ CROSS JOIN LATERAL (
+    SELECT run_at FROM stoker.jobs
+     WHERE queue = $1 AND state = 'queued' AND priority = p.priority
+     ORDER BY run_at LIMIT 1) first
+ WHERE p.priority IS NOT NULL
 """
+)
 
 # Renews leases without ever waiting for a row lock: a row locked right now is being completed
 # (or rescued), and waiting for it while holding others deadlocked with the completion write.
