@@ -11,7 +11,7 @@ Scenarios (default: all):
     producers  eight pgbench clients enqueueing one job per transaction while a daemon is busy,
                against the same INSERT into a table with no trigger (the NOTIFY tax)
     scale      drain rate with 10,000 vs 1,000,000 queued; claim time with an empty history
-               vs 10,000,000 finished jobs
+               vs 10,000,000 finished jobs, and with 1,000,000 jobs scheduled for later
     memory     resident memory of an idle daemon, and its peak while draining 1,000,000 jobs
 
 Every figure is the median of --runs runs (min-max beside it), runs of different systems
@@ -199,6 +199,7 @@ async def scale(admin: str, args: argparse.Namespace, rss: list[float]) -> list[
     big.note = f"{big.median / small.median:.0%} of the 10,000 rate (goal >= 85%)"
     empty = Row("scale", "stoker", "claim 100, empty history", "ms")
     full = Row("scale", "stoker", f"claim 100, {args.history:,} history", "ms")
+    later = Row("scale", "stoker", f"claim 100, {args.scale_jobs:,} for later", "ms")
     async with fresh_database(admin) as bare, fresh_database(admin) as deep:
         conn = await asyncpg.connect(deep)
         try:
@@ -212,10 +213,12 @@ async def scale(admin: str, args: argparse.Namespace, rss: list[float]) -> list[
             [
                 (empty, lambda: stoker.claim_ms_once(bare)),
                 (full, lambda: stoker.claim_ms_once(deep)),
+                (later, lambda: stoker.claim_ms_once(bare, later=args.scale_jobs)),
             ],
         )
     full.note = f"{full.median / empty.median:.2f}x the empty-history claim"
-    return [small, big, empty, full]
+    later.note = f"{later.median / empty.median:.2f}x the claim with none scheduled for later"
+    return [small, big, empty, full, later]
 
 
 async def memory(admin: str, args: argparse.Namespace, rss: list[float]) -> list[Row]:

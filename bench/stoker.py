@@ -205,12 +205,20 @@ async def idle_rss_once(admin_dsn: str, seconds: float = 5.0) -> float:
             await conn.close()
 
 
-async def claim_ms_once(dsn: str, claims: int = 100, batch: int = 100) -> float:
-    """Median round trip of the engine's claim statement (`batch` jobs) on a fresh backlog."""
+async def claim_ms_once(dsn: str, claims: int = 100, batch: int = 100, *, later: int = 0) -> float:
+    """Median round trip of the engine's claim statement (`batch` jobs) on a fresh backlog,
+    with `later` jobs of the same queue scheduled for the coming days at every priority."""
     conn = await asyncpg.connect(dsn)
     try:
         await init_connection(conn)
         await conn.execute("DELETE FROM stoker.jobs")
+        await conn.execute(
+            """INSERT INTO stoker.jobs (queue, kind, run_at, priority)
+               SELECT 'claimbench', 'noop', now() + make_interval(hours => 1, secs => i),
+                      (i % 3)::smallint
+                 FROM generate_series(1, $1) AS i""",
+            later,
+        )
         await fill(conn, claims * batch, queue="claimbench")
         await settle(conn, "stoker.jobs")
         times = []
