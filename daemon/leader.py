@@ -80,9 +80,9 @@ class Leader:
                 LEADER_KEY,
                 timeout=min(self._retry, COMMAND_TIMEOUT),
             )
-            if got and self._stopping.is_set():
-                return  # closing the connection gives the lock straight back
             if got:
+                if self._stopping.is_set():
+                    return  # closing the connection gives the lock straight back
                 self.conn = conn
                 self._set(True)
                 log.info("became leader: worker %s fires the schedules", self._worker_id)

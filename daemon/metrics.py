@@ -84,6 +84,7 @@ class Metrics:
         self.completed: dict[tuple[str, str, str], int] = {}
         self.duration: dict[tuple[str, str], _Histogram] = {}
         self.wait: dict[str, _Histogram] = {}
+        self._wait_of_queue: dict[str, _Histogram] = {}  # any queue name -> its label's
         self.registry.register(_JobCollector(self))
         self.registry.register(_StateCollector(self.snapshot))
 
@@ -104,11 +105,11 @@ class Metrics:
             histogram.observe(duration)
 
     def job_started(self, queue: str, wait: float) -> None:
-        histogram = self.wait.get(queue)
-        if histogram is None:  # one per configured queue, and one for all others
+        histogram = self._wait_of_queue.get(queue)
+        if histogram is None:  # resolved once per queue name, not per job
             label = self.queue_label(queue)
-            histogram = self.wait.get(label) or _Histogram(WAIT_BUCKETS)
-            self.wait[label] = self.wait[queue] = histogram
+            histogram = self.wait.setdefault(label, _Histogram(WAIT_BUCKETS))
+            self._wait_of_queue[queue] = histogram
         histogram.observe(max(0.0, wait))
 
 
@@ -138,9 +139,8 @@ class _JobCollector(Collector):
             "Queue wait: from run_at (when the job was due) to the start of the attempt.",
             labels=["queue"],
         )
-        for queue in sorted(m.wait):
-            if queue == m.queue_label(queue):  # an unknown queue's entry aliases "(other)"
-                m.wait[queue].add_to(wait, [queue])
+        for queue, histogram in sorted(m.wait.items()):
+            histogram.add_to(wait, [queue])
         yield wait
 
 

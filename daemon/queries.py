@@ -111,6 +111,7 @@ UPDATE stoker.jobs SET progress = $3::text::jsonb, updated_at = now()
  WHERE id = $1 AND attempts = $2 AND state = 'active'
 """
 
+
 # Writes a batch of outcomes in one statement. Each outcome is fenced by the worker and the
 # attempt it ran: a worker whose lease was rescued cannot overwrite a newer attempt's state
 # (rescue and requeue clear `worker`, a new claim sets it and bumps `attempts`).
@@ -119,17 +120,29 @@ UPDATE stoker.jobs SET progress = $3::text::jsonb, updated_at = now()
 # Rows are found by `id = ANY(...)` on the primary key and matched to their outcome by array
 # position. A join against unnest() let the planner, misled by the statistics of a churning
 # table (`worker` is NULL in nearly every row it sampled), scan the whole table per outcome.
-COMPLETE = """
+def _finished(worker: str) -> str:
+    """Both outcome writes start here: the rows of ids $1 whose attempt is still the one in
+    $2 and whose worker is `worker` leave stoker.jobs, each with its position in $1."""
+    return f"""
 WITH finished AS (
     DELETE FROM stoker.jobs j
-     WHERE j.id = ANY($1::bigint[]) AND j.worker = $13
+     WHERE j.id = ANY($1::bigint[]) AND j.worker = {worker}
        AND j.attempts = ($2::int[])[array_position($1::bigint[], j.id)]
     RETURNING j.*, array_position($1::bigint[], j.id) AS pos
-),
+)"""
+
+
+_INTO_HISTORY = """INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state,
+                                run_at, attempts, max_attempts, unique_key, worker, last_error,
+                                errors, result, progress, created_at, started_at)"""
+
+COMPLETE = (
+    _finished("$13")
+    + """,
 moved AS (
-    INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state, run_at,
-                                    attempts, max_attempts, unique_key, worker, last_error,
-                                    errors, result, progress, created_at, started_at)
+    """
+    + _INTO_HISTORY
+    + """
     SELECT id, queue, kind, payload, meta, priority, ($3::text[])[pos]::stoker.job_state,
            run_at, attempts, max_attempts, unique_key, worker,
            CASE WHEN ($3::text[])[pos] = 'failed' THEN ($5::text[])[pos] ELSE last_error END,
@@ -165,26 +178,24 @@ SELECT id, queue, NULL::timestamptz AS run_at FROM moved
 UNION ALL
 SELECT id, queue, run_at FROM requeued
 """
+)
 
 # The common case, a batch of successes only: COMPLETE without the failure and requeue parts,
 # which are a third of its work in PostgreSQL and most of its parameters. $1 ids, $2 attempts,
 # $3 results (JSON text or NULL), $4 worker.
-COMPLETE_SUCCEEDED = """
-WITH finished AS (
-    DELETE FROM stoker.jobs j
-     WHERE j.id = ANY($1::bigint[]) AND j.worker = $4
-       AND j.attempts = ($2::int[])[array_position($1::bigint[], j.id)]
-    RETURNING j.*, array_position($1::bigint[], j.id) AS pos
-)
-INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state, run_at,
-                                attempts, max_attempts, unique_key, worker, last_error,
-                                errors, result, progress, created_at, started_at)
+COMPLETE_SUCCEEDED = (
+    _finished("$4")
+    + """
+"""
+    + _INTO_HISTORY
+    + """
 SELECT id, queue, kind, payload, meta, priority, 'succeeded', run_at, attempts, max_attempts,
        unique_key, worker, last_error, errors, (($3::text[])[pos])::jsonb, progress,
        created_at, started_at
   FROM finished
 RETURNING id, queue, NULL::timestamptz AS run_at
 """
+)
 
 NOTIFY_QUEUES = "SELECT pg_notify('stoker_jobs', q) FROM unnest($1::text[]) AS q"
 
