@@ -2,7 +2,9 @@
 Authorization, come from configuration or the environment) or a payload URL whose host is in
 webhooks.allowed_hosts. 2xx succeeds; 429/5xx retry (after Retry-After if sent); connection
 errors and timeouts retry with backoff; anything else, redirects included, fails at once.
-Configured header values are sent, but redacted from any response text the job keeps."""
+Configured header values are sent, but redacted from any response text the job keeps; so is
+everything of the URL past scheme://host:port (chat webhooks carry their credential in the path
+or query), in results, errors and logs alike."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
@@ -39,6 +42,7 @@ CREDENTIAL_HEADERS = {"authorization", "cookie", "proxy-authorization"}
 CLIENT_HEADERS = {"host", "content-length", "transfer-encoding"}
 MAX_RETRY_AFTER = 86_400.0
 EXCERPT_CHARS = 200
+REDACTED = "[redacted]"
 
 
 class WebhookError(Exception):
@@ -94,16 +98,20 @@ class HttpRequest(BaseModel):
         return self
 
 
+# (text to hide, what to show instead), longest first so that a whole URL goes before its parts.
+Redactions = tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True)
 class Call:
     """A request resolved against the configuration, ready to send."""
 
     method: str
     url: str
-    where: str  # the target's name or the URL's host: what logs and errors may show
+    where: str  # the target's name or the URL's origin: what logs and errors may show
     headers: CIMultiDict[str]
     timeout: float
-    secrets: tuple[str, ...]
+    redactions: Redactions
 
 
 class Webhooks:
@@ -137,7 +145,7 @@ class Webhooks:
                     )
             headers.update(secrets)
             where, cap = f"target {req.target}", target.timeout
-            url, method, redact = target.url, target.method, _redactable([*secrets.values()])
+            url, method, hidden = target.url, target.method, _redactable([*secrets.values()])
         else:
             assert req.url is not None  # the model guarantees exactly one of target and url
             host = (URL(req.url).host or "").lower()
@@ -146,9 +154,11 @@ class Webhooks:
                     f"url: host {host} is not in webhooks.allowed_hosts; add it there, "
                     "or configure a [webhooks.targets.NAME] for this endpoint"
                 )
-            url, method, where, cap, redact = req.url, "POST", host, self.config.timeout, ()
+            url, method, where = req.url, "POST", shown_url(URL(req.url))
+            cap, hidden = self.config.timeout, []
         timeout = min(req.timeout or cap, cap)
-        return Call(req.method or method, url, where, headers, timeout, redact)
+        redactions = _redactions(url, hidden)
+        return Call(req.method or method, url, where, headers, timeout, redactions)
 
     async def send(self, ctx: JobContext, call: Call, body: bytes | None) -> dict[str, Any]:
         headers = CIMultiDict({"Idempotency-Key": f"stoker-job-{ctx.id}"})
@@ -167,7 +177,7 @@ class Webhooks:
                 allow_redirects=False,  # a redirect could lead off the allowlist
             ) as resp:
                 status = resp.status
-                text = await self._read(resp, call.secrets)
+                text = await self._read(resp, call.redactions)
                 return self._outcome(call, resp, text)
         except TimeoutError as exc:
             status = "timeout"
@@ -176,27 +186,28 @@ class Webhooks:
             ) from exc
         except aiohttp.ClientError as exc:
             status = type(exc).__name__
-            # A target URL may itself be a credential (chat webhooks): show its name instead.
-            message = _redact(str(exc).replace(call.url, call.where), call.secrets)
-            raise WebhookError(f"{call.method} {call.where}: {message}") from exc
+            # aiohttp's messages may name the URL; the cause is dropped from the traceback the
+            # job keeps for the same reason.
+            message = _redact(str(exc), call.redactions)
+            raise WebhookError(f"{call.method} {call.where}: {message}") from None
         finally:
             elapsed = (time.monotonic() - started) * 1000
             ctx.log.info(
                 "http.request %s %s -> %s in %.0f ms", call.method, call.where, status, elapsed
             )
 
-    async def _read(self, resp: aiohttp.ClientResponse, secrets: tuple[str, ...]) -> str:
+    async def _read(self, resp: aiohttp.ClientResponse, redactions: Redactions) -> str:
         # Only a prefix is kept, so only a prefix is read: a huge response costs no memory.
         # The extra bytes let a secret straddling the cut still be recognised and redacted.
         want = max(self.config.max_result_bytes, EXCERPT_CHARS * 4)
-        want += max((len(s.encode()) for s in secrets), default=0)
+        want += max((len(s.encode()) for s, _ in redactions), default=0)
         data = bytearray()
         while len(data) < want:
             chunk = await resp.content.read(want - len(data))
             if not chunk:
                 break
             data += chunk
-        return _redact(_decode(bytes(data), resp.charset), secrets)
+        return _redact(_decode(bytes(data), resp.charset), redactions)
 
     def _outcome(self, call: Call, resp: aiohttp.ClientResponse, text: str) -> dict[str, Any]:
         status = resp.status
@@ -212,7 +223,7 @@ class Webhooks:
             raise WebhookError(f"{what}: {excerpt}")
         if 300 <= status < 400:
             location = resp.headers.get("Location", "(no Location)")
-            location = _redact(location, call.secrets)[:EXCERPT_CHARS]
+            location = _redact(location, call.redactions)[:EXCERPT_CHARS]
             raise PermanentJobError(
                 f"{what}: redirect to {location} not followed, since it could leave "
                 "webhooks.allowed_hosts; point the target or url at the final address"
@@ -254,16 +265,50 @@ def _decode(data: bytes, charset: str | None) -> str:
     return decoder.decode(data, final=False).replace("\x00", "\ufffd")
 
 
-def _redactable(values: list[str]) -> tuple[str, ...]:
+def _redactable(values: list[str]) -> list[str]:
     found = set(values)
     # Servers that echo credentials may echo only the token of "Bearer <token>".
     found.update(value.rsplit(" ", 1)[-1] for value in values)
-    return tuple(sorted((s for s in found if len(s) >= 4), key=len, reverse=True))
+    return sorted(found)
 
 
-def _redact(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "[redacted]")
+def shown_url(url: URL) -> str:
+    """What logs and errors may show of a URL: scheme://host[:port]/..."""
+    return f"{url.origin()}/..."
+
+
+def _redactions(url: str, secrets: list[str]) -> Redactions:
+    pairs = {secret: REDACTED for secret in secrets}
+    pairs.update(_url_redactions(url))
+    kept = ((hide, show) for hide, show in pairs.items() if len(hide) >= 4)
+    return tuple(sorted(kept, key=lambda pair: len(pair[0]), reverse=True))
+
+
+def _url_redactions(url: str) -> dict[str, str]:
+    """Each spelling in which a server or aiohttp may echo the URL, its path, its query values
+    or its token-like path segments: as written, as yarl normalises it, and decoded."""
+    parsed, written = URL(url), urlsplit(url)
+    pairs = dict.fromkeys({url, str(parsed), parsed.human_repr()}, shown_url(parsed))
+    paths = {written.path, parsed.raw_path, parsed.path} - {"", "/"}
+    if written.query:
+        paths |= {f"{written.path}?{written.query}", parsed.raw_path_qs, parsed.path_qs}
+    pairs.update(dict.fromkeys(paths, "/..."))
+    values = {v for _, v in parse_qsl(written.query, keep_blank_values=True)}
+    values |= {v for pair in written.query.split("&") for v in pair.split("=", 1)[1:]}
+    segments = {seg for path in paths for seg in path.split("?")[0].split("/")}
+    values |= {seg for seg in segments if _tokenish(seg)}
+    pairs.update(dict.fromkeys(values, REDACTED))
+    return pairs
+
+
+def _tokenish(segment: str) -> bool:
+    # Names like "services" or "webhooks" stay readable; ids and tokens carry digits or length.
+    return len(segment) >= 16 or (len(segment) >= 8 and any(c.isdigit() for c in segment))
+
+
+def _redact(text: str, redactions: Redactions) -> str:
+    for hidden, shown in redactions:
+        text = text.replace(hidden, shown)
     return text
 
 
