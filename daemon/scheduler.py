@@ -40,6 +40,8 @@ class Scheduler:
         self._stopping = stopping
         self._served = served_queues
         self._changed = asyncio.Event()
+        self._changed.set()  # the first pass loads everything
+        self.cursors: dict[str, datetime] = {}  # per schedule: the last tick handled
         self.fired = 0
         self.skipped = 0
         self.duplicates = 0  # ticks another process fired first: counted, not an error
@@ -69,30 +71,36 @@ class Scheduler:
                     await wait_any(self._stopping, seconds=1.0)
 
     async def _lead(self) -> None:
-        cursors: dict[str, datetime] = {}
+        self.cursors = {}
         self._changed.set()  # load everything on taking the lead
         while self._leader.is_leader and not self._stopping.is_set():
             conn = self._leader.conn
             if conn is None:
                 return
-            if self._changed.is_set():
-                self._changed.clear()
-                async with self._leader.lock:
-                    await self._reload(conn, cursors)
-            now = self._now()
-            for name, schedule in self.schedules.items():
-                if not schedule.enabled or name in self.broken:
-                    continue
-                try:
-                    await self._fire_due(conn, schedule, cursors, now)
-                except (ValueError, asyncpg.DataError) as exc:
-                    # One bad schedule must not stop the others, nor the daemon: set it aside
-                    # until it is changed (a reload clears the mark).
-                    self.broken[name] = str(exc)
-                    log.error("schedule %s is set aside until it is changed: %s", name, exc)
-                if not self._leader.is_leader:
-                    return
-            await self._sleep_until_next(cursors)
+            await self.run_pass(conn, self._now())
+            if not self._leader.is_leader:
+                return
+            await self._sleep_until_next(self.cursors)
+
+    async def run_pass(self, conn: asyncpg.Connection, now: datetime) -> None:
+        """Reload the schedules if they changed, then fire every tick due at `now`."""
+        cursors = self.cursors
+        if self._changed.is_set():
+            self._changed.clear()
+            async with self._leader.lock:
+                await self._reload(conn, cursors, now)
+        for name, schedule in self.schedules.items():
+            if not schedule.enabled or name in self.broken:
+                continue
+            try:
+                await self._fire_due(conn, schedule, cursors, now)
+            except (ValueError, asyncpg.DataError) as exc:
+                # One bad schedule must not stop the others, nor the daemon: set it aside
+                # until it is changed (a reload clears the mark).
+                self.broken[name] = str(exc)
+                log.error("schedule %s is set aside until it is changed: %s", name, exc)
+            if not self._leader.is_leader:
+                return
 
     async def _fire_due(
         self,
@@ -115,10 +123,11 @@ class Scheduler:
             # Older missed ticks than those due_ticks chose are passed over for good.
             cursors[name] = tick
 
-    async def _reload(self, conn: asyncpg.Connection, cursors: dict[str, datetime]) -> None:
+    async def _reload(
+        self, conn: asyncpg.Connection, cursors: dict[str, datetime], now: datetime
+    ) -> None:
         schedules = await load_schedules(conn, self._configured)
         saved = await load_cursors(conn)
-        now = self._now()
         for name, schedule in schedules.items():
             if name in cursors and schedule == self.schedules.get(name):
                 continue
