@@ -171,12 +171,65 @@ class WebhookTarget(_Strict):
 
 
 class WebhooksConfig(_Strict):
-    """http.request: named targets, and hosts a payload URL may point at."""
+    """http.request: named targets, and the hosts and ports a payload URL may point at."""
 
     targets: dict[str, WebhookTarget] = Field(default_factory=dict)
-    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description='"host" (its ports 80 and 443 only) or "host:port", "[v6 address]:port"',
+    )
+    allow_private_addresses: bool = Field(
+        False,
+        description="let payload URLs reach loopback, private, link-local... addresses "
+        "(configured targets always may)",
+    )
     timeout: float = Field(30.0, gt=0, le=3600)
     max_result_bytes: int = Field(4096, ge=0, le=1_048_576)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_and_ports(cls, value: list[str]) -> list[str]:
+        return [cls.allowed_entry(entry) for entry in value]
+
+    @classmethod
+    def allowed_entry(cls, entry: str) -> str:
+        """The canonical spelling of an allowed_hosts entry: host or host:port, lowercase,
+        IPv6 addresses compressed and in brackets."""
+        text = entry.strip()
+        bracketed = re.fullmatch(r"\[([^\]]+)\](?::(.*))?", text)
+        if bracketed:
+            host, port = bracketed[1], bracketed[2]
+        elif text.count(":") > 1:  # a bare IPv6 address: no port possible
+            host, port = text, None
+        else:
+            host, colon, port = text.partition(":")
+            port = port if colon else None
+        key = cls.host_key(host)
+        number = int(port) if port is not None and re.fullmatch(r"[0-9]{1,5}", port) else None
+        if key is None or (port is not None and not 1 <= (number or 0) <= 65535):
+            raise ValueError(
+                f'{entry!r} is not "host" (ports 80 and 443) or "host:port": write e.g. '
+                '"hooks.example.com", "hooks.example.com:8443" or "[2001:db8::1]:8443", '
+                "without scheme or path"
+            )
+        return key if number is None else f"{key}:{number}"
+
+    @staticmethod
+    def host_key(host: str) -> str | None:
+        """How a host is compared: lowercase, no trailing dot, IPv6 compressed in brackets;
+        None when it is no host name or address at all."""
+        import ipaddress
+
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            try:  # an international name is compared in the ASCII form it is sent in
+                name = host.lower().rstrip(".").encode("idna").decode("ascii")
+            except UnicodeError:
+                return None
+            label = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+            return name if re.fullmatch(rf"{label}(\.{label})*", name) else None
+        return f"[{address.compressed}]" if address.version == 6 else address.compressed
 
 
 def default_worker_id() -> str:

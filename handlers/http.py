@@ -1,7 +1,8 @@
 """http.request: call a webhook, a named [webhooks.targets.NAME] (whose headers, such as
-Authorization, come from configuration or the environment) or a payload URL whose host is in
-webhooks.allowed_hosts. 2xx succeeds; 429/5xx retry (after Retry-After if sent); connection
-errors and timeouts retry with backoff; anything else, redirects included, fails at once.
+Authorization, come from configuration or the environment) or a payload URL whose host and port
+are in webhooks.allowed_hosts and whose address, checked as it is connected to, is public unless
+webhooks.allow_private_addresses. 2xx succeeds; 429/5xx retry (after Retry-After if sent);
+connection errors and timeouts retry with backoff; anything else, redirects included, fails.
 Configured header values are sent, but redacted from any response text the job keeps; so is
 everything of the URL past scheme://host:port (chat webhooks carry their credential in the path
 or query), in results, errors and logs alike."""
@@ -9,10 +10,14 @@ or query), in results, errors and logs alike."""
 from __future__ import annotations
 
 import codecs
+import contextvars
+import errno
+import ipaddress
 import json
 import logging
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
@@ -41,6 +46,7 @@ log = logging.getLogger("stoker.http")
 CREDENTIAL_HEADERS = {"authorization", "cookie", "proxy-authorization"}
 CLIENT_HEADERS = {"host", "content-length", "transfer-encoding"}
 MAX_RETRY_AFTER = 86_400.0
+DEFAULT_PORTS = (80, 443)  # what a bare host in webhooks.allowed_hosts allows
 EXCERPT_CHARS = 200
 REDACTED = "[redacted]"
 
@@ -112,6 +118,7 @@ class Call:
     headers: CIMultiDict[str]
     timeout: float
     redactions: Redactions
+    from_payload: bool  # payload URLs may reach public addresses only (see guarded_socket)
 
 
 class Webhooks:
@@ -119,10 +126,17 @@ class Webhooks:
 
     def __init__(self, config: WebhooksConfig) -> None:
         self.config = config
-        self.session = aiohttp.ClientSession(
-            # One session serves every target: cookies from one must never reach another.
+        self.session = self._session(None)  # configured targets: the operator's own choice
+        self.payload_session = (
+            self.session if config.allow_private_addresses else self._session(guarded_socket)
+        )
+
+    def _session(self, socket_factory: aiohttp.SocketFactoryType | None) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(socket_factory=socket_factory),
+            # One session serves many targets: cookies from one must never reach another.
             cookie_jar=aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=config.timeout),
+            timeout=aiohttp.ClientTimeout(total=self.config.timeout),
             headers={"User-Agent": "stoker-http.request"},
         )
 
@@ -148,17 +162,31 @@ class Webhooks:
             url, method, hidden = target.url, target.method, _redactable([*secrets.values()])
         else:
             assert req.url is not None  # the model guarantees exactly one of target and url
-            host = (URL(req.url).host or "").lower()
-            if host not in {allowed.lower() for allowed in self.config.allowed_hosts}:
-                raise PermanentJobError(
-                    f"url: host {host} is not in webhooks.allowed_hosts; add it there, "
-                    "or configure a [webhooks.targets.NAME] for this endpoint"
-                )
+            self._check_allowed(URL(req.url))
             url, method, where = req.url, "POST", shown_url(URL(req.url))
             cap, hidden = self.config.timeout, []
         timeout = min(req.timeout or cap, cap)
         redactions = _redactions(url, hidden)
-        return Call(req.method or method, url, where, headers, timeout, redactions)
+        payload = req.url is not None
+        return Call(req.method or method, url, where, headers, timeout, redactions, payload)
+
+    def _check_allowed(self, url: URL) -> None:
+        """A payload URL's host must be listed with its port, or bare for its default port."""
+        host = WebhooksConfig.host_key(url.raw_host or "") or url.raw_host
+        port = url.port
+        allowed = set(self.config.allowed_hosts)
+        if f"{host}:{port}" in allowed or (host in allowed and port in DEFAULT_PORTS):
+            return
+        fix = "or configure a [webhooks.targets.NAME] for this endpoint"
+        if host in allowed or any(entry.startswith(f"{host}:") for entry in allowed):
+            bare = f' (a bare "{host}" allows ports 80 and 443 only)' if host in allowed else ""
+            raise PermanentJobError(
+                f"url: port {port} of {host} is not in webhooks.allowed_hosts{bare}; "
+                f'add "{host}:{port}" there, {fix}'
+            )
+        raise PermanentJobError(
+            f"url: host {host} is not in webhooks.allowed_hosts; add it there, {fix}"
+        )
 
     async def send(self, ctx: JobContext, call: Call, body: bytes | None) -> dict[str, Any]:
         headers = CIMultiDict({"Idempotency-Key": f"stoker-job-{ctx.id}"})
@@ -167,8 +195,11 @@ class Webhooks:
         headers.update(call.headers)
         status: int | str = "error"
         started = time.monotonic()
+        attempt = _Connecting()
+        attempt_token = _connecting.set(attempt)
+        session = self.payload_session if call.from_payload else self.session
         try:
-            async with self.session.request(
+            async with session.request(
                 call.method,
                 call.url,
                 headers=headers,
@@ -186,11 +217,18 @@ class Webhooks:
             ) from exc
         except aiohttp.ClientError as exc:
             status = type(exc).__name__
+            if attempt.refused and not attempt.allowed:
+                raise PermanentJobError(
+                    f"url: {call.where} connects to {', '.join(attempt.refused)}, which a "
+                    "payload URL may not reach; set [webhooks] allow_private_addresses = true "
+                    "to allow it, or configure a [webhooks.targets.NAME] for this endpoint"
+                ) from None
             # aiohttp's messages may name the URL; the cause is dropped from the traceback the
             # job keeps for the same reason.
             message = _redact(str(exc), call.redactions)
             raise WebhookError(f"{call.method} {call.where}: {message}") from None
         finally:
+            _connecting.reset(attempt_token)
             elapsed = (time.monotonic() - started) * 1000
             ctx.log.info(
                 "http.request %s %s -> %s in %.0f ms", call.method, call.where, status, elapsed
@@ -232,6 +270,72 @@ class Webhooks:
 
     async def close(self) -> None:
         await self.session.close()
+        await self.payload_session.close()
+
+
+class RefusedAddress(OSError):
+    """A payload URL about to connect to an address it may not reach. An OSError, so that
+    aiohttp treats it as that address failing to connect (and tries the next one)."""
+
+
+@dataclass
+class _Connecting:
+    """What the guard saw while one request connected (the addresses refused, the count let
+    through), so that a refusal becomes a permanent failure rather than a retried one."""
+
+    refused: list[str] = field(default_factory=list)
+    allowed: int = 0
+
+
+# Per request: aiohttp connects inside the request's task (or tasks copied from its context).
+_connecting: contextvars.ContextVar[_Connecting | None] = contextvars.ContextVar(
+    "stoker_http_connecting", default=None
+)
+
+
+def guarded_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """aiohttp's socket factory for payload URLs: it sees each address after DNS resolution
+    (or an IP literal, which aiohttp never resolves) just before it is connected to, so DNS
+    rebinding cannot slip a private address past the allowlist."""
+    family, kind, proto, _, sockaddr = addr_info
+    ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+    reason = refused_range(ip)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    address = f"::ffff:{mapped}" if mapped else str(ip)
+    attempt = _connecting.get()
+    if reason is not None:
+        if attempt is not None:
+            attempt.refused.append(f"{address} ({reason})")
+        raise RefusedAddress(errno.EACCES, f"{address} ({reason}) may not be reached")
+    if attempt is not None:
+        attempt.allowed += 1
+    return socket.socket(family, kind, proto)
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def refused_range(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Which non-public range the address is in, or None for a public address. IPv6 forms
+    that carry an IPv4 address (mapped, NAT64, 6to4) are judged by that address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return refused_range(ip.ipv4_mapped)
+        if ip in NAT64:
+            return refused_range(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.sixtofour is not None:
+            return refused_range(ip.sixtofour)
+    ranges = (
+        ("loopback", ip.is_loopback),
+        ("unspecified", ip.is_unspecified),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("private", ip.is_private),
+    )
+    for name, inside in ranges:
+        if inside:
+            return name
+    return None if ip.is_global else "not globally routable"
 
 
 def retry_after(value: str | None) -> float | None:
@@ -340,4 +444,12 @@ async def http_request(ctx: JobContext, req: HttpRequest) -> dict[str, Any]:
     return await webhooks.send(ctx, call, body)
 
 
-__all__ = ["HttpRequest", "Webhooks", "http_request", "retry_after"]
+__all__ = [
+    "HttpRequest",
+    "RefusedAddress",
+    "Webhooks",
+    "guarded_socket",
+    "http_request",
+    "refused_range",
+    "retry_after",
+]

@@ -109,12 +109,21 @@ def free_port() -> int:
         return port
 
 
-def config(port: int, *, max_result_bytes: int = 4096, target_timeout: float = 5) -> str:
+def config(
+    port: int,
+    *,
+    max_result_bytes: int = 4096,
+    target_timeout: float = 5,
+    other_ports: tuple[int, ...] = (),
+) -> str:
+    # Payload URLs reach the receiver on loopback only because the test allows it.
+    allowed = json.dumps([f"127.0.0.1:{p}" for p in (port, *other_ports)])
     return f"""
     [queues.default]
     backoff = {{ base = 0.2, jitter = 0 }}
     [webhooks]
-    allowed_hosts = ["127.0.0.1"]
+    allowed_hosts = {allowed}
+    allow_private_addresses = true
     max_result_bytes = {max_result_bytes}
     [webhooks.targets.recheck]
     url = "http://127.0.0.1:{port}/recheck"
@@ -257,8 +266,9 @@ async def test_a_redirect_is_not_followed(
 async def test_connection_refused_is_retried(
     daemons: DaemonFactory, db: asyncpg.Connection, hook: Hook
 ) -> None:
-    await start(daemons, config(hook.port))
-    closed = f"http://127.0.0.1:{free_port()}/nobody"
+    closed_port = free_port()
+    await start(daemons, config(hook.port, other_ports=(closed_port,)))
+    closed = f"http://127.0.0.1:{closed_port}/nobody"
     row = await finished(db, await call(db, {"url": closed}, max_attempts=2))
     assert row["state"] == "failed"
     assert row["attempts"] == 2

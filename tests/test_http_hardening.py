@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from daemon.config import load_settings
+from daemon.errors import ConfigError
 from tests.conftest import DaemonFactory, finished
 from tests.test_handler_http import Hook, Reply, call, serve_hook, start
 
@@ -114,3 +117,137 @@ async def test_a_credential_url_never_shows_in_client_errors_or_tracebacks(
     assert "Invalid header token" in row["last_error"]
     await daemon.wait_log("http.request POST target garbled -> ClientResponseError in")
     assert_no_url_secrets(everything(row), daemon.log())
+
+
+# -- point 16: the allowlist's ports, and the addresses a payload URL may reach ---------------
+
+
+def allowlist_config(port: int, allowed: list[str], private: bool | None = None) -> str:
+    setting = "" if private is None else f"allow_private_addresses = {str(private).lower()}"
+    return f"""
+    [webhooks]
+    allowed_hosts = {json.dumps(allowed)}
+    {setting}
+    [webhooks.targets.recheck]
+    url = "http://127.0.0.1:{port}/recheck"
+    """
+
+
+async def test_a_bare_allowed_host_means_its_default_ports_only(
+    daemons: DaemonFactory, db: asyncpg.Connection, hook: Hook
+) -> None:
+    port = hook.port
+    allowed = ["127.0.0.1", f"LOCALHOST.:{port}"]  # spelled as an operator might
+    await start(daemons, allowlist_config(port, allowed, private=True))
+    refused = await finished(db, await call(db, {"url": hook.url("/other-port")}))
+    assert (refused["state"], refused["attempts"]) == ("failed", 1)
+    assert (
+        f"url: port {port} of 127.0.0.1 is not in webhooks.allowed_hosts "
+        '(a bare "127.0.0.1" allows ports 80 and 443 only); '
+        f'add "127.0.0.1:{port}" there' in refused["last_error"]
+    )
+    sent = await finished(db, await call(db, {"url": f"http://localhost:{port}/listed"}))
+    assert sent["state"] == "succeeded", sent["last_error"]
+    assert [s.path for s in hook.seen] == ["/listed"]
+
+
+async def test_payload_urls_reaching_loopback_are_refused_at_connect_time(
+    daemons: DaemonFactory, db: asyncpg.Connection, hook: Hook
+) -> None:
+    port = hook.port
+    # Allowed by name and port, so only the address they reach can refuse them.
+    allowed = [f"127.0.0.1:{port}", f"localhost:{port}", f"[::ffff:127.0.0.1]:{port}"]
+    daemon = await start(daemons, allowlist_config(port, allowed))
+    urls = {
+        "127.0.0.1": hook.url("/literal"),
+        "localhost": f"http://localhost:{port}/by-name",  # /etc/hosts: resolved, then refused
+        "::ffff:127.0.0.1": f"http://[::ffff:127.0.0.1]:{port}/mapped",
+    }
+    ids = {name: await call(db, {"url": url}) for name, url in urls.items()}
+    configured = await call(db, {"target": "recheck"})
+    for name, job_id in ids.items():
+        row = await finished(db, job_id)
+        assert (row["state"], row["attempts"]) == ("failed", 1), (name, row["last_error"])
+        error = row["last_error"]
+        assert "(loopback), which a payload URL may not reach" in error, error
+        assert "set [webhooks] allow_private_addresses = true" in error, error
+    literal = await finished(db, ids["127.0.0.1"])
+    assert "127.0.0.1 (loopback)" in literal["last_error"]
+    mapped = await finished(db, ids["::ffff:127.0.0.1"])
+    assert "::ffff:127.0.0.1 (loopback)" in mapped["last_error"]
+    by_name = await finished(db, ids["localhost"])
+    assert (
+        "127.0.0.1 (loopback)" in by_name["last_error"]
+        or "::1 (loopback)" in (by_name["last_error"])
+    )
+    # Configured targets are the operator's own choice: loopback is fine for them.
+    row = await finished(db, configured)
+    assert row["state"] == "succeeded", row["last_error"]
+    assert [s.path for s in hook.seen] == ["/recheck"]  # nothing else reached the server
+    assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("127.0.0.2", "loopback"),
+        ("100.64.0.1", "not globally routable"),
+        ("::1", "loopback"),
+        ("::", "unspecified"),
+        ("fe80::1%1", "link-local"),
+        ("fc00::1", "private"),
+        ("ff02::1", "multicast"),
+        ("::ffff:10.0.0.1", "private"),
+        ("::ffff:169.254.169.254", "link-local"),
+        ("64:ff9b::a00:1", "private"),  # NAT64 of 10.0.0.1
+        ("2002:a00:1::", "private"),  # 6to4 of 10.0.0.1
+    ],
+)
+def test_the_connect_guard_refuses_each_range_before_a_socket_exists(
+    address: str, reason: str
+) -> None:
+    # No network at all: the guard is aiohttp's socket factory, called with the address about
+    # to be connected to; a refusal means no socket was ever made.
+    import socket
+
+    from handlers.http import RefusedAddress, guarded_socket
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sockaddr = (address, 443, 0, 0) if family == socket.AF_INET6 else (address, 443)
+    with pytest.raises(RefusedAddress) as refused:
+        guarded_socket((family, socket.SOCK_STREAM, 6, "", sockaddr))
+    assert f"{address.split('%', maxsplit=1)[0]} ({reason})" in str(refused.value)
+
+
+def test_the_connect_guard_lets_public_addresses_through() -> None:
+    import socket
+
+    from handlers.http import guarded_socket
+
+    for family, sockaddr in (
+        (socket.AF_INET, ("93.184.215.14", 443)),
+        (socket.AF_INET6, ("2606:4700::1111", 443, 0, 0)),
+    ):
+        sock = guarded_socket((family, socket.SOCK_STREAM, 6, "", sockaddr))
+        sock.close()  # made, never connected
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["https://hooks.example.com/", "hooks.example.com:0", "hooks.example.com:99999", "a b", ""],
+)
+def test_a_bad_allowed_hosts_entry_is_a_clear_config_error(entry: str, tmp_path: Path) -> None:
+    path = tmp_path / "stoker.toml"
+    path.write_text(f"[webhooks]\nallowed_hosts = [{json.dumps(entry)}]\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    text = str(error.value)
+    assert f"{path}: webhooks.allowed_hosts: Value error, {entry!r} is not" in text
+    assert '"host" (ports 80 and 443) or "host:port"' in text
+    assert '"hooks.example.com:8443"' in text
