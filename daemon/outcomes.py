@@ -12,7 +12,6 @@ from datetime import datetime
 import asyncpg
 
 from daemon import queries
-from daemon.db import DB_ERRORS
 
 log = logging.getLogger("stoker.outcomes")
 
@@ -35,7 +34,13 @@ RequeuedFn = Callable[[str, datetime], None]
 
 
 class Completer:
-    """One per daemon. `add` never waits; the flusher task writes what has accumulated."""
+    """One per daemon. `add` never waits; the flusher task writes what has accumulated.
+
+    Every outcome ends written, parked or (last resort) logged as lost, never retried forever:
+    a connection or transient error retries the same outcomes unchanged; anything else that
+    PostgreSQL refuses sends the batch one outcome at a time, where a refused value is replaced
+    by a note saying why, and an outcome history refuses for good (a taken id, a permission, a
+    DBA's trigger) is parked in stoker.jobs as finished, never to run again."""
 
     def __init__(
         self,
@@ -54,8 +59,16 @@ class Completer:
         self._buffer: list[Outcome] = []
         self._pending = asyncio.Event()
         self._closing = False
+        self._singles = 0  # outcomes at the head of the buffer to write one at a time
+        # Set while outcomes get written; cleared by a transient failure, so that pools wait
+        # for the backlog before they claim again (a re-claimed job would fence its own
+        # buffered outcome out and run a second time).
+        self.settled = asyncio.Event()
+        self.settled.set()
         self.discarded = 0  # outcomes whose lease had been taken over (fenced out)
         self.written = 0
+        self.parked = 0  # finished outcomes history refused, kept in stoker.jobs
+        self.lost = 0  # outcomes nothing could record: their jobs run again
 
     def add(self, outcome: Outcome) -> None:
         self._buffer.append(outcome)
@@ -68,11 +81,32 @@ class Completer:
     def buffered_ids(self) -> list[int]:
         return [o.job_id for o in self._buffer]
 
+    def adopt(self, job_id: int, attempt: int) -> bool:
+        """This worker claimed `job_id` again as `attempt` while an outcome of an earlier
+        attempt still waits here: that outcome now answers for the new claim (written against
+        the old attempt it would be fenced out, and the job would run again). True if so."""
+        for i, o in enumerate(self._buffer):
+            if o.job_id == job_id and o.attempt < attempt:
+                self._buffer[i] = replace(o, attempt=attempt)
+                log.warning(
+                    "job %s claimed again (attempt %s) while attempt %s's outcome was still "
+                    "unwritten; that outcome is kept and the job is not run again",
+                    job_id,
+                    attempt,
+                    o.attempt,
+                    extra={"job_id": job_id, "queue": o.queue, "attempt": attempt},
+                )
+                return True
+        return False
+
     async def run(self) -> None:
-        """Flush until close() is called and the buffer is empty."""
+        """Flush until close() is called and the buffer is empty. Never raises: losing this
+        task would take every buffered outcome with it."""
         delay = 0.05
+        failures = 0
         while True:
             if not self._buffer:
+                self.settled.set()
                 if self._closing:
                     return
                 await self._pending.wait()
@@ -81,64 +115,174 @@ class Completer:
                     # A short window lets outcomes of jobs finishing together share a write.
                     await asyncio.sleep(self._flush_interval)
                 continue
-            batch = self._buffer[: self._flush_max]
+            batch = self._next_batch()
             try:
                 # Shielded: a cancellation must not lose a job's final state.
-                await asyncio.shield(self._write(batch))
-            except asyncpg.DataError as exc:
-                # A value PostgreSQL refuses must not block every other outcome behind it.
-                log.warning(
-                    "a batch of %d outcomes was refused (%s); writing one by one", len(batch), exc
-                )
-                await asyncio.shield(self._write_each(batch))
-            except DB_ERRORS as exc:
-                log.warning(
-                    "cannot write %d job outcomes (%s); retrying in %.2fs", len(batch), exc, delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
+                if self._singles:
+                    await asyncio.shield(self._write_one(batch[0], failures))
+                else:
+                    await asyncio.shield(self._write(batch))
+            except Exception as exc:
+                if is_transient(exc) and not await self._stuck(failures):
+                    failures += 1
+                    self.settled.clear()
+                    log.warning(
+                        "cannot write %d job outcomes (%s); retrying in %.2fs",
+                        len(batch),
+                        _one_line(exc),
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                failures = 0
+                if not self._singles:
+                    log.warning(
+                        "a batch of %d outcomes was refused (%s); writing them one by one",
+                        len(batch),
+                        _one_line(exc),
+                    )
+                    self._singles = len(batch)
+                    continue
+                # _write_one raises only transient errors; anything else is a bug of ours.
+                log.exception("job %s: outcome not recorded", batch[0].job_id)
+                self.lost += 1
+            failures = 0
             delay = 0.05
             del self._buffer[: len(batch)]
+            if self._singles:
+                self._singles -= 1
+            self.settled.set()
 
-    async def _write_each(self, batch: list[Outcome]) -> None:
-        """Write outcomes singly; one PostgreSQL refuses is recorded without the bad value."""
-        for outcome in batch:
+    def _next_batch(self) -> list[Outcome]:
+        """The head of the buffer: one outcome in one-by-one mode, else up to flush_max, cut
+        before a second outcome of the same job (the write matches outcomes to rows by id)."""
+        if self._singles:
+            return self._buffer[:1]
+        batch = self._buffer[: self._flush_max]
+        if len(batch) > 1:
+            seen: set[int] = set()
+            for i, o in enumerate(batch):
+                if o.job_id in seen:
+                    return batch[:i]
+                seen.add(o.job_id)
+        return batch
+
+    async def _stuck(self, failures: int) -> bool:
+        """After repeated 'transient' failures, is the database in fact reachable? Then the
+        error is the outcome's own and retrying it unchanged would wedge everything behind."""
+        if failures < STUCK_AFTER:
+            return False
+        try:
+            await self._db.fetchval("SELECT 1", timeout=5)
+        except Exception:  # still unreachable: the failures were the connection's
+            return False
+        return True
+
+    async def _write_one(self, outcome: Outcome, failures: int) -> None:
+        """Write one outcome; if PostgreSQL refuses it, with the refused value replaced by a
+        note; if it refuses that too, park a finished job in stoker.jobs. Raises only
+        transient errors, to be retried unchanged."""
+        try:
+            await self._write([outcome])
+            return
+        except Exception as exc:
+            if is_transient(exc) and failures < STUCK_AFTER:
+                raise
+            refused = exc
+        try:
+            await self._write([_salvage(outcome, refused)])
+            log.warning(
+                "job %s: PostgreSQL refused its outcome (%s); recorded with a note instead",
+                outcome.job_id,
+                _one_line(refused),
+                extra=_fields(outcome),
+            )
+            return
+        except Exception as exc:
+            if is_transient(exc) and failures < STUCK_AFTER:
+                raise
+            refused = exc
+        if outcome.outcome in FINISHED:
             try:
-                await self._write([outcome])
-            except asyncpg.DataError as exc:
-                salvaged = _salvage(outcome, exc)
-                try:
-                    await self._write([salvaged])
-                except asyncpg.DataError:
-                    log.exception(
-                        "job %s: outcome cannot be recorded; it will run again when its "
-                        "lease expires",
-                        outcome.job_id,
-                        extra={"job_id": outcome.job_id, "queue": outcome.queue},
-                    )
+                if await self._park(outcome, refused):
+                    return
+            except Exception as exc:
+                if is_transient(exc) and failures < STUCK_AFTER:
+                    raise
+                refused = exc
+        self.lost += 1
+        log.error(
+            "job %s: outcome %s of attempt %s cannot be recorded (%s); the job runs again "
+            "once its lease expires",
+            outcome.job_id,
+            outcome.outcome,
+            outcome.attempt,
+            _one_line(refused),
+            extra=_fields(outcome),
+        )
+
+    async def _park(self, outcome: Outcome, refused: Exception) -> bool:
+        note = (
+            f"outcome {outcome.outcome} of attempt {outcome.attempt} could not be moved to "
+            f"stoker.job_history: {_one_line(refused)}"
+        )
+        if outcome.error:
+            note = f"{outcome.error[:ERROR_IN_NOTE]} ({note})"
+        async with self._db.acquire() as conn:
+            row = await conn.fetchrow(
+                queries.PARK,
+                outcome.job_id,
+                outcome.attempt,
+                self._worker_id,
+                outcome.outcome,
+                note,
+            )
+        if row is None:
+            self.discarded += 1
+            return True
+        self.parked += 1
+        log.error(
+            "job %s: %s; it stays in stoker.jobs with state %s and will not run again",
+            outcome.job_id,
+            note,
+            outcome.outcome,
+            extra=_fields(outcome),
+        )
+        return True
 
     async def close(self) -> None:
         self._closing = True
         self._pending.set()
 
     async def _write(self, batch: list[Outcome]) -> None:
-        if all(o.outcome == "succeeded" for o in batch):
-            rows = await self._db.fetch(
-                queries.COMPLETE_SUCCEEDED,
-                [o.job_id for o in batch],
-                [o.attempt for o in batch],
-                [o.result for o in batch],
-                self._worker_id,
-            )
-        else:
-            rows = await self._write_mixed(batch)
+        # Acquiring is apart from the statement: failing to connect is always worth a retry,
+        # whatever the error says (a database refusing connections is not a refused outcome).
+        try:
+            conn = await self._db.acquire()
+        except Exception as exc:
+            raise ConnectionUnavailable(_one_line(exc)) from exc
+        try:
+            if all(o.outcome == "succeeded" for o in batch):
+                rows = await conn.fetch(
+                    queries.COMPLETE_SUCCEEDED,
+                    [o.job_id for o in batch],
+                    [o.attempt for o in batch],
+                    [o.result for o in batch],
+                    self._worker_id,
+                )
+            else:
+                rows = await self._write_mixed(conn, batch)
+        finally:
+            await self._db.release(conn)
         self._account(batch, rows)
 
-    async def _write_mixed(self, batch: list[Outcome]) -> list[asyncpg.Record]:
+    async def _write_mixed(
+        self, conn: asyncpg.Connection, batch: list[Outcome]
+    ) -> list[asyncpg.Record]:
         done = [o for o in batch if o.outcome in FINISHED]
         again = [o for o in batch if o.outcome not in FINISHED]
-        rows: list[asyncpg.Record] = await self._db.fetch(
+        rows: list[asyncpg.Record] = await conn.fetch(
             queries.COMPLETE,
             [o.job_id for o in done],
             [o.attempt for o in done],
@@ -157,6 +301,7 @@ class Completer:
         return rows
 
     def _account(self, batch: list[Outcome], rows: list[asyncpg.Record]) -> None:
+        # A batch holds one outcome per job (see _next_batch): rows match outcomes by id.
         self.written += len(rows)
         if len(rows) != len(batch):
             seen = {row["id"] for row in rows}
@@ -169,15 +314,57 @@ class Completer:
                         o.outcome,
                         o.job_id,
                         o.attempt,
-                        extra={"job_id": o.job_id, "queue": o.queue, "attempt": o.attempt},
+                        extra=_fields(o),
                     )
         for row in rows:
             if row["run_at"] is not None:
                 self._on_requeued(row["queue"], row["run_at"])
 
 
+class ConnectionUnavailable(Exception):
+    """No connection to write with: always transient."""
+
+
+# Consecutive 'transient' failures after which a reachable database means the error is the
+# outcome's own (an error class we took for transient), not the connection's.
+STUCK_AFTER = 5
+ERROR_IN_NOTE = 2000
+
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying unchanged: the connection or the server's state, not the outcome.
+    SQLSTATE classes 08 (connection), 53 (insufficient resources), 57P (shutdown, restart),
+    serialization failures and deadlocks; lost connections and time-outs on our side."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        return state[:2] in ("08", "53") or state[:3] == "57P" or state in _TRANSIENT_SQLSTATES
+    if isinstance(exc, ValueError):  # asyncpg's client-side DataError: a value it cannot encode
+        return False
+    return isinstance(
+        exc,
+        (
+            ConnectionUnavailable,
+            OSError,
+            TimeoutError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ),
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:ERROR_IN_NOTE]
+
+
+def _fields(o: Outcome) -> dict[str, object]:
+    return {"job_id": o.job_id, "queue": o.queue, "attempt": o.attempt}
+
+
 def _salvage(outcome: Outcome, exc: Exception) -> Outcome:
-    note = f"PostgreSQL refused part of this job's outcome: {exc}"
+    note = f"PostgreSQL refused part of this job's outcome: {_one_line(exc)}"
     if outcome.outcome == "succeeded":
         return replace(outcome, result=json.dumps({"unrecorded_result": note}))
     return replace(outcome, error=note, traceback=None, delay=min(outcome.delay, 3600.0))

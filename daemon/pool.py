@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from datetime import datetime
 
 import asyncpg
@@ -36,6 +37,10 @@ MIN_IDLE = 0.01
 # Longest: a due job the claim keeps missing (a row someone holds locked) is looked for again
 # with doubling pauses up to this, a few claims a second rather than a hundred.
 MAX_IDLE_FLOOR = 1.0
+# A pool that starts waiting while a producer's transaction is still open looks again after
+# this, doubling up to MAX_RECHECK, until that transaction has ended (see _producers_done).
+MIN_RECHECK = 0.005
+MAX_RECHECK = 1.0
 
 
 class QueuePool:
@@ -76,6 +81,10 @@ class QueuePool:
         self._slot_freed = asyncio.Event()
         self._handing_back = False
         self._out_of_reach = 0  # empty claims in a row while a due job was waiting
+        self._recheck: float | None = None  # set while producers may not have seen us wait
+        # job id -> the attempt this worker claimed again while an older attempt still ran
+        # here: the older attempt's outcome answers for it.
+        self._adopted: dict[int, int] = {}
         self.claimed_total = 0
 
     # -- wake-ups -----------------------------------------------------------------------------
@@ -113,6 +122,12 @@ class QueuePool:
                 if self._stopping.is_set():
                     break
                 free = self.free_slots
+            if not self._completer.settled.is_set():
+                # Outcomes could not be written (the database was away): write them before
+                # claiming again. A lease may have lapsed meanwhile, and claiming such a job
+                # here would fence out its buffered outcome and run it a second time.
+                await wait_any(self._completer.settled, self._stopping)
+                continue
             want = min(free, self.config.batch_size)
             self._wake.clear()
             self._fetch_needed = False
@@ -135,10 +150,15 @@ class QueuePool:
                 if self._adaptive and self._waiting_stale():
                     # Say we wait *before* the last look, so that an insert committed after
                     # that look finds us registered and sends its NOTIFY.
-                    first_time = self._waiting_since is None
+                    lapsed = self._registration_lapsed()
                     await self._set_waiting(True)
-                    if first_time:
-                        continue
+                    if lapsed:
+                        self._recheck = MIN_RECHECK
+                if self._recheck is not None:
+                    if await self._producers_done():
+                        self._recheck = None
+                        continue  # their jobs are visible now: one more look
+                    self._recheck = min(self._recheck * 2, MAX_RECHECK)
             except DB_ERRORS as exc:
                 log.warning("queue %s: cannot update its waiting mark (%s)", self.name, exc)
             await self._idle(claimed_nothing=not jobs)
@@ -146,6 +166,22 @@ class QueuePool:
     def _waiting_stale(self) -> bool:
         since = self._waiting_since
         return since is None or time.monotonic() - since > self.config.poll_interval
+
+    def _registration_lapsed(self) -> bool:
+        """Not registered, or the registration may have expired (it lasts 3 poll intervals):
+        producers may have committed meanwhile without a NOTIFY."""
+        since = self._waiting_since
+        return since is None or time.monotonic() - since > self.config.poll_interval * 2
+
+    async def _producers_done(self) -> bool:
+        """Has every transaction that inserted into this queue without seeing us wait ended?
+
+        Producers hold a shared lock on the queue's bucket from their insert until they end,
+        and look for a waiting pool only after taking it (migration 008). A producer that
+        missed our registration took its lock before we try ours here: if ours is free, it has
+        committed (its jobs are visible to our next claim) or rolled back."""
+        done: bool = await self._db.fetchval(queries.PRODUCERS_DONE, self.name)
+        return done
 
     async def _set_waiting(self, waiting: bool) -> None:
         if waiting:
@@ -207,6 +243,8 @@ class QueuePool:
             if self._hint_due is not None:
                 deadline = min(deadline, self._hint_due)
                 self._hint_due = None
+            if self._recheck is not None:
+                deadline = min(deadline, now + self._recheck)
             remaining = max(deadline, floor) - self._clock.now()
             if self._fetch_needed or remaining <= 0:
                 return
@@ -219,6 +257,8 @@ class QueuePool:
         now = self._loop.time()
         groups: dict[float, Deadlines] = {}
         for job in jobs:
+            if job.attempt > 1 and self._claimed_again(job):
+                continue
             handler = self._registry.get(job.kind)
             timeout = (handler.timeout if handler is not None else None) or self.config.timeout
             group = groups.get(timeout)
@@ -231,6 +271,24 @@ class QueuePool:
             self.running[key] = group.tasks[key] = task
         for timeout, group in groups.items():
             group.timer = self._loop.call_at(now + timeout, group)
+
+    def _claimed_again(self, job: ClaimedJob) -> bool:
+        """This worker lost the job's lease (the database was away, or the loop blocked) and
+        claimed it again: if an older attempt is still running or its outcome still waits to
+        be written, that attempt answers for this claim instead of a second run."""
+        for attempt in range(job.attempt - 1, 0, -1):
+            if (job.id, attempt) in self.running:
+                self._adopted[job.id] = job.attempt
+                log.warning(
+                    "job %s claimed again (attempt %s) while attempt %s still runs here; "
+                    "not starting it twice",
+                    job.id,
+                    job.attempt,
+                    attempt,
+                    extra=job_fields(job, self.name),
+                )
+                return True
+        return self._completer.adopt(job.id, job.attempt)
 
     def _release(self, job: ClaimedJob) -> None:
         key = (job.id, job.attempt)
@@ -267,6 +325,8 @@ class QueuePool:
         finally:
             self._release(job)
             if outcome is not None:
+                if self._adopted and job.id in self._adopted:
+                    outcome = replace(outcome, attempt=self._adopted.pop(job.id))
                 self._completer.add(outcome)
                 if self._metrics is not None:
                     self._metrics.job_ended(

@@ -81,6 +81,10 @@ UNREGISTER_WAITING = "DELETE FROM stoker.waiting WHERE queue = $1 AND worker = $
 
 UNREGISTER_WORKER = "DELETE FROM stoker.waiting WHERE worker = $1"
 
+# True once no transaction that inserted into queue $1 without seeing a waiting pool is still
+# open: they hold this lock in shared mode until they end (migration 008's trigger).
+PRODUCERS_DONE = "SELECT pg_try_advisory_xact_lock(1398033239, hashtext($1) & 255)"
+
 # The earliest run_at of a queue's waiting jobs: how long an idle pool may sleep. Past ones
 # count too: a job can fall due between an empty claim and this query (clocks are never exactly
 # in step), and leaving it out would let the pool sleep a whole poll interval past it.
@@ -114,7 +118,9 @@ UPDATE stoker.jobs SET progress = $3::text::jsonb, updated_at = now()
 
 # Writes a batch of outcomes in one statement. Each outcome is fenced by the worker and the
 # attempt it ran: a worker whose lease was rescued cannot overwrite a newer attempt's state
-# (rescue and requeue clear `worker`, a new claim sets it and bumps `attempts`).
+# (a new claim sets `worker` and bumps `attempts`). A rescue keeps `worker`, so an outcome
+# that could not be written before the lease lapsed (a database outage) still lands on the
+# rescued row as long as nobody has claimed it since. A batch holds one outcome per job.
 # $1-$6 finish (succeeded | failed: move to history); $7-$12 requeue (retry: queued after
 # `delay` with the error kept | handback: queued now, the interrupted attempt not counted).
 # Rows are found by `id = ANY(...)` on the primary key and matched to their outcome by array
@@ -128,6 +134,7 @@ WITH finished AS (
     DELETE FROM stoker.jobs j
      WHERE j.id = ANY($1::bigint[]) AND j.worker = {worker}
        AND j.attempts = ($2::int[])[array_position($1::bigint[], j.id)]
+       AND j.state IN ('active', 'queued')
     RETURNING j.*, array_position($1::bigint[], j.id) AS pos
 )"""
 
@@ -172,6 +179,7 @@ requeued AS (
            updated_at = now()
      WHERE j.id = ANY($7::bigint[]) AND j.worker = $13
        AND j.attempts = ($8::int[])[array_position($7::bigint[], j.id)]
+       AND j.state IN ('active', 'queued')
     RETURNING j.id, j.queue, j.run_at
 )
 SELECT id, queue, NULL::timestamptz AS run_at FROM moved
@@ -197,11 +205,25 @@ RETURNING id, queue, NULL::timestamptz AS run_at
 """
 )
 
+# The last resort for a finished outcome that stoker.job_history refuses for good (its id is
+# taken, a permission is missing, a trigger says no): the job stays in stoker.jobs, finished
+# (never claimed, never rescued), with the reason in last_error. Fenced like COMPLETE.
+# $1 id, $2 attempt, $3 worker, $4 'succeeded' | 'failed', $5 the note.
+PARK = """
+UPDATE stoker.jobs j
+   SET state = $4::text::stoker.job_state, lease_expires_at = NULL, last_error = $5,
+       errors = stoker.push_error(j.errors, j.attempts, $5, NULL), updated_at = now()
+ WHERE j.id = $1 AND j.attempts = $2 AND j.worker = $3 AND j.state IN ('active', 'queued')
+RETURNING j.id
+"""
+
 NOTIFY_QUEUES = "SELECT pg_notify('stoker_jobs', q) FROM unnest($1::text[]) AS q"
 
 # -- maintenance ----------------------------------------------------------------------------
 
 # Jobs whose worker stopped renewing the lease (killed, frozen, cut off) go back to the queue.
+# `worker` stays until the next claim: the outcome of a worker that was only cut off from the
+# database may still land (see COMPLETE), and then the job does not run again.
 RESCUE = """
 WITH expired AS (
     SELECT id FROM stoker.jobs
@@ -215,8 +237,7 @@ UPDATE stoker.jobs j
        last_error = 'lease expired: worker ' || coalesce(j.worker, '?')
                     || ' stopped renewing it (killed, or lost its database connection)',
        errors = stoker.push_error(j.errors, j.attempts, 'lease expired: worker '
-                    || coalesce(j.worker, '?') || ' stopped renewing it', NULL),
-       worker = NULL
+                    || coalesce(j.worker, '?') || ' stopped renewing it', NULL)
   FROM expired
  WHERE j.id = expired.id
 RETURNING j.id, j.queue, j.attempts

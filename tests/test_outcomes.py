@@ -1,0 +1,246 @@
+"""The completer against a real PostgreSQL: every outcome is written exactly once, whatever
+PostgreSQL refuses and whenever the connection drops; none wedges the ones behind it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from daemon import queries
+from daemon.db import create_pool
+from daemon.outcomes import Completer, Outcome
+from tests.conftest import eventually
+
+WORKER = "w-test"
+
+
+@pytest.fixture
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    db = await create_pool(dsn, max_size=4)
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+@pytest.fixture
+async def completer(pool: asyncpg.Pool) -> AsyncIterator[tuple[Completer, asyncio.Task[None]]]:
+    """A running completer; the test adds outcomes and watches the database."""
+    requeued: list[str] = []
+    c = Completer(
+        pool,
+        worker_id=WORKER,
+        flush_interval=0.01,
+        flush_max=1000,
+        on_requeued=lambda queue, _at: requeued.append(queue),
+    )
+    task = asyncio.create_task(c.run())
+    try:
+        yield c, task
+    finally:
+        await c.close()
+        try:
+            await asyncio.wait_for(task, timeout=10)
+        except Exception:  # the test has already said what went wrong
+            task.cancel()
+
+
+async def claimed_jobs(db: asyncpg.Connection, kinds: list[str]) -> list[int]:
+    """Insert jobs of `kinds` and claim them all as WORKER (attempt 1), in insertion order."""
+    ids = [
+        await db.fetchval(
+            "INSERT INTO stoker.jobs (queue, kind) VALUES ('default', $1) RETURNING id", kind
+        )
+        for kind in kinds
+    ]
+    rows = await db.fetch(queries.CLAIM, "default", len(ids), WORKER, 60)
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    return ids
+
+
+async def state_of(db: asyncpg.Connection, job_id: int) -> asyncpg.Record:
+    row: asyncpg.Record = await db.fetchrow(
+        "SELECT state::text AS state, attempts, last_error, result, worker "
+        "FROM stoker.all_jobs WHERE id = $1",
+        job_id,
+    )
+    return row
+
+
+def succeeded(job_id: int, attempt: int = 1, result: str | None = None) -> Outcome:
+    return Outcome(job_id, attempt, "default", "succeeded", result=result)
+
+
+async def test_an_outcome_history_refuses_for_good_does_not_wedge_the_rest(
+    db: asyncpg.Connection, completer: tuple[Completer, asyncio.Task[None]]
+) -> None:
+    # History already holds the id (what `TRUNCATE stoker.jobs RESTART IDENTITY` leads to).
+    ids = await claimed_jobs(db, ["noop"] * 6)
+    await db.execute(
+        """INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state,
+                                           run_at, attempts, errors, created_at)
+           VALUES ($1, 'default', 'older', '{}', '{}', 0, 'succeeded', now(), 1, '[]', now())""",
+        ids[2],
+    )
+    c, task = completer
+    for job_id in ids:
+        c.add(succeeded(job_id))
+
+    async def written() -> bool:
+        return c.buffered == 0
+
+    await eventually(written, timeout=10)
+    for job_id in ids[:2] + ids[3:]:
+        assert (await state_of(db, job_id))["state"] == "succeeded"
+    # The refused one is parked in stoker.jobs: finished, never claimed or rescued again,
+    # with the reason where an operator looks.
+    parked = await db.fetchrow("SELECT * FROM stoker.jobs WHERE id = $1", ids[2])
+    assert parked["state"] == "succeeded"
+    assert parked["lease_expires_at"] is None
+    assert "could not be moved to stoker.job_history" in parked["last_error"]
+    assert "job_history_pkey" in parked["last_error"]
+    older = await db.fetchval("SELECT kind FROM stoker.job_history WHERE id = $1", ids[2])
+    assert older == "older"  # the old record is left alone
+    assert not task.done()
+
+
+async def test_a_dba_trigger_refusing_one_kind_blocks_nothing_else(
+    db: asyncpg.Connection, completer: tuple[Completer, asyncio.Task[None]]
+) -> None:
+    await db.execute(
+        """CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               IF NEW.kind = 'refused' THEN RAISE EXCEPTION 'kind refused by policy'; END IF;
+               RETURN NEW;
+           END $$;
+           CREATE TRIGGER refuse BEFORE INSERT ON stoker.job_history
+               FOR EACH ROW EXECUTE FUNCTION public.refuse();"""
+    )
+    ids = await claimed_jobs(db, ["noop", "refused", "noop", "refused", "noop"])
+    c, task = completer
+    c.add(succeeded(ids[0]))
+    c.add(Outcome(ids[1], 1, "default", "failed", error="it broke"))
+    c.add(succeeded(ids[2]))
+    c.add(Outcome(ids[3], 1, "default", "succeeded", result='{"n": 1}'))
+    c.add(Outcome(ids[4], 1, "default", "retry", error="again", delay=0))
+
+    async def written() -> bool:
+        return c.buffered == 0
+
+    await eventually(written, timeout=10)
+    assert (await state_of(db, ids[0]))["state"] == "succeeded"
+    assert (await state_of(db, ids[2]))["state"] == "succeeded"
+    requeued = await state_of(db, ids[4])
+    assert (requeued["state"], requeued["last_error"]) == ("queued", "again")
+    failed = await db.fetchrow("SELECT * FROM stoker.jobs WHERE id = $1", ids[1])
+    assert failed["state"] == "failed"
+    assert "it broke" in failed["last_error"]
+    assert "kind refused by policy" in failed["last_error"]
+    done = await db.fetchrow("SELECT * FROM stoker.jobs WHERE id = $1", ids[3])
+    assert done["state"] == "succeeded"
+    assert not task.done()
+
+
+async def test_a_connection_lost_during_one_by_one_writes_keeps_the_completer_running(
+    db: asyncpg.Connection, completer: tuple[Completer, asyncio.Task[None]]
+) -> None:
+    # A data error sends the batch one by one; the first single write of 'cut' loses its
+    # connection (a sequence counts tries: it is not rolled back with the write).
+    await db.execute(
+        """CREATE SEQUENCE public.cuts;
+           CREATE FUNCTION public.trouble() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               IF NEW.kind = 'bad' THEN
+                   RAISE EXCEPTION 'value refused' USING ERRCODE = 'data_exception';
+               END IF;
+               IF NEW.kind = 'cut' THEN
+                   IF nextval('public.cuts') = 2 THEN  -- 1: in the batch; 2: alone
+                       PERFORM pg_terminate_backend(pg_backend_pid());
+                   END IF;
+               END IF;
+               RETURN NEW;
+           END $$;
+           CREATE TRIGGER trouble BEFORE INSERT ON stoker.job_history
+               FOR EACH ROW EXECUTE FUNCTION public.trouble();"""
+    )
+    ids = await claimed_jobs(db, ["cut", "bad", "noop", "noop"])
+    c, task = completer
+    for job_id in ids:
+        c.add(succeeded(job_id))
+
+    async def written() -> bool:
+        if task.done():
+            raise AssertionError(f"the completer died: {task.exception()!r}")
+        return c.buffered == 0
+
+    await eventually(written, timeout=15)
+    assert await db.fetchval("SELECT last_value FROM public.cuts") >= 3  # cut, then written
+    for job_id in [ids[0], *ids[2:]]:
+        assert (await state_of(db, job_id))["state"] == "succeeded"
+    bad = await db.fetchrow("SELECT * FROM stoker.jobs WHERE id = $1", ids[1])
+    assert bad["state"] == "succeeded"
+    assert "value refused" in bad["last_error"]
+    assert not task.done()
+
+
+async def test_two_outcomes_of_one_job_in_one_flush_keep_the_live_one(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # Attempt 1's lease lapsed, the job was rescued and claimed again by the same worker;
+    # both attempts end and their outcomes share a flush.
+    (job_id,) = await claimed_jobs(db, ["noop"])
+    await db.execute(
+        "UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        job_id,
+    )
+    assert len(await db.fetch(queries.RESCUE)) == 1
+    again = await db.fetch(queries.CLAIM, "default", 1, WORKER, 60)
+    assert [(r["id"], r["attempts"]) for r in again] == [(job_id, 2)]
+    c = Completer(pool, worker_id=WORKER, flush_interval=0, flush_max=1000, on_requeued=print)
+    c.add(succeeded(job_id, 1, '"first"'))
+    c.add(succeeded(job_id, 2, '"second"'))
+    task = asyncio.create_task(c.run())
+    try:
+
+        async def written() -> bool:
+            return c.buffered == 0
+
+        await eventually(written, timeout=10)
+    finally:
+        await c.close()
+        await asyncio.wait_for(task, timeout=10)
+    row = await state_of(db, job_id)
+    assert (row["state"], row["attempts"], row["result"]) == ("succeeded", 2, "second")
+    assert c.discarded == 1
+
+
+async def test_a_success_buffered_past_its_lease_is_written_to_the_rescued_row(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # The database was out longer than lease_seconds: a rescue put the job back in the queue
+    # before the buffered success could be written. Nobody has claimed it since: the success
+    # still belongs to the latest attempt and must be kept, not run again.
+    (job_id,) = await claimed_jobs(db, ["noop"])
+    await db.execute(
+        "UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        job_id,
+    )
+    assert len(await db.fetch(queries.RESCUE)) == 1
+    c = Completer(pool, worker_id=WORKER, flush_interval=0, flush_max=1000, on_requeued=print)
+    c.add(succeeded(job_id, 1, '"done"'))
+    task = asyncio.create_task(c.run())
+    try:
+
+        async def written() -> bool:
+            return c.buffered == 0
+
+        await eventually(written, timeout=10)
+    finally:
+        await c.close()
+        await asyncio.wait_for(task, timeout=10)
+    row = await state_of(db, job_id)
+    assert (row["state"], row["attempts"], row["result"]) == ("succeeded", 1, "done")
+    assert c.discarded == 0
