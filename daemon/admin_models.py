@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from daemon.config import QUEUE_NAME
-from daemon.db import as_json_text
+from daemon.db import json_problem, text_problem
 
 State = Literal["queued", "active", "succeeded", "failed", "cancelled"]
 STATES: tuple[State, ...] = ("queued", "active", "succeeded", "failed", "cancelled")
@@ -17,13 +17,26 @@ BIGINT_MAX = 2**63 - 1
 
 
 def _jsonb_safe(value: dict[str, Any]) -> dict[str, Any]:
-    as_json_text(value)  # jsonb has no NaN/Infinity: refuse them here, naming the field
+    # What PostgreSQL would refuse (NaN, NUL, lone surrogates) is refused here, naming the
+    # field, instead of failing in the database as a 500.
+    problem = json_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _text_safe(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise ValueError(problem)
     return value
 
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_jsonb_safe)]
 QueueName = Annotated[str, Field(pattern=QUEUE_NAME.pattern)]
-Kind = Annotated[str, Field(min_length=1, max_length=200)]
+Kind = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text_safe)]
+# an index key: PostgreSQL refuses btree entries much larger than 2 kB
+UniqueKey = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_text_safe)]
 
 
 class EnqueueRequest(BaseModel):
@@ -35,8 +48,7 @@ class EnqueueRequest(BaseModel):
     payload: JsonObject = Field(default_factory=dict)
     run_at: AwareDatetime | None = Field(None, description="ISO 8601 with a zone; default now")
     priority: int = Field(0, ge=-32768, le=32767, description="higher runs first")
-    # an index key: PostgreSQL refuses btree entries much larger than 2 kB
-    unique_key: str | None = Field(None, min_length=1, max_length=1000, description="skip if held")
+    unique_key: UniqueKey | None = Field(None, description="skip if held")
     max_attempts: int | None = Field(None, ge=1, le=2**31 - 1)
     meta: JsonObject = Field(default_factory=dict)
 

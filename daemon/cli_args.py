@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from datetime import UTC, datetime, timedelta
@@ -12,12 +13,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from daemon.config import QUEUE_NAME
+from daemon.db import json_problem
 from daemon.errors import StokerError
 
 EXIT_USAGE = 2
 STATES = ("queued", "active", "succeeded", "failed", "cancelled")
 RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DIGITS = 4300  # Python's own limit for turning text into an int
 
 
 class UsageError(StokerError):
@@ -33,11 +36,44 @@ class Parser(argparse.ArgumentParser):
 # -- argument types ------------------------------------------------------------------------
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError("NaN and Infinity are not JSON (jsonb cannot hold them); use null or a string")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(
+            f"{text} is too large a number for JSON (it would be Infinity); write it as a string"
+        )
+    return value
+
+
+def _integer(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise ValueError(
+            f"a number of {len(text)} digits is too large a number here (at most {MAX_DIGITS}); "
+            "write it as a string"
+        )
+    return int(text)
+
+
 def json_value(text: str) -> Any:
+    """JSON that PostgreSQL's jsonb can hold; anything else is refused naming the fix."""
     try:
-        return json.loads(text)
+        value = json.loads(
+            text, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer
+        )
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise argparse.ArgumentTypeError("nested too deeply; flatten it") from None
+    except ValueError as exc:  # the hooks' refusals above
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    problem = json_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def when(text: str) -> datetime:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from daemon import queries
 from daemon.cli_args import STATES, UsageError
 from daemon.config import Settings
-from daemon.db import CONNECT_ERRORS, connect, redact
+from daemon.db import CONNECT_ERRORS, connect, describe_failure
 from daemon.enqueue import enqueue
 from daemon.errors import StokerError
 from daemon.migrations import migrate
@@ -44,7 +44,7 @@ async def with_connection(
         conn = await connect(settings.database_url, application_name="stoker-cli")
     except CONNECT_ERRORS as exc:
         raise StokerError(
-            f"cannot connect to the database at {redact(settings.database_url)}: {exc}"
+            f"cannot connect to the database at {describe_failure(settings.database_url, exc)}"
         ) from exc
     try:
         return await work(conn)

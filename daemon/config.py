@@ -100,9 +100,25 @@ class HttpConfig(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    admin_token: str | None = Field(
-        None, min_length=16, description="bearer token for /api/v1; the admin API is off without"
+    # A secret type, so that repr, model_dump and logs never show it; read it as admin_token.
+    admin_token_secret: SecretStr | None = Field(
+        None,
+        alias="admin_token",
+        description="bearer token for /api/v1, 16 characters or more; the admin API is off without",
     )
+
+    @field_validator("admin_token_secret")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. from `openssl rand -hex 32`)")
+        return value
+
+    @property
+    def admin_token(self) -> str | None:
+        secret = self.admin_token_secret
+        return None if secret is None else secret.get_secret_value()
+
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
     loop_lag_threshold: float = Field(5.0, gt=0, description="seconds blocked before /health fails")
     depth_sample_interval: float = Field(5.0, gt=0, description="queue depth sampling, seconds")
@@ -245,12 +261,16 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    database_url: str = Field(
-        "",
+    # Secret types, so that repr, model_dump and logs never show a password; the engine reads
+    # the plain DSNs through the database_url and listen_dsn properties below.
+    database_url_secret: SecretStr = Field(
+        SecretStr(""),
         validation_alias=AliasChoices("database_url", "DATABASE_URL", "STOKER_DATABASE_URL"),
     )
-    listen_dsn: str | None = Field(
-        None, description="direct (session) connection for LISTEN when database_url is a pooler"
+    listen_dsn_secret: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("listen_dsn", "STOKER_LISTEN_DSN"),
+        description="direct (session) connection for LISTEN when database_url is a pooler",
     )
     poll_only: bool = False
     statement_cache_size: int = Field(100, ge=0, description="0 behind pgbouncer (transaction)")
@@ -304,12 +324,22 @@ class Settings(BaseSettings):
                 )
         return value
 
-    @field_validator("database_url", "listen_dsn")
+    @field_validator("database_url_secret", "listen_dsn_secret")
     @classmethod
-    def _dsn(cls, value: str | None) -> str | None:
-        if value:
-            check_dsn(value)
+    def _dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            check_dsn(value.get_secret_value())
         return value
+
+    @property
+    def database_url(self) -> str:
+        """The DSN as asyncpg needs it; anything shown to people goes through db.redact."""
+        return self.database_url_secret.get_secret_value()
+
+    @property
+    def listen_dsn(self) -> str | None:
+        secret = self.listen_dsn_secret
+        return None if secret is None else secret.get_secret_value()
 
     @field_validator("handler_modules")
     @classmethod

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import re
 from typing import Any
+from urllib.parse import unquote, unquote_plus
 
 import asyncpg
+from pydantic import SecretStr
 
 # Server-side keepalives let PostgreSQL notice a vanished daemon; the listener's own probe
 # notices a vanished server.
@@ -94,14 +98,117 @@ async def connect(
     return conn
 
 
-def redact(dsn: str) -> str:
-    """The DSN without its password, for logs and error messages."""
-    if "@" not in dsn or "://" not in dsn:
-        return dsn
-    scheme, rest = dsn.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+MASK = "***"
+# libpq's key=value form: a value is a word or a single-quoted string with backslash escapes.
+KEYWORD_SECRET = re.compile(r"""(?i)\b(\w*password)\s*=\s*('(?:[^'\\]|\\.)*'|\S*)""")
+AMBIGUOUS = (
+    f"{MASK} (not shown: the URL is ambiguous; percent-encode @ / ? # in the password, "
+    "e.g. @ as %40)"
+)
+
+
+def _plain(dsn: str | SecretStr) -> str:
+    return dsn.get_secret_value() if isinstance(dsn, SecretStr) else dsn
+
+
+def _secret_key(key: str) -> bool:
+    # asyncpg reads query keys percent-decoded: pass%77ord= is a password too
+    return "password" in unquote_plus(key).lower()
+
+
+def _redact_query(query: str) -> str:
+    params = []
+    for param in query.split("&"):
+        key, eq, _ = param.partition("=")
+        params.append(f"{key}={MASK}" if eq and _secret_key(key) else param)
+    return "&".join(params)
+
+
+def redact(dsn: str | SecretStr) -> str:
+    """The DSN for logs and error messages: every password masked (userinfo, `password` and
+    `sslpassword` query parameters however encoded, libpq's key=value form)."""
+    text = _plain(dsn)
+    if "://" not in text:
+        return KEYWORD_SECRET.sub(lambda m: f"{m[1]}={MASK}", text)
+    scheme, rest = text.split("://", 1)
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:cut], rest[cut:]
+    tail, hash_, fragment = tail.partition("#")
+    path, q, query = tail.partition("?")
+    tail = f"{path}{q}{_redact_query(query)}"
+    # Outside a password's query value, an @ after the authority means a raw / ? or # in the
+    # userinfo password ended the authority early: where the password ends is unknowable.
+    if "@" in tail or "@" in fragment:
+        return f"{scheme}://{AMBIGUOUS}"
+    userinfo, at, hosts = authority.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        authority = f"{user}:{MASK}@{hosts}" if colon else f"{user}@{hosts}"
+    return f"{scheme}://{authority}{tail}{hash_ and '#' + MASK}"
+
+
+def _secrets(dsn: str) -> set[str]:
+    """Every spelling of every password in the DSN, as an error text might repeat it."""
+    found: set[str] = set()
+    if "://" not in dsn:
+        found.update(m[2].strip("'") for m in KEYWORD_SECRET.finditer(dsn))
+    else:
+        rest = dsn.split("://", 1)[1]
+        found.add(rest.rpartition("@")[0].partition(":")[2])
+        for param in rest.partition("?")[2].split("&"):
+            key, _, value = param.partition("=")
+            if _secret_key(key):
+                found.update({value, value.partition("#")[0]})
+        # An ambiguous URL's pieces, any of which a parser may have taken for a host or port.
+        found.update(re.split(r"[@/?#:&=,]", rest))
+    found |= {unquote(s) for s in found} | {unquote_plus(s) for s in found}
+    return {s for s in found if len(s) >= 3}
+
+
+def describe_failure(dsn: str | SecretStr, exc: BaseException) -> str:
+    """`<redacted DSN>: <error>` for a failed connection; the error text is scrubbed too, since
+    a driver may quote part of a malformed DSN back."""
+    text, plain = str(exc), _plain(dsn)
+    for secret in sorted(_secrets(plain), key=len, reverse=True):
+        if secret in redact(plain):
+            continue  # shown anyway (a host name, a user): not a secret
+        text = text.replace(secret, MASK)
+    return f"{redact(plain)}: {text}"
+
+
+def text_problem(value: str) -> str | None:
+    """Why PostgreSQL's text (and jsonb) cannot hold this string, as the fix to make."""
+    if "\x00" in value:
+        return "contains a NUL character (\\u0000), which PostgreSQL cannot store; remove it"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate such as \\ud800); send UTF-8 text"
+    return None
+
+
+def json_problem(value: Any) -> str | None:
+    """Why jsonb cannot hold this decoded JSON value (NaN, Infinity, NUL, lone surrogates),
+    or None. Walks without recursion: a deeply nested value must not blow the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            problem = text_problem(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            problem = "NaN and Infinity are not JSON (jsonb cannot hold them); use null or a string"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+            continue
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+            continue
+        else:
+            continue
+        if problem:
+            return problem
+    return None
 
 
 def as_json_text(value: Any) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from daemon.db import CONNECT_ERRORS, DB_ERRORS, close_quietly, connect, redact
+from daemon.db import CONNECT_ERRORS, DB_ERRORS, close_quietly, connect, describe_failure
 from daemon.waiting import wait_any
 
 log = logging.getLogger("stoker.listener")
@@ -90,9 +90,8 @@ class Listener:
                     log.warning("listener connection lost; reconnecting")
             except CONNECT_ERRORS as exc:
                 log.warning(
-                    "listener cannot connect to %s: %s; retrying in %.1fs",
-                    redact(self._dsn),
-                    exc,
+                    "listener cannot connect to %s; retrying in %.1fs",
+                    describe_failure(self._dsn, exc),
                     delay,
                 )
             finally:
