@@ -78,6 +78,9 @@ class ScheduleConfig(_Strict):
     enabled: bool = True
     catch_up: Literal["skip", "latest", "all"] = "latest"
     max_catch_up: int = Field(10, ge=1, le=1000)
+    skip_grace: float = Field(
+        60.0, ge=0, description='catch_up = "skip": seconds late a tick may still fire'
+    )
     overlap: Literal["skip", "allow"] = "skip"
     description: str = ""
 
