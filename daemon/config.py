@@ -126,7 +126,15 @@ class HttpConfig(_Strict):
     loop_lag_threshold: float = Field(5.0, gt=0, description="seconds blocked before /health fails")
     depth_sample_interval: float = Field(5.0, gt=0, description="queue depth sampling, seconds")
     max_requests_per_second: float = Field(
-        100.0, gt=0, description="beyond this, requests wait their turn (the job path comes first)"
+        100.0,
+        gt=0,
+        description="admin API requests beyond this wait their turn (probes never do)",
+    )
+    max_queued_requests: int = Field(
+        100,
+        ge=0,
+        le=100_000,
+        description="admin API requests that may wait their turn; beyond, 429 with Retry-After",
     )
 
 

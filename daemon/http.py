@@ -1,11 +1,17 @@
 """The daemon's HTTP server: /health (liveness), /ready (readiness), /metrics (Prometheus) and,
 when a token is configured, the admin API under /api/v1. Handlers read in-memory state; the one
-database call (/ready) is cached briefly and time-boxed, so probes never slow the job path."""
+database call (/ready) is cached briefly and time-boxed, so probes never slow the job path.
+
+Probes never queue behind the admin API: their cost per request is bounded by those caches, and
+they matter most when something hammers the daemon. Admin API requests show their token before
+they take a turn in the throttle, whose queue is capped (429 with Retry-After beyond)."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +34,11 @@ BEAT = 0.25  # seconds between loop-lag probes
 DB_CHECK_TTL = 0.5  # seconds a database check result is reused
 DB_CHECK_TIMEOUT = 2.0
 METRICS_TTL = 0.25  # seconds a rendered /metrics page is served again
+# Never throttled. /metrics is a probe too: a page rendered at most every METRICS_TTL costs a
+# copy per request, and a scraper that times out during a flood hides the flood from alerts.
+PROBES = frozenset({"/health", "/ready", "/metrics"})
+API_PREFIX = "/api/v1"
+NOT_CHECKED = "not checked yet"
 
 
 @dataclass
@@ -41,7 +52,7 @@ class HealthState:
     last_beat: float = field(default_factory=time.monotonic)
     lag: float = 0.0
     db_checked_at: float = 0.0
-    db_error: str | None = "not checked yet"
+    db_error: str | None = NOT_CHECKED
     db_check: asyncio.Future[str | None] | None = None
 
 
@@ -97,6 +108,7 @@ async def _check_database(state: HealthState) -> str | None:
 
 
 async def _probe_database(state: HealthState) -> str | None:
+    previous = state.db_error
     if state.db is None:
         state.db_error = "no database pool"
     else:
@@ -108,24 +120,36 @@ async def _probe_database(state: HealthState) -> str | None:
         except DB_ERRORS as exc:
             state.db_error = f"{type(exc).__name__}: {exc}".strip() or type(exc).__name__
     state.db_checked_at = time.monotonic()
+    # The detail (host names, user names) is for the operator's log, once per change, and for
+    # /ready callers bearing the admin token; anyone else learns only that "database" fails.
+    if state.db_error is not None and state.db_error != previous:
+        log.warning("readiness: database check failing: %s", state.db_error)
+    elif state.db_error is None and previous not in (None, NOT_CHECKED):
+        log.info("readiness: database check ok again")
     return state.db_error
 
 
 class Governor:
-    """A token bucket that delays, never refuses: past `rate` requests a second, each request
-    waits its turn. Clients that hammer the endpoints get slower answers, all of them 200,
-    and the event loop keeps its time for jobs."""
+    """A token bucket for the admin API: past `rate` requests a second, each request waits its
+    turn, so that the event loop keeps its time for jobs; past `max_queued` waiting, a request
+    is refused at once with the seconds until the queue has drained."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, max_queued: int) -> None:
         self._interval = 1.0 / rate
+        self._max_wait = max_queued * self._interval
         self._next = 0.0
 
-    async def wait_turn(self) -> None:
+    def reserve(self) -> float | None:
+        """Seconds until this request's turn, or None when the queue is full."""
         now = time.monotonic()
-        turn = max(now, self._next)
-        self._next = turn + self._interval
-        if turn > now:
-            await asyncio.sleep(turn - now)
+        wait = max(now, self._next) - now
+        if wait > self._max_wait:
+            return None
+        self._next = now + wait + self._interval
+        return wait
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self._next - time.monotonic()))
 
 
 def build_app(
@@ -135,7 +159,8 @@ def build_app(
     admin: web.Application | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes)
-    governor = Governor(config.max_requests_per_second)
+    governor = Governor(config.max_requests_per_second, config.max_queued_requests)
+    token = _admin_token(config) if admin is not None else None
     scraped: tuple[float, bytes] = (0.0, b"")
 
     async def health(_request: web.Request) -> web.Response:
@@ -147,7 +172,7 @@ def build_app(
             return web.json_response(body, status=503)
         return web.json_response(body)
 
-    async def ready(_request: web.Request) -> web.Response:
+    async def ready(request: web.Request) -> web.Response:
         checks: dict[str, str] = {}
         db_error = await _check_database(state)
         checks["database"] = db_error or "ok"
@@ -155,10 +180,12 @@ def build_app(
         checks["migrations"] = "ok" if state.migrations_current else "schema is not current"
         checks["draining"] = "shutting down" if state.draining() else "ok"
         failing = sorted(name for name, result in checks.items() if result != "ok")
+        body: dict[str, object] = {"status": "not ready" if failing else "ready"}
         if failing:
-            body = {"status": "not ready", "failing": failing, "checks": checks}
-            return web.json_response(body, status=503)
-        return web.json_response({"status": "ready", "checks": checks})
+            body["failing"] = failing
+        if _caller(request, token) == "admin":
+            body["checks"] = checks
+        return web.json_response(body, status=503 if failing else 200)
 
     async def scrape(_request: web.Request) -> web.Response:
         nonlocal scraped
@@ -171,8 +198,27 @@ def build_app(
     async def governed(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path != "/health":  # liveness is never throttled
-            await governor.wait_turn()
+        if token is None or not _is_api(request.path):
+            return await handler(request)  # probes, and 404s that cost no more than a refusal
+        caller = _caller(request, token)
+        if caller == "anonymous":
+            return web.json_response(
+                {"error": "authentication required: send Authorization: Bearer <token>"},
+                status=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if caller == "forged":
+            return web.json_response({"error": "invalid token"}, status=403)
+        wait = governor.reserve()
+        if wait is None:
+            seconds = governor.retry_after()
+            return web.json_response(
+                {"error": f"too many requests waiting; retry after {seconds}s"},
+                status=429,
+                headers={"Retry-After": str(seconds)},
+            )
+        if wait > 0:
+            await asyncio.sleep(wait)
         return await handler(request)
 
     app.router.add_get("/health", health)
@@ -198,6 +244,25 @@ async def _json_errors(
         return web.json_response(
             {"error": exc.reason}, status=exc.status, headers=_kept_headers(exc)
         )
+
+
+def _is_api(path: str) -> bool:
+    return path == API_PREFIX or path.startswith(API_PREFIX + "/")
+
+
+def _admin_token(config: HttpConfig) -> bytes | None:
+    token = config.admin_token
+    return token.encode() if token else None
+
+
+def _caller(request: web.Request, token: bytes | None) -> str:
+    """ "admin" for the admin token, "anonymous" without credentials, "forged" otherwise."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return "anonymous"
+    if token is not None and hmac.compare_digest(given.strip().encode("utf-8", "replace"), token):
+        return "admin"
+    return "forged"
 
 
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:

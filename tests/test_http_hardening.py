@@ -6,17 +6,24 @@ Every server here listens on 127.0.0.1, and every request goes there."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
 from daemon.config import load_settings
 from daemon.errors import ConfigError
-from tests.conftest import DaemonFactory, finished
+from daemon.migrations import migrate
+from daemon.pgcluster import Cluster
+from tests.conftest import DaemonFactory, eventually, finished
 from tests.test_handler_http import Hook, Reply, call, serve_hook, start
+from tests.test_http import http_port
 
 # -- point 12: a webhook URL that is the credential ------------------------------------------
 
@@ -117,6 +124,157 @@ async def test_a_credential_url_never_shows_in_client_errors_or_tracebacks(
     assert "Invalid header token" in row["last_error"]
     await daemon.wait_log("http.request POST target garbled -> ClientResponseError in")
     assert_no_url_secrets(everything(row), daemon.log())
+
+
+# -- point 14: the HTTP server under floods, and what /ready tells strangers -------------------
+
+TOKEN = "admin-t0ken-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def admin_daemon(daemons: DaemonFactory, rate: float) -> int:
+    daemon = await daemons.start(
+        f"[http]\nmax_requests_per_second = {rate}\n", STOKER_HTTP__ADMIN_TOKEN=TOKEN
+    )
+    return await http_port(daemon)
+
+
+@contextlib.asynccontextmanager
+async def flooding(
+    port: int, count: int, headers: dict[str, str] | None = None
+) -> AsyncIterator[list[int]]:
+    """`count` concurrent GET /api/v1/queues on connections of their own; yields the statuses
+    as they arrive, and abandons whatever is unanswered on leaving."""
+    statuses: list[int] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+        async def one() -> None:
+            async with session.get(f"http://127.0.0.1:{port}/api/v1/queues") as response:
+                await response.read()
+                statuses.append(response.status)
+                if response.status == 429:
+                    assert int(response.headers["Retry-After"]) >= 1
+                    assert "error" in await response.json()
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(count)]
+        try:
+            yield statuses
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until(condition: Callable[[], bool], timeout: float = 15) -> None:
+    async def check() -> bool:
+        return condition()
+
+    await eventually(check, timeout)
+
+
+async def timed_get(port: int, path: str, headers: dict[str, str] | None = None) -> float:
+    """Seconds a fresh client waits for an answer (any answer) to GET path."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
+        session.get(f"http://127.0.0.1:{port}{path}", headers=headers) as response,
+    ):
+        await response.read()
+    return loop.time() - started
+
+
+async def test_probes_answer_within_a_second_under_an_admin_api_flood(
+    daemons: DaemonFactory,
+) -> None:
+    port = await admin_daemon(daemons, rate=5)
+    # 40 requests at 5 a second keep the throttle's queue busy for eight seconds.
+    async with flooding(port, 40, AUTH) as statuses:
+        await until(lambda: len(statuses) >= 1)  # the flood is in
+        for path in ("/ready", "/health", "/metrics"):
+            elapsed = await timed_get(port, path)
+            assert elapsed < 1.0, f"{path} took {elapsed:.1f}s under the flood"
+        assert len(statuses) < 40  # the flood was still queued while the probes answered
+
+
+async def test_the_throttle_queue_is_capped_and_answers_429_with_retry_after(
+    daemons: DaemonFactory,
+) -> None:
+    port = await admin_daemon(daemons, rate=2)
+    # At most max_queued_requests (100) wait their turn; the rest hear at once when to return.
+    async with flooding(port, 130, AUTH) as statuses:
+        await until(lambda: statuses.count(429) >= 25, timeout=10)
+    assert set(statuses) <= {200, 429}
+
+
+async def test_unauthenticated_requests_are_refused_before_taking_a_turn(
+    daemons: DaemonFactory,
+) -> None:
+    port = await admin_daemon(daemons, rate=2)
+    wrong = {"Authorization": "Bearer not-the-token-at-all"}
+    async with flooding(port, 30) as anonymous, flooding(port, 30, wrong) as forged:
+        await until(lambda: len(anonymous) + len(forged) == 60, timeout=3)
+    assert set(anonymous) == {401}
+    assert set(forged) == {403}
+    # Sixty refusals took no turn: the admin's own request is next, not thirty seconds away.
+    assert await timed_get(port, "/api/v1/queues", AUTH) < 1.0
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL of this test's own, which it may stop."""
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="stoker-own-pg-")), fast=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+async def test_ready_names_the_failing_check_only_unless_the_admin_token_is_sent(
+    own_cluster: Cluster, tmp_path: Path
+) -> None:
+    dsn = own_cluster.dsn()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    factory = DaemonFactory(dsn, tmp_path)
+    try:
+        daemon = await factory.start("", STOKER_HTTP__ADMIN_TOKEN=TOKEN)
+        port = await http_port(daemon)
+        async with aiohttp.ClientSession() as client:
+
+            async def ready(headers: dict[str, str] | None = None) -> tuple[int, Any]:
+                url = f"http://127.0.0.1:{port}/ready"
+                async with client.get(url, headers=headers) as response:
+                    return response.status, await response.json()
+
+            first = await ready()
+            assert first[0] == 200
+            own_cluster.stop()
+
+            async def database_down() -> dict[str, Any] | None:
+                status, body = await ready()
+                return body if status == 503 and "database" in body["failing"] else None
+
+            body = await eventually(database_down, timeout=20)
+            assert set(body) == {"status", "failing"}, body
+            assert first[1] == {"status": "ready"}  # nothing to tell strangers but that
+            assert body["status"] == "not ready"
+            assert "127.0.0.1" not in json.dumps(body)
+            status, detailed = await ready(AUTH)
+            assert status == 503
+            assert detailed["checks"]["database"] not in ("ok", "failing")
+            assert (await ready({"Authorization": "Bearer wrong-token-0123456789"}))[1].keys() == {
+                "status",
+                "failing",
+            }
+        await daemon.wait_log("readiness: database check failing: ")
+    finally:
+        factory.stop_all()
 
 
 # -- point 16: the allowlist's ports, and the addresses a payload URL may reach ---------------
