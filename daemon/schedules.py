@@ -3,10 +3,12 @@ manual triggers and status. Used by the scheduler, the CLI and (later) the HTTP 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 
@@ -17,6 +19,11 @@ from daemon.db import as_json_text
 log = logging.getLogger("stoker.schedules")
 
 FireResult = Literal["fired", "skipped", "duplicate"]
+SkipReason = Literal["skipped_overlap", "skipped_catch_up"]
+
+# A leader back after weeks must not write millions of rows for an every-second schedule: of the
+# ticks one catch-up passes over, the newest this many are recorded (all are counted in the log).
+MAX_RECORDED_SKIPS = 1000
 
 
 @dataclass(frozen=True)
@@ -33,55 +40,93 @@ class Schedule:
     max_catch_up: int = 10
     overlap: str = "skip"
     description: str = ""
-    updated_at: datetime | None = None  # db schedules: a change resets the tick cursor
+    updated_at: datetime | None = None  # db schedules: any change reloads the schedule
+    skip_grace: float = 60.0
+    # db schedules: no tick from before this fires (cron or zone edited, or enabled again).
+    timetable_changed_at: datetime | None = None
 
     @classmethod
     def from_config(cls, name: str, cfg: ScheduleConfig) -> Schedule:
         return cls(
-            name,
-            "config",
-            CronSpec(cfg.cron, cfg.timezone),
-            cfg.kind,
-            cfg.queue,
-            cfg.payload,
-            cfg.meta,
-            cfg.enabled,
-            cfg.catch_up,
-            cfg.max_catch_up,
-            cfg.overlap,
-            cfg.description,
+            name=name,
+            source="config",
+            spec=CronSpec(cfg.cron, cfg.timezone),
+            kind=cfg.kind,
+            queue=cfg.queue,
+            payload=cfg.payload,
+            meta=cfg.meta,
+            enabled=cfg.enabled,
+            catch_up=cfg.catch_up,
+            max_catch_up=cfg.max_catch_up,
+            overlap=cfg.overlap,
+            description=cfg.description,
+            skip_grace=cfg.skip_grace,
         )
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Schedule:
         return cls(
-            row["name"],
-            "db",
-            CronSpec(row["cron"], row["timezone"]),
-            row["kind"],
-            row["queue"],
-            _obj(row["payload"]),
-            _obj(row["meta"]),
-            row["enabled"],
-            row["catch_up"],
-            row["max_catch_up"],
-            row["overlap"],
-            row["description"],
-            row["updated_at"],
+            name=row["name"],
+            source="db",
+            spec=CronSpec(row["cron"], row["timezone"]),
+            kind=row["kind"],
+            queue=row["queue"],
+            payload=_obj(row["payload"], "payload"),
+            meta=_obj(row["meta"], "meta"),
+            enabled=row["enabled"],
+            catch_up=row["catch_up"],
+            max_catch_up=row["max_catch_up"],
+            overlap=row["overlap"],
+            description=row["description"],
+            updated_at=row["updated_at"],
+            skip_grace=row["skip_grace"],
+            timetable_changed_at=row["timetable_changed_at"] or row["created_at"],
         )
 
-    def due_ticks(self, cursor: datetime, now: datetime) -> list[datetime]:
-        """Ticks to fire now: after `cursor`, not after `now`, as the catch-up policy says."""
-        limit = self.max_catch_up if self.catch_up == "all" else 1
-        return self.spec.latest_ticks(cursor, now, limit)
+    @property
+    def timetable(self) -> str:
+        """What decides which ticks are due; when it changes, the cursor starts afresh."""
+        return f"{self.spec.expr}|{self.spec.timezone}|{'on' if self.enabled else 'off'}"
+
+    def plan(self, cursor: datetime, now: datetime) -> tuple[list[datetime], list[datetime]]:
+        """Of the ticks after `cursor` up to `now`: those to fire, as the catch-up policy says,
+        and those passed over for good (the newest MAX_RECORDED_SKIPS), both oldest first.
+
+        "skip" fires the newest tick only if it is at most skip_grace late: a leader change
+        or a restarted lead loop takes less, so it never loses a tick that was due meanwhile."""
+        if self.catch_up == "skip":
+            newest = self.spec.latest_ticks(cursor, now, 1)
+            due = [t for t in newest if (now - t).total_seconds() <= self.skip_grace]
+        else:
+            limit = self.max_catch_up if self.catch_up == "all" else 1
+            due = self.spec.latest_ticks(cursor, now, limit)
+        before = due[0] - timedelta(microseconds=1) if due else now
+        if self.spec.next_after(cursor) > before:
+            return due, []
+        return due, self.spec.latest_ticks(cursor, before, MAX_RECORDED_SKIPS)
 
 
-def _obj(value: Any) -> dict[str, Any]:
+# bool before int: True is an int too.
+_JSON_TYPES = {
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+def _obj(value: Any, column: str) -> dict[str, Any]:
     if isinstance(value, str):  # a connection without our jsonb codec
-        import json
-
-        value = json.loads(value)
-    return dict(value) if isinstance(value, dict) else {}
+        with contextlib.suppress(ValueError):  # else: a JSON string, decoded by the codec
+            value = json.loads(value)
+    if isinstance(value, dict):
+        return dict(value)
+    kind = next((n for t, n in _JSON_TYPES.items() if isinstance(value, t)), "null")
+    raise ValueError(
+        f"{column} must be a JSON object, not {kind}: "
+        f"UPDATE stoker.schedules SET {column} = '{{...}}' (an object) to fix the row"
+    )
 
 
 async def load_schedules(
@@ -104,19 +149,70 @@ async def load_schedules(
     return found
 
 
-async def load_cursors(conn: asyncpg.Connection) -> dict[str, datetime | None]:
-    rows = await conn.fetch("SELECT name, last_tick FROM stoker.schedule_state")
-    return {r["name"]: r["last_tick"] for r in rows}
+class SavedCursor(NamedTuple):
+    last_tick: datetime | None  # the last tick handled: fired or skipped
+    timetable: str | None  # Schedule.timetable it was kept for; None: not recorded yet
 
 
-async def save_cursor(conn: asyncpg.Connection, name: str, cursor: datetime) -> None:
+async def load_cursors(conn: asyncpg.Connection) -> dict[str, SavedCursor]:
+    rows = await conn.fetch("SELECT name, last_tick, timetable FROM stoker.schedule_state")
+    return {r["name"]: SavedCursor(r["last_tick"], r["timetable"]) for r in rows}
+
+
+async def save_cursor(
+    conn: asyncpg.Connection, name: str, cursor: datetime, timetable: str | None = None
+) -> None:
     await conn.execute(
-        """INSERT INTO stoker.schedule_state (name, last_tick) VALUES ($1, $2)
+        """INSERT INTO stoker.schedule_state (name, last_tick, timetable) VALUES ($1, $2, $3)
            ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
-               stoker.schedule_state.last_tick, excluded.last_tick), updated_at = now()""",
+               stoker.schedule_state.last_tick, excluded.last_tick),
+               timetable = coalesce(excluded.timetable, stoker.schedule_state.timetable),
+               updated_at = now()""",
         name,
         cursor,
+        timetable,
     )
+
+
+async def schedules_fingerprint(conn: asyncpg.Connection) -> tuple[object, ...]:
+    """Changes whenever a row of stoker.schedules is inserted, updated or deleted: xmin catches
+    a transaction that commits after a newer updated_at was seen."""
+    row = await conn.fetchrow(
+        "SELECT count(*), max(updated_at), sum(xmin::text::bigint) FROM stoker.schedules"
+    )
+    return tuple(row)
+
+
+async def skip_ticks(
+    conn: asyncpg.Connection, schedule: Schedule, ticks: list[datetime], reason: SkipReason
+) -> int:
+    """Record ticks that will never fire, and move the cursor past them; returns how many
+    were not recorded before (a tick another leader already handled keeps its record)."""
+    async with conn.transaction():
+        recorded: int = await conn.fetchval(
+            """WITH new AS (
+                   INSERT INTO stoker.schedule_ticks (schedule, tick, outcome)
+                   SELECT $1, t, $3 FROM unnest($2::timestamptz[]) AS t
+                   ON CONFLICT DO NOTHING RETURNING 1)
+               SELECT count(*) FROM new""",
+            schedule.name,
+            ticks,
+            reason,
+        )
+        await conn.execute(
+            """INSERT INTO stoker.schedule_state (name, last_tick, skipped, last_skipped)
+               VALUES ($1, $2, $3, $2)
+               ON CONFLICT (name) DO UPDATE SET
+                   last_tick = greatest(stoker.schedule_state.last_tick, excluded.last_tick),
+                   skipped = stoker.schedule_state.skipped + excluded.skipped,
+                   last_skipped = greatest(stoker.schedule_state.last_skipped,
+                                           excluded.last_skipped),
+                   updated_at = now()""",
+            schedule.name,
+            max(ticks),
+            recorded,
+        )
+    return recorded
 
 
 def tick_key(name: str, tick: datetime) -> str:
@@ -158,7 +254,8 @@ async def fire(
                 await conn.execute(
                     """INSERT INTO stoker.schedule_state (name, last_tick, skipped, last_skipped)
                        VALUES ($1, $2, 1, $2)
-                       ON CONFLICT (name) DO UPDATE SET last_tick = excluded.last_tick,
+                       ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
+                               stoker.schedule_state.last_tick, excluded.last_tick),
                            skipped = stoker.schedule_state.skipped + 1,
                            last_skipped = excluded.last_tick, updated_at = now()""",
                     schedule.name,
@@ -177,7 +274,8 @@ async def fire(
             """INSERT INTO stoker.schedule_state (name, last_tick, last_job_id, last_fired_at,
                                                  fired)
                VALUES ($1, $2, $3, now(), 1)
-               ON CONFLICT (name) DO UPDATE SET last_tick = excluded.last_tick,
+               ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
+                   stoker.schedule_state.last_tick, excluded.last_tick),
                    last_job_id = excluded.last_job_id, last_fired_at = now(),
                    fired = stoker.schedule_state.fired + 1, updated_at = now()""",
             schedule.name,
@@ -291,6 +389,7 @@ async def save_schedule(
     max_catch_up: int = 10,
     overlap: str = "skip",
     description: str = "",
+    skip_grace: float = 60.0,
 ) -> None:
     """Create or replace a user schedule in stoker.schedules; running daemons pick it up at once.
 
@@ -308,18 +407,21 @@ async def save_schedule(
         max_catch_up=max_catch_up,
         overlap=overlap,
         description=description,
+        skip_grace=skip_grace,
     )
     if not SCHEDULE_NAME.match(name):
         raise ValueError(f"schedule name {name!r} is not valid: use lowercase a-z 0-9 _ . : -")
     await conn.execute(
         """INSERT INTO stoker.schedules (name, cron, timezone, kind, queue, payload, meta,
-                                         enabled, catch_up, max_catch_up, overlap, description)
-           VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7::text::jsonb, $8, $9, $10, $11, $12)
+                                         enabled, catch_up, max_catch_up, overlap, description,
+                                         skip_grace)
+           VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7::text::jsonb, $8, $9, $10, $11, $12,
+                   $13)
            ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
                kind = excluded.kind, queue = excluded.queue, payload = excluded.payload,
                meta = excluded.meta, enabled = excluded.enabled, catch_up = excluded.catch_up,
                max_catch_up = excluded.max_catch_up, overlap = excluded.overlap,
-               description = excluded.description, updated_at = now()""",
+               description = excluded.description, skip_grace = excluded.skip_grace""",
         name,
         cfg.cron,
         cfg.timezone,
@@ -332,6 +434,7 @@ async def save_schedule(
         cfg.max_catch_up,
         cfg.overlap,
         cfg.description,
+        cfg.skip_grace,
     )
 
 

@@ -34,6 +34,15 @@ async def fired_ticks(db: asyncpg.Connection, name: str = "tick") -> list[dateti
     return [r["tick"] for r in rows]
 
 
+async def skipped_ticks(db: asyncpg.Connection, name: str) -> list[datetime]:
+    rows = await db.fetch(
+        "SELECT tick FROM stoker.schedule_ticks WHERE schedule = $1 "
+        "AND outcome = 'skipped_catch_up' ORDER BY tick",
+        name,
+    )
+    return [r["tick"] for r in rows]
+
+
 async def jobs_per_tick(db: asyncpg.Connection, name: str = "tick") -> dict[str, int]:
     rows = await db.fetch(
         "SELECT meta->>'tick' AS tick, count(*) AS n FROM stoker.all_jobs "
@@ -107,10 +116,15 @@ async def test_kill_9_of_the_leader_hands_over_within_leader_retry(
     # the newest one.
     caught_up = await db.fetchval(
         "SELECT count(*) FROM stoker.schedule_ticks WHERE tick < to_timestamp($1) "
-        "AND created_at >= to_timestamp($1)",
+        "AND created_at >= to_timestamp($1) AND outcome = 'fired'",
         took_over,
     )
     assert caught_up <= 1
+    # The others are not lost without a word: every second has its record.
+    recorded = [r["tick"] for r in await db.fetch("SELECT tick FROM stoker.schedule_ticks")]
+    assert sorted(recorded) == [
+        min(recorded) + timedelta(seconds=n) for n in range(len(recorded))
+    ], "a tick left no record"
 
 
 CATCH_UP = """
@@ -119,6 +133,7 @@ leader_retry = 1
 cron = "* * * * *"
 kind = "noop"
 catch_up = "skip"
+skip_grace = 1                            # the newest missed tick is 2-45 s late
 [schedules.latest_only]
 cron = "* * * * *"
 kind = "noop"
@@ -166,6 +181,12 @@ async def test_catch_up_after_five_missed_ticks(
     assert latest == [cursor + timedelta(minutes=5)]
     capped = await fired_ticks(db, "all_capped")
     assert capped == [cursor + timedelta(minutes=m) for m in (3, 4, 5)]
+    # Every tick passed over leaves a record saying why.
+    missed = [cursor + timedelta(minutes=m) for m in range(1, 6)]
+    assert await skipped_ticks(db, "skip_it") == missed
+    assert await skipped_ticks(db, "latest_only") == missed[:4]
+    assert await skipped_ticks(db, "all_capped") == missed[:2]
+    assert await skipped_ticks(db, "all_of_them") == []
 
 
 async def test_overlap_skip_does_not_stack_runs_and_shows_skipped_ticks(
