@@ -44,6 +44,16 @@ class Attachment(BaseModel):
     content_type: str = Field("application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$")
     content_base64: str
 
+    @field_validator("content_type")
+    @classmethod
+    def _not_multipart(cls, value: str) -> str:
+        if value.lower().startswith("multipart/"):
+            raise ValueError(
+                f"{value!r} is a container, not a file type: give the file's own type, "
+                "e.g. application/pdf, or application/octet-stream"
+            )
+        return value
+
 
 class SendEmail(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -83,6 +93,13 @@ class SendEmail(BaseModel):
                 raise ValueError(f"header name {name!r} is not valid (no spaces, no colon)")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by its own field, not by headers")
+            if name.lower().startswith("content-") or name.lower() == "mime-version":
+                # The email library rebuilds these from the body: one would be dropped, a
+                # multipart Content-Type would break composing.
+                raise ValueError(
+                    f"header {name!r} is set by Stoker from text, html and attachments; "
+                    "remove it from headers"
+                )
             if "\n" in name or "\r" in name or "\n" in text or "\r" in text:
                 raise ValueError(f"header {name!r} contains a line break")
         return value

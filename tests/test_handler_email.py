@@ -227,6 +227,68 @@ async def test_bad_payloads_name_the_field(daemons: DaemonFactory, db: asyncpg.C
         assert message in row["last_error"]
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("Content-Type", "multipart/mixed; boundary=x"),
+        ("content-type", "text/html"),
+        ("Content-Transfer-Encoding", "base64"),
+        ("Content-Disposition", "attachment"),
+        ("Content-Language", "en"),
+        ("MIME-Version", "2.0"),
+    ],
+)
+async def test_content_headers_are_refused_at_once_naming_the_header(
+    daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path, header: tuple[str, str]
+) -> None:
+    await daemons.start(
+        f"""
+        [queues.default]
+        backoff = {{ base = 0.1, jitter = 0 }}
+        [email]
+        templates = "{TEMPLATES}"
+        outbox = "{tmp_path}"
+        """
+    )
+    name, value = header
+    mail = {"to": "a@example.com", "subject": "hi", "text": "x", "headers": {name: value}}
+    row = await finished(db, await send(db, mail, max_attempts=5))
+    assert row["state"] == "failed", row["result"]
+    assert row["attempts"] == 1  # retrying cannot fix a payload
+    assert (
+        f"headers: Value error, header {name!r} is set by Stoker from text, html and attachments"
+        in row["last_error"]
+    )
+    assert "Traceback" not in row["last_error"]
+    assert not (tmp_path / f"{row['id']}.eml").exists()
+
+
+async def test_a_multipart_attachment_type_is_refused_at_once(
+    daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    await daemons.start(f'[email]\ntemplates = "{TEMPLATES}"\noutbox = "{tmp_path}"\n')
+    part = {"filename": "a.txt", "content_type": "multipart/mixed", "content_base64": "aGk="}
+    mail = {"to": "a@example.com", "subject": "hi", "text": "x", "attachments": [part]}
+    row = await finished(db, await send(db, mail, max_attempts=5))
+    assert row["state"] == "failed"
+    assert row["attempts"] == 1
+    assert (
+        "attachments.0.content_type: Value error, 'multipart/mixed' is a container"
+        in (row["last_error"])
+    )
+
+
+async def test_other_headers_are_sent(
+    daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    await daemons.start(f'[email]\ntemplates = "{TEMPLATES}"\noutbox = "{tmp_path}"\n')
+    mail = {"to": "a@example.com", "subject": "hi", "text": "x", "headers": {"X-Campaign": "may"}}
+    row = await finished(db, await send(db, mail))
+    assert row["state"] == "succeeded", row["last_error"]
+    message = email.message_from_bytes((tmp_path / f"{row['id']}.eml").read_bytes())
+    assert message["X-Campaign"] == "may"
+
+
 async def test_starttls_with_a_self_signed_certificate_the_config_trusts(
     daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
