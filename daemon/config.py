@@ -61,6 +61,18 @@ class QueueConfig(_Strict):
     max_attempts: int = Field(5, ge=1, le=1000)
     backoff: BackoffConfig = Field(default_factory=BackoffConfig)
     poll_interval: float = Field(2.0, gt=0, le=3600)
+    max_payload_bytes: int = Field(
+        16 * 1_048_576,
+        ge=1024,
+        le=512 * 1_048_576,
+        description="a larger payload fails its job at once, before it is parsed",
+    )
+    max_result_bytes: int = Field(
+        1_048_576,
+        ge=64,
+        le=256 * 1_048_576,
+        description="a larger result is not stored; the job still succeeds, with a note",
+    )
 
 
 SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,127}$")

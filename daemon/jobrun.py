@@ -20,6 +20,7 @@ from daemon.context import JobContext
 from daemon.db import DB_ERRORS, as_json_text
 from daemon.errors import PermanentJobError, RetryJob
 from daemon.outcomes import Outcome
+from daemon.payloads import cut, encode_capped, payload_too_large
 from daemon.registry import Handler, Registry
 from daemon.retry import backoff_delay
 
@@ -107,6 +108,14 @@ class JobRunner:
                 f"gave up: attempt {job.attempt} exceeds max_attempts {max_attempts} "
                 "(an earlier attempt's worker was lost mid-run)",
             )
+        too_large = payload_too_large(job.payload, self._config.max_payload_bytes)
+        if too_large is not None:
+            return self.fail(
+                job,
+                f"payload of {too_large} bytes exceeds max_payload_bytes "
+                f"({self._config.max_payload_bytes}) of queue {self.name!r}: not parsed; "
+                "keep large data elsewhere and pass a reference, or raise the limit",
+            )
         try:
             argument = handler.parse_json(job.payload)
         except ValidationError as exc:
@@ -169,15 +178,20 @@ class JobRunner:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s succeeded", job.id, extra=job_fields(job, self.name))
         return Outcome(
-            job.id, job.attempt, self.name, "succeeded", result=self._result(job, result)
+            job.id,
+            job.attempt,
+            self.name,
+            "succeeded",
+            result=self._result(job, handler, result),
         )
 
-    def _result(self, job: ClaimedJob, result: Any) -> str | None:
+    def _result(self, job: ClaimedJob, handler: Handler, result: Any) -> str | None:
         if result is None:
             return None
+        limit = handler.max_result_bytes or self._config.max_result_bytes
         try:
-            return as_json_text(result)
-        except (TypeError, ValueError) as exc:
+            text = encode_capped(result, limit)
+        except (TypeError, ValueError, RecursionError) as exc:
             # The work is done: keep it succeeded (running it again would repeat its effects)
             # and say why the result is missing.
             log.warning(
@@ -187,6 +201,14 @@ class JobRunner:
                 extra=job_fields(job, self.name),
             )
             return as_json_text({"unrecorded_result": f"not JSON-serialisable: {exc}"})
+        if text is None:
+            note = (
+                f"the result is larger than max_result_bytes ({limit}) and was not stored; "
+                "return a summary or a reference instead, or raise the limit"
+            )
+            log.warning("job %s: %s", job.id, note, extra=job_fields(job, self.name))
+            return as_json_text({"unrecorded_result": note})
+        return text
 
     def _retry(
         self,
@@ -263,8 +285,8 @@ def _text(value: str) -> str: ...
 @overload
 def _text(value: None) -> None: ...
 def _text(value: str | None) -> str | None:
-    """PostgreSQL text cannot hold NUL characters."""
-    return None if value is None else value.replace("\x00", "\\0")
+    """PostgreSQL text cannot hold NUL characters; a huge message is cut."""
+    return None if value is None else cut(value).replace("\x00", "\\0")
 
 
 def job_fields(job: ClaimedJob, queue: str) -> dict[str, Any]:

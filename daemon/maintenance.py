@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import asyncpg
@@ -18,6 +19,9 @@ from daemon.waiting import wait_any
 log = logging.getLogger("stoker.maintenance")
 
 PURGE_BATCH = 5000
+PURGE_EVERY = 60.0  # seconds between purge passes
+PURGE_BUDGET = 5.0  # longest a pass works
+PURGE_PAUSE = 1.0  # between passes while history past retention is left
 
 
 async def _sleep(stopping: asyncio.Event, seconds: float) -> bool:
@@ -54,26 +58,32 @@ async def rescue_expired(db: asyncpg.Pool) -> list[asyncpg.Record]:
     return rows
 
 
-async def purge_history(db: asyncpg.Pool, retention_seconds: float) -> int:
+async def purge_history(
+    db: asyncpg.Pool, retention_seconds: float, *, stopping: asyncio.Event, budget: float
+) -> tuple[int, bool]:
+    """Delete history past its retention in batches, for at most `budget` seconds or until
+    the daemon stops. Returns how many rows went, and whether none past retention is left."""
     total = 0
+    deadline = time.monotonic() + budget
     while True:
         status = await db.execute(queries.PURGE_HISTORY, retention_seconds, PURGE_BATCH)
         deleted = int(status.split()[-1])
         total += deleted
         if deleted < PURGE_BATCH:
-            return total
+            return total, True
+        if stopping.is_set() or time.monotonic() > deadline:
+            return total, False
 
 
 async def maintenance_loop(
     db: asyncpg.Pool,
     *,
     rescue_interval: float,
-    retention_seconds: float,
     stopping: asyncio.Event,
     clock: DbClock,
 ) -> None:
-    purge_every = 60.0
-    since_purge = purge_every  # purge once soon after start
+    """Clock sync and lease rescue, every rescue_interval. Nothing slow runs here: a rescue
+    held up by a long purge left jobs of dead workers waiting for tens of seconds."""
     while not await _sleep(stopping, rescue_interval):
         try:
             await clock.sync(db)
@@ -85,15 +95,39 @@ async def maintenance_loop(
                     row["queue"],
                     extra={"job_id": row["id"], "queue": row["queue"], "attempt": row["attempts"]},
                 )
-            since_purge += rescue_interval
-            if since_purge >= purge_every:
-                since_purge = 0.0
-                purged = await purge_history(db, retention_seconds)
-                if purged:
-                    log.info("purged %d finished jobs past their retention", purged)
-                await prune_ticks(db)
         except DB_ERRORS as exc:
             log.warning("maintenance pass failed: %s", exc)
+
+
+async def purge_loop(
+    db: asyncpg.Pool,
+    *,
+    retention_seconds: float,
+    stopping: asyncio.Event,
+    every: float = PURGE_EVERY,
+    budget: float = PURGE_BUDGET,
+) -> None:
+    """History retention and tick pruning, as a task of its own: a pass works for at most
+    `budget` seconds and stops when the daemon stops; a backlog (after downtime, or at high
+    throughput) is worked off in passes a second apart."""
+    delay = 1.0  # the first pass soon after start
+    while not await _sleep(stopping, delay):
+        delay = every
+        try:
+            purged, done = await purge_history(
+                db, retention_seconds, stopping=stopping, budget=budget
+            )
+            if purged:
+                log.info(
+                    "purged %d finished jobs past their retention%s",
+                    purged,
+                    "" if done else "; more to purge in the next pass",
+                )
+            if not done:
+                delay = PURGE_PAUSE
+            await prune_ticks(db)
+        except DB_ERRORS as exc:
+            log.warning("history purge failed: %s", exc)
 
 
 async def vacuum_loop(

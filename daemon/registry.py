@@ -26,6 +26,7 @@ class Handler:
     payload: type[BaseModel] | None = None
     timeout: float | None = None
     max_attempts: int | None = None
+    max_result_bytes: int | None = None  # None: the queue's
 
     def parse_json(self, text: str) -> Any:
         """The handler's argument from the payload's JSON text: a validated model (in one
@@ -62,6 +63,7 @@ class Registry:
         payload: type[BaseModel] | None = None,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        max_result_bytes: int | None = None,
     ) -> Callable[[F], F]:
         """Register `async def f(ctx, payload)` to run jobs of `kind`."""
         if not kind or len(kind) > 200:
@@ -70,6 +72,8 @@ class Registry:
             raise ValueError(f"handler {kind!r}: timeout must be > 0 seconds")
         if max_attempts is not None and max_attempts < 1:
             raise ValueError(f"handler {kind!r}: max_attempts must be >= 1")
+        if max_result_bytes is not None and max_result_bytes < 64:
+            raise ValueError(f"handler {kind!r}: max_result_bytes must be >= 64")
 
         def register(func: F) -> F:
             existing = self._handlers.get(kind)
@@ -78,7 +82,9 @@ class Registry:
                     f"two handlers registered for kind {kind!r}: "
                     f"{_where(existing.func)} and {_where(func)}"
                 )
-            self._handlers[kind] = Handler(kind, func, payload, timeout, max_attempts)
+            self._handlers[kind] = Handler(
+                kind, func, payload, timeout, max_attempts, max_result_bytes
+            )
             return func
 
         return register

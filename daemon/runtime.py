@@ -19,7 +19,8 @@ from daemon.errors import StokerError
 from daemon.http import HealthState, HttpServer, build_app, loop_lag_probe, sample_database
 from daemon.leader import Leader
 from daemon.listener import Listener
-from daemon.maintenance import heartbeat_loop, maintenance_loop, vacuum_loop
+from daemon.loopwatch import LoopWatch
+from daemon.maintenance import heartbeat_loop, maintenance_loop, purge_loop, vacuum_loop
 from daemon.metrics import Metrics
 from daemon.migrations import migrate, pending_migrations
 from daemon.outcomes import Completer
@@ -223,6 +224,16 @@ class Runtime:
         snap.schedules = lambda: dict(self.scheduler.stats) if self.scheduler else {}
 
     async def _run_tasks(self, db: asyncpg.Pool, completer: Completer) -> None:
+        watch = LoopWatch(
+            threshold=self.settings.lease_seconds / 3, lease_seconds=self.settings.lease_seconds
+        )
+        watch.start()
+        try:
+            await self._run_task_group(db, completer)
+        finally:
+            watch.stop()
+
+    async def _run_task_group(self, db: asyncpg.Pool, completer: Completer) -> None:
         s = self.settings
         async with asyncio.TaskGroup() as tg:
             completer_task = tg.create_task(completer.run(), name="stoker-completer")
@@ -241,11 +252,18 @@ class Runtime:
                     maintenance_loop(
                         db,
                         rescue_interval=s.rescue_interval,
-                        retention_seconds=s.history_retention_days * 86_400,
                         stopping=self.stopping,
                         clock=self.clock,
                     ),
                     name="stoker-maintenance",
+                ),
+                tg.create_task(
+                    purge_loop(
+                        db,
+                        retention_seconds=s.history_retention_days * 86_400,
+                        stopping=self.stopping,
+                    ),
+                    name="stoker-purge",
                 ),
             ]
             if s.vacuum_after_claims:

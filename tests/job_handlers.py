@@ -116,3 +116,13 @@ async def needs_file(ctx: JobContext, payload: NeedsFile) -> str:
     if not os.path.exists(payload.path):
         raise FileNotFoundError(payload.path)
     return "found"
+
+
+class Big(BaseModel):
+    chars: int
+
+
+@handler("test.big_result", payload=Big, max_attempts=1)
+async def big_result(ctx: JobContext, payload: Big) -> dict[str, str]:
+    """A result larger than anyone should store: the engine caps it before encoding it all."""
+    return {"text": "x" * payload.chars}
