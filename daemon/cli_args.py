@@ -8,7 +8,8 @@ import json
 import math
 import re
 import sys
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -76,12 +77,21 @@ def json_value(text: str) -> Any:
     return value
 
 
-def when(text: str) -> datetime:
+@dataclass(frozen=True)
+class Offset:
+    """+N[s|m|h|d]: added to the database's now(), not this host's clock, because the
+    database's clock decides when a job is due."""
+
+    text: str
+    delta: timedelta
+
+
+def when(text: str) -> datetime | Offset:
     """An ISO 8601 time with a zone, or +N[s|m|h|d] from now."""
     match = RELATIVE.match(text)
     if match:
         try:
-            return datetime.now(UTC) + timedelta(seconds=float(match[1]) * UNITS[match[2]])
+            return Offset(text, timedelta(seconds=float(match[1]) * UNITS[match[2]]))
         except OverflowError:
             raise argparse.ArgumentTypeError(f"{text!r} is too far in the future") from None
     try:

@@ -14,7 +14,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from daemon import queries
-from daemon.cli_args import STATES, UsageError
+from daemon.cli_args import STATES, Offset, UsageError
 from daemon.config import Settings
 from daemon.db import CONNECT_ERRORS, connect, describe_failure
 from daemon.enqueue import enqueue
@@ -62,6 +62,16 @@ async def cmd_migrate(conn: asyncpg.Connection) -> int:
     return 0
 
 
+async def _due(conn: asyncpg.Connection, run_at: datetime | Offset | None) -> datetime | None:
+    if not isinstance(run_at, Offset):
+        return run_at
+    try:
+        due: datetime = await conn.fetchval("SELECT now() + $1::interval", run_at.delta)
+    except asyncpg.DataError:  # beyond PostgreSQL's last timestamp
+        raise UsageError(f"argument --run-at: {run_at.text!r} is too far in the future") from None
+    return due
+
+
 def cmd_enqueue(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
         if not isinstance(args.meta, dict):
@@ -71,7 +81,7 @@ def cmd_enqueue(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awai
             queue=args.queue,
             kind=args.kind,
             payload=args.payload,
-            run_at=args.run_at,
+            run_at=await _due(conn, args.run_at),
             priority=args.priority,
             unique_key=args.unique_key,
             max_attempts=args.max_attempts,

@@ -56,6 +56,71 @@ async def test_enqueue_list_show_and_status(db: asyncpg.Connection, dsn: str) ->
     assert line.split() == ["reports", "1", "0", "0", "0", "0", "-"]
 
 
+HOST_CLOCK_AHEAD = """
+import datetime as _dt
+import time as _time
+
+_SKEW = 3600.0
+_Real = _dt.datetime
+_real_time, _real_time_ns = _time.time, _time.time_ns
+_time.time = lambda: _real_time() + _SKEW
+_time.time_ns = lambda: _real_time_ns() + int(_SKEW * 1e9)
+
+
+class _Ahead(_Real):
+    @classmethod
+    def now(cls, tz=None):
+        return _Real.now(tz) + _dt.timedelta(seconds=_SKEW)
+
+    @classmethod
+    def utcnow(cls):
+        return _Real.utcnow() + _dt.timedelta(seconds=_SKEW)
+
+
+_dt.datetime = _Ahead
+"""
+
+
+async def test_run_at_offset_counts_from_the_database_clock(
+    db: asyncpg.Connection, dsn: str, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    # This host's clock runs an hour ahead of the database's (a VM resumed, NTP not yet
+    # stepped): +10m must still mean ten minutes on the clock that decides when jobs are due.
+    (tmp_path / "sitecustomize.py").write_text(HOST_CLOCK_AHEAD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STOKER_")}
+    env.update(DATABASE_URL=dsn, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon", "enqueue", "default", "noop", "--run-at", "+10m"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    job_id = int(out.stdout)
+    delay = await db.fetchval(
+        "SELECT extract(epoch FROM run_at - now()) FROM stoker.jobs WHERE id = $1", job_id
+    )
+    assert 540 < delay <= 600, f"due in {float(delay):.0f}s by the database's clock"
+
+
+async def test_run_at_offset_too_far_is_a_usage_error(db: asyncpg.Connection, dsn: str) -> None:
+    for offset in ("+999999999d", "+300000000d"):
+        out = stoker_cli(dsn, "enqueue", "default", "noop", "--run-at", offset)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+        assert f"argument --run-at: {offset!r} is too far in the future" in out.stderr
+    assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 0
+
+
 async def test_status_reports_oldest_due_age(db: asyncpg.Connection, dsn: str) -> None:
     await db.execute(
         "INSERT INTO stoker.jobs (queue, kind, run_at) "
