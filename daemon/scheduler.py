@@ -289,8 +289,9 @@ class Scheduler:
         delay = MAX_SLEEP
         if upcoming:
             delay = min(delay, max(0.0, (min(upcoming) - now).total_seconds()))
-        wake_at = time.monotonic() + delay
-        while (left := wake_at - time.monotonic()) > 0 and self._leader.is_leader:
+        # On the database clock: when a sync moves it (after a VM resume), the wait follows.
+        wake_at = now.timestamp() + delay
+        while (left := wake_at - self._clock.now()) > 0 and self._leader.is_leader:
             events = (self._changed, self._stopping, self._leader.changed)
             await wait_any(*events, seconds=min(left, CHANGE_CHECK))
             if any(e.is_set() for e in events):
