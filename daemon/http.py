@@ -34,9 +34,6 @@ BEAT = 0.25  # seconds between loop-lag probes
 DB_CHECK_TTL = 0.5  # seconds a database check result is reused
 DB_CHECK_TIMEOUT = 2.0
 METRICS_TTL = 0.25  # seconds a rendered /metrics page is served again
-# Never throttled. /metrics is a probe too: a page rendered at most every METRICS_TTL costs a
-# copy per request, and a scraper that times out during a flood hides the flood from alerts.
-PROBES = frozenset({"/health", "/ready", "/metrics"})
 API_PREFIX = "/api/v1"
 NOT_CHECKED = "not checked yet"
 
@@ -198,17 +195,15 @@ def build_app(
     async def governed(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        # Only the admin API is throttled. Probes never are: each costs little whatever the
+        # rate (cached /ready check, /metrics rendered at most every METRICS_TTL), and a probe
+        # or scraper timing out during a flood would hide the flood from the alerts. Unknown
+        # paths cost no more than a refusal would.
         if token is None or not _is_api(request.path):
-            return await handler(request)  # probes, and 404s that cost no more than a refusal
+            return await handler(request)
         caller = _caller(request, token)
-        if caller == "anonymous":
-            return web.json_response(
-                {"error": "authentication required: send Authorization: Bearer <token>"},
-                status=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if caller == "forged":
-            return web.json_response({"error": "invalid token"}, status=403)
+        if caller != "admin":  # refused before taking a turn: strangers cannot fill the queue
+            return _unauthorized(caller)
         wait = governor.reserve()
         if wait is None:
             seconds = governor.retry_after()
@@ -217,8 +212,7 @@ def build_app(
                 status=429,
                 headers={"Retry-After": str(seconds)},
             )
-        if wait > 0:
-            await asyncio.sleep(wait)
+        await asyncio.sleep(wait)
         return await handler(request)
 
     app.router.add_get("/health", health)
@@ -263,6 +257,17 @@ def _caller(request: web.Request, token: bytes | None) -> str:
     if token is not None and hmac.compare_digest(given.strip().encode("utf-8", "replace"), token):
         return "admin"
     return "forged"
+
+
+def _unauthorized(caller: str) -> web.Response:
+    # The same answers as the admin API's own guard, which stays in place behind this one.
+    if caller == "anonymous":
+        return web.json_response(
+            {"error": "authentication required: send Authorization: Bearer <token>"},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return web.json_response({"error": "invalid token"}, status=403)
 
 
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:

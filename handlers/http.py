@@ -122,7 +122,8 @@ class Call:
 
 
 class Webhooks:
-    """One per daemon: the configuration and one pooled aiohttp session."""
+    """One per daemon: the configuration, and pooled aiohttp sessions: one for configured
+    targets, one whose sockets refuse non-public addresses for payload URLs."""
 
     def __init__(self, config: WebhooksConfig) -> None:
         self.config = config
@@ -171,7 +172,7 @@ class Webhooks:
         return Call(req.method or method, url, where, headers, timeout, redactions, payload)
 
     def _check_allowed(self, url: URL) -> None:
-        """A payload URL's host must be listed with its port, or bare for its default port."""
+        """A payload URL's host must be listed with its port, or bare for ports 80 and 443."""
         host = WebhooksConfig.host_key(url.raw_host or "") or url.raw_host
         port = url.port
         allowed = set(self.config.allowed_hosts)
