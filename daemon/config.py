@@ -212,7 +212,8 @@ class WebhookTarget(_Strict):
 class WebhooksConfig(_Strict):
     """http.request: named targets, and the hosts and ports a payload URL may point at."""
 
-    targets: dict[str, WebhookTarget] = Field(default_factory=dict)
+    # A target's URL may be its credential (chat webhooks): kept out of any repr of Settings.
+    targets: dict[str, WebhookTarget] = Field(default_factory=dict, repr=False)
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description='"host" (its ports 80 and 443 only) or "host:port", "[v6 address]:port"',

@@ -126,6 +126,18 @@ async def test_a_credential_url_never_shows_in_client_errors_or_tracebacks(
     assert_no_url_secrets(everything(row), daemon.log())
 
 
+def test_a_credential_url_never_shows_in_the_settings_repr(tmp_path: Path) -> None:
+    path = tmp_path / "stoker.toml"
+    path.write_text(
+        'database_url = "postgresql://stoker@127.0.0.1/stoker"\n'
+        "[webhooks.targets.slack]\n"
+        f'url = "https://hooks.slack.com{SLACK_PATH}?token=qv-s3cret-q"\n'
+    )
+    settings = load_settings(path)
+    assert settings.webhooks.targets["slack"].url.endswith("?token=qv-s3cret-q")
+    assert_no_url_secrets(repr(settings), str(settings), repr(settings.webhooks))
+
+
 # -- point 14: the HTTP server under floods, and what /ready tells strangers -------------------
 
 TOKEN = "admin-t0ken-0123456789abcdef"
