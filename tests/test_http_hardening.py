@@ -156,18 +156,21 @@ async def flooding(
     port: int, count: int, headers: dict[str, str] | None = None
 ) -> AsyncIterator[list[int]]:
     """`count` concurrent GET /api/v1/queues on connections of their own; yields the statuses
-    as they arrive, and abandons whatever is unanswered on leaving."""
+    as they arrive (a refusal that is not JSON, or a 429 without Retry-After, counts as 0),
+    and abandons whatever is unanswered on leaving."""
     statuses: list[int] = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
 
         async def one() -> None:
             async with session.get(f"http://127.0.0.1:{port}/api/v1/queues") as response:
-                await response.read()
-                statuses.append(response.status)
-                if response.status == 429:
-                    assert int(response.headers["Retry-After"]) >= 1
-                    assert "error" in await response.json()
+                body = await response.read()
+                status = response.status
+                if status >= 400 and "error" not in json.loads(body):
+                    status = 0
+                if status == 429 and int(response.headers.get("Retry-After", "0")) < 1:
+                    status = 0
+                statuses.append(status)
 
         tasks = [asyncio.ensure_future(one()) for _ in range(count)]
         try:
@@ -215,7 +218,7 @@ async def test_the_throttle_queue_is_capped_and_answers_429_with_retry_after(
 ) -> None:
     port = await admin_daemon(daemons, rate=2)
     # At most max_queued_requests (100) wait their turn; the rest hear at once when to return.
-    async with flooding(port, 130, AUTH) as statuses:
+    async with flooding(port, 150, AUTH) as statuses:
         await until(lambda: statuses.count(429) >= 25, timeout=10)
     assert set(statuses) <= {200, 429}
 
