@@ -126,10 +126,23 @@ def priority(text: str) -> int:
     return value
 
 
+def utf8(text: str) -> str:
+    """Text PostgreSQL can store. Bytes the locale could not decode arrive as lone surrogates
+    (surrogateescape), which no text column can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+        raise argparse.ArgumentTypeError(
+            f"'{shown}' is not valid UTF-8: retype it, or set a UTF-8 locale (LANG=C.UTF-8)"
+        ) from None
+    return text
+
+
 def kind_name(text: str) -> str:
     if not text.strip() or len(text) > 200:
         raise argparse.ArgumentTypeError("a job kind is 1-200 characters, e.g. reports.build")
-    return text
+    return utf8(text)
 
 
 def job_id(text: str) -> int:
@@ -175,7 +188,7 @@ def build_parser() -> Parser:
     enq.add_argument("--payload", type=json_value, default={}, help="JSON (default {})")
     enq.add_argument("--run-at", type=when, help="ISO 8601 time with zone, or +30s/+5m/+2h")
     enq.add_argument("--priority", type=priority, default=0, help="higher runs first")
-    enq.add_argument("--unique-key", help="skip if a live job holds this key")
+    enq.add_argument("--unique-key", type=utf8, help="skip if a live job holds this key")
     enq.add_argument("--max-attempts", type=positive_int)
     enq.add_argument("--meta", type=json_value, default={}, help="JSON object")
 
@@ -209,10 +222,10 @@ def build_parser() -> Parser:
     sched.add_argument("--json", action="store_true", help="one JSON object per line")
     ssub = sched.add_subparsers(dest="schedules_command", parser_class=Parser)
     add = ssub.add_parser("add", help="create or replace a schedule in stoker.schedules")
-    add.add_argument("name")
-    add.add_argument("--cron", required=True, help="5 fields, or 6 with seconds first")
+    add.add_argument("name", type=utf8)
+    add.add_argument("--cron", required=True, type=utf8, help="5 fields, or 6 with seconds first")
     add.add_argument("--kind", required=True, type=kind_name)
-    add.add_argument("--timezone", default="UTC")
+    add.add_argument("--timezone", type=utf8, default="UTC")
     add.add_argument("--queue", type=queue_name, default="default")
     add.add_argument("--payload", type=json_value, default={})
     add.add_argument("--meta", type=json_value, default={})
@@ -220,11 +233,11 @@ def build_parser() -> Parser:
     add.add_argument("--catch-up", choices=["skip", "latest", "all"], default="latest")
     add.add_argument("--max-catch-up", type=positive_int, default=10)
     add.add_argument("--overlap", choices=["skip", "allow"], default="skip")
-    add.add_argument("--description", default="")
+    add.add_argument("--description", type=utf8, default="")
     rm = ssub.add_parser("remove", help="delete a schedule from stoker.schedules")
-    rm.add_argument("name")
+    rm.add_argument("name", type=utf8)
     trig = sub.add_parser("trigger", help="enqueue a schedule's job now (not counted as a tick)")
-    trig.add_argument("name")
+    trig.add_argument("name", type=utf8)
     return parser
 
 

@@ -158,12 +158,13 @@ def test_cli_connect_error_hides_a_query_string_password() -> None:
     dsn = (
         f"postgresql://app@127.0.0.1:{closed_port()}/app?password={SECRET}&sslpassword={SSL_SECRET}"
     )
-    out = stoker_cli(dsn, "status")
-    assert out.returncode == 1
-    assert "cannot connect to the database at postgresql://app@127.0.0.1:" in out.stderr
-    assert "/app?password=***&sslpassword=***: " in out.stderr
-    assert "Traceback" not in out.stderr
-    assert_hidden(out.stderr + out.stdout, SECRET, SSL_SECRET)
+    for command in ("status", "migrate", "run"):  # the CLI's connection, and the daemon's
+        out = stoker_cli(dsn, command)
+        assert out.returncode == 1, out.stderr
+        assert "cannot connect to the database at postgresql://app@127.0.0.1:" in out.stderr
+        assert "/app?password=***&sslpassword=***: " in out.stderr
+        assert "Traceback" not in out.stderr
+        assert_hidden(out.stderr + out.stdout, SECRET, SSL_SECRET)
 
 
 async def test_listener_reconnect_logs_hide_the_password(
@@ -327,6 +328,28 @@ async def test_cli_enqueue_refuses_json_postgresql_cannot_hold(
     assert line.startswith(f"stoker enqueue: error: argument {option}: ")
     assert reason in line
     assert line.endswith("(see `stoker enqueue --help`)")
+    assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "argument"),
+    [
+        (["enqueue", "default", "no\udcffop"], "kind"),
+        (["enqueue", "default", "noop", "--unique-key", "k\udcff"], "--unique-key"),
+        (["schedules", "add", "n", "--cron", "@daily", "--kind", "x", "--description", "\udcff"],
+         "--description"),
+        (["schedules", "remove", "x\udcff"], "name"),
+    ],
+)  # fmt: skip
+async def test_cli_refuses_arguments_that_are_not_utf8(
+    db: asyncpg.Connection, dsn: str, args: list[str], argument: str
+) -> None:
+    out = stoker_cli(dsn, *args)  # \udcff: the byte 0xff, as Python decodes a non-UTF-8 argv
+    assert out.returncode == 2, out.stderr
+    assert f"error: argument {argument}: " in out.stderr
+    assert "\\xff" in out.stderr  # the bad byte, shown
+    assert "' is not valid UTF-8: retype it, or set a UTF-8 locale (LANG=C.UTF-8)" in out.stderr
+    assert "Traceback" not in out.stderr
     assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 0
 
 
