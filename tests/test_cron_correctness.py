@@ -7,19 +7,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
+from daemon import migrations
 from daemon import scheduler as scheduler_module
 from daemon.config import ScheduleConfig
 from daemon.dbclock import DbClock
 from daemon.leader import Leader
 from daemon.scheduler import Scheduler
 from daemon.schedules import load_schedules
-from tests.conftest import DaemonFactory, eventually
+from tests.conftest import DaemonFactory, eventually, scratch_database
 
 
 def utc(day: int, hour: int, minute: int = 0, second: int = 0) -> datetime:
@@ -267,6 +269,48 @@ async def test_a_row_written_before_the_check_is_refused_by_the_leader_not_empti
         "schedule report in stoker.schedules is ignored: payload must be a JSON object, "
         "not an array" in caplog.text
     )
+
+
+@pytest.fixture
+def empty_dsn(server_dsn: str) -> Iterator[str]:
+    with scratch_database(server_dsn) as database:
+        yield database
+
+
+async def test_migration_009_keeps_existing_rows_and_lets_the_leader_refuse_bad_ones(
+    empty_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    before_009 = [m for m in migrations.load_migrations() if m.name < "009"]
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        monkeypatch.setattr(migrations, "load_migrations", lambda: before_009)
+        await migrations.migrate(conn)
+        await conn.execute(
+            """INSERT INTO stoker.schedules (name, cron, kind, payload, updated_at)
+               VALUES ('good', '* * * * *', 'k', '{"a": 1}', now()),
+                      ('edited', '* * * * *', 'k', '{}', now() + interval '1 hour'),
+                      ('bad', '* * * * *', 'k', '"text"', now())"""
+        )
+        monkeypatch.undo()
+        await migrations.migrate(conn)
+        rows = await conn.fetch(
+            "SELECT name, skip_grace, timetable_changed_at IS NOT NULL AS moved "
+            "FROM stoker.schedules ORDER BY name"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("bad", 60, False),
+            ("edited", 60, True),  # its last edit still marks where it starts again
+            ("good", 60, False),
+        ]
+        with caplog.at_level(logging.ERROR, logger="stoker.schedules"):
+            assert sorted(await load_schedules(conn, {})) == ["edited", "good"]
+        assert "schedule bad in stoker.schedules is ignored: payload must be a JSON " in (
+            caplog.text
+        )
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute("UPDATE stoker.schedules SET meta = '[]' WHERE name = 'good'")
+    finally:
+        await conn.close()
 
 
 # -- 9: the scheduler's clock does not follow host clock steps ------------------------------------
