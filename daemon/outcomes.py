@@ -38,9 +38,10 @@ class Completer:
 
     Every outcome ends written, parked or (last resort) logged as lost, never retried forever:
     a connection or transient error retries the same outcomes unchanged; anything else that
-    PostgreSQL refuses sends the batch one outcome at a time, where a refused value is replaced
-    by a note saying why, and an outcome history refuses for good (a taken id, a permission, a
-    DBA's trigger) is parked in stoker.jobs as finished, never to run again."""
+    PostgreSQL refuses halves the batch until the refused outcomes stand alone, where a refused
+    value is replaced by a note saying why, and an outcome history refuses for good (a taken
+    id, a permission, a DBA's trigger) is parked in stoker.jobs as finished, never to run
+    again."""
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class Completer:
         self._buffer: list[Outcome] = []
         self._pending = asyncio.Event()
         self._closing = False
-        self._singles = 0  # outcomes at the head of the buffer to write one at a time
+        self._writing = 0  # outcomes at the head of the buffer in a write right now
         # Set while outcomes get written; cleared by a transient failure, so that pools wait
         # for the backlog before they claim again (a re-claimed job would fence its own
         # buffered outcome out and run a second time).
@@ -85,7 +86,9 @@ class Completer:
         """This worker claimed `job_id` again as `attempt` while an outcome of an earlier
         attempt still waits here: that outcome now answers for the new claim (written against
         the old attempt it would be fenced out, and the job would run again). True if so."""
-        for i, o in enumerate(self._buffer):
+        # Not one in a write right now: that write is fenced against the old attempt.
+        for i in range(self._writing, len(self._buffer)):
+            o = self._buffer[i]
             if o.job_id == job_id and o.attempt < attempt:
                 self._buffer[i] = replace(o, attempt=attempt)
                 log.warning(
@@ -116,49 +119,37 @@ class Completer:
                     await asyncio.sleep(self._flush_interval)
                 continue
             batch = self._next_batch()
+            stuck = failures >= STUCK_AFTER and await self._reachable()
+            self._writing = len(batch)
             try:
                 # Shielded: a cancellation must not lose a job's final state.
-                if self._singles:
-                    await asyncio.shield(self._write_one(batch[0], failures))
-                else:
-                    await asyncio.shield(self._write(batch))
+                await asyncio.shield(self._write_split(batch, stuck=stuck, top=True))
             except Exception as exc:
-                if is_transient(exc) and not await self._stuck(failures):
-                    failures += 1
-                    self.settled.clear()
-                    log.warning(
-                        "cannot write %d job outcomes (%s); retrying in %.2fs",
-                        len(batch),
-                        _one_line(exc),
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                self._writing = 0
+                if not is_transient(exc):  # _write_split lets only those out: a bug of ours
+                    log.exception("outcomes of jobs %s not recorded", [o.job_id for o in batch])
+                    self.lost += len(batch)
+                    del self._buffer[: len(batch)]
                     continue
-                failures = 0
-                if not self._singles:
-                    log.warning(
-                        "a batch of %d outcomes was refused (%s); writing them one by one",
-                        len(batch),
-                        _one_line(exc),
-                    )
-                    self._singles = len(batch)
-                    continue
-                # _write_one raises only transient errors; anything else is a bug of ours.
-                log.exception("job %s: outcome not recorded", batch[0].job_id)
-                self.lost += 1
+                failures += 1
+                self.settled.clear()
+                log.warning(
+                    "cannot write %d job outcomes (%s); retrying in %.2fs",
+                    len(batch),
+                    _one_line(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            self._writing = 0
             failures = 0
             delay = 0.05
-            del self._buffer[: len(batch)]
-            if self._singles:
-                self._singles -= 1
             self.settled.set()
 
     def _next_batch(self) -> list[Outcome]:
-        """The head of the buffer: one outcome in one-by-one mode, else up to flush_max, cut
-        before a second outcome of the same job (the write matches outcomes to rows by id)."""
-        if self._singles:
-            return self._buffer[:1]
+        """The head of the buffer, up to flush_max, cut before a second outcome of the same job
+        (the write matches outcomes to rows by id)."""
         batch = self._buffer[: self._flush_max]
         if len(batch) > 1:
             seen: set[int] = set()
@@ -168,28 +159,45 @@ class Completer:
                 seen.add(o.job_id)
         return batch
 
-    async def _stuck(self, failures: int) -> bool:
+    async def _reachable(self) -> bool:
         """After repeated 'transient' failures, is the database in fact reachable? Then the
-        error is the outcome's own and retrying it unchanged would wedge everything behind."""
-        if failures < STUCK_AFTER:
-            return False
+        error is the outcomes' own and retrying them unchanged would wedge everything behind."""
         try:
             await self._db.fetchval("SELECT 1", timeout=5)
         except Exception:  # still unreachable: the failures were the connection's
             return False
         return True
 
-    async def _write_one(self, outcome: Outcome, failures: int) -> None:
-        """Write one outcome; if PostgreSQL refuses it, with the refused value replaced by a
-        note; if it refuses that too, park a finished job in stoker.jobs. Raises only
-        transient errors, to be retried unchanged."""
+    async def _write_split(self, batch: list[Outcome], *, stuck: bool, top: bool = False) -> None:
+        """Write `batch`, the head of the buffer, and take it off the buffer. A batch that
+        PostgreSQL refuses is halved until the refused outcomes stand alone; what was written
+        is off the buffer at once, so a lost connection halfway repeats nothing. Raises only
+        transient errors (unless `stuck`), to be retried unchanged."""
         try:
-            await self._write([outcome])
-            return
+            await self._write(batch)
         except Exception as exc:
-            if is_transient(exc) and failures < STUCK_AFTER:
+            if is_transient(exc) and not stuck:
                 raise
-            refused = exc
+            if len(batch) == 1:
+                await self._write_one(batch[0], exc, stuck=stuck)
+                del self._buffer[:1]
+                return
+            if top:
+                log.warning(
+                    "a batch of %d outcomes was refused (%s); writing it in smaller batches",
+                    len(batch),
+                    _one_line(exc),
+                )
+            half = len(batch) // 2
+            await self._write_split(batch[:half], stuck=stuck)
+            await self._write_split(batch[half:], stuck=stuck)
+            return
+        del self._buffer[: len(batch)]
+
+    async def _write_one(self, outcome: Outcome, refused: Exception, *, stuck: bool) -> None:
+        """One outcome PostgreSQL refused: write it with the refused value replaced by a note;
+        if it refuses that too, park a finished job in stoker.jobs; else log it as lost.
+        Raises only transient errors (unless `stuck`), to be retried unchanged."""
         try:
             await self._write([_salvage(outcome, refused)])
             log.warning(
@@ -200,15 +208,15 @@ class Completer:
             )
             return
         except Exception as exc:
-            if is_transient(exc) and failures < STUCK_AFTER:
+            if is_transient(exc) and not stuck:
                 raise
             refused = exc
         if outcome.outcome in FINISHED:
             try:
-                if await self._park(outcome, refused):
-                    return
+                await self._park(outcome, refused)
+                return
             except Exception as exc:
-                if is_transient(exc) and failures < STUCK_AFTER:
+                if is_transient(exc) and not stuck:
                     raise
                 refused = exc
         self.lost += 1
@@ -222,7 +230,7 @@ class Completer:
             extra=_fields(outcome),
         )
 
-    async def _park(self, outcome: Outcome, refused: Exception) -> bool:
+    async def _park(self, outcome: Outcome, refused: Exception) -> None:
         note = (
             f"outcome {outcome.outcome} of attempt {outcome.attempt} could not be moved to "
             f"stoker.job_history: {_one_line(refused)}"
@@ -240,7 +248,7 @@ class Completer:
             )
         if row is None:
             self.discarded += 1
-            return True
+            return
         self.parked += 1
         log.error(
             "job %s: %s; it stays in stoker.jobs with state %s and will not run again",
@@ -249,7 +257,6 @@ class Completer:
             outcome.outcome,
             extra=_fields(outcome),
         )
-        return True
 
     async def close(self) -> None:
         self._closing = True

@@ -59,10 +59,11 @@ async def sleep(ctx: JobContext, payload: Sleep) -> dict[str, int]:
 class Record(BaseModel):
     seconds: float = 0.0
     label: str = ""
+    nul_result: bool = False  # a result PostgreSQL refuses (jsonb holds no NUL)
 
 
 @handler("test.record", payload=Record)
-async def record(ctx: JobContext, payload: Record) -> None:
+async def record(ctx: JobContext, payload: Record) -> dict[str, str] | None:
     """Appends one line per run to $STOKER_TEST_EVENTS: id, queue, label, start, end."""
     start = time.monotonic()
     if payload.seconds:
@@ -78,6 +79,7 @@ async def record(ctx: JobContext, payload: Record) -> None:
     )
     with open(os.environ["STOKER_TEST_EVENTS"], "a", encoding="utf-8") as fh:
         fh.write(line + "\n")
+    return {"text": "a\x00b"} if payload.nul_result else None
 
 
 class Poison(BaseModel):
