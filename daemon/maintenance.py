@@ -99,6 +99,27 @@ async def maintenance_loop(
             log.warning("maintenance pass failed: %s", exc)
 
 
+async def move_parked(db: asyncpg.Pool, limit: int = 100) -> int:
+    """Move jobs the completer parked in stoker.jobs (history refused their outcome) on to
+    history, once whatever refused them is fixed. One still refused stays, and says why."""
+    moved = 0
+    for job_id in [r["id"] for r in await db.fetch(queries.PARKED, limit)]:
+        try:
+            moved += len(await db.fetch(queries.MOVE_PARKED, job_id))
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate and exc.sqlstate[:2] == "08":
+                raise
+            log.warning(
+                "job %s stays parked in stoker.jobs: history still refuses it: %s",
+                job_id,
+                " ".join(str(exc).split()),
+                extra={"job_id": job_id},
+            )
+    if moved:
+        log.info("moved %d parked jobs on to stoker.job_history", moved)
+    return moved
+
+
 async def purge_loop(
     db: asyncpg.Pool,
     *,
@@ -126,6 +147,7 @@ async def purge_loop(
             if not done:
                 delay = PURGE_PAUSE
             await prune_ticks(db)
+            await move_parked(db)
         except DB_ERRORS as exc:
             log.warning("history purge failed: %s", exc)
 

@@ -46,6 +46,8 @@ class Snapshot:
     leader: Callable[[], bool] = lambda: False
     listener_reconnects: Callable[[], int] = lambda: 0
     discarded: Callable[[], int] = lambda: 0
+    parked: Callable[[], int] = lambda: 0
+    lost: Callable[[], int] = lambda: 0
     db_pool: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (size, in use)
     schedules: Callable[[], dict[str, tuple[int, int, float | None]]] = dict
     depth: dict[tuple[str, str], int] = field(default_factory=dict)  # (queue, state) -> jobs
@@ -183,6 +185,16 @@ class _StateCollector(Collector):
             "stoker_outcomes_discarded",
             "Outcomes not written because the job's lease had passed to another attempt.",
             value=s.discarded(),
+        )
+        yield CounterMetricFamily(
+            "stoker_outcomes_parked",
+            "Finished outcomes stoker.job_history refused for good, kept in stoker.jobs.",
+            value=s.parked(),
+        )
+        yield CounterMetricFamily(
+            "stoker_outcomes_lost",
+            "Outcomes PostgreSQL refused in every form: their jobs run again.",
+            value=s.lost(),
         )
         size, in_use = s.db_pool()
         yield GaugeMetricFamily("stoker_db_pool_size", "Database pool connections.", value=size)

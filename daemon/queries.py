@@ -217,6 +217,27 @@ UPDATE stoker.jobs j
 RETURNING j.id
 """
 
+# Parked jobs (PARK) the maintenance tries to move on to history, one statement each so that
+# one still refused keeps none of the others back.
+PARKED = """
+SELECT id FROM stoker.jobs WHERE state IN ('succeeded', 'failed') ORDER BY id LIMIT $1
+"""
+
+MOVE_PARKED = (
+    """
+WITH finished AS (
+    DELETE FROM stoker.jobs WHERE id = $1 AND state IN ('succeeded', 'failed') RETURNING *
+)
+"""
+    + _INTO_HISTORY
+    + """
+SELECT id, queue, kind, payload, meta, priority, state, run_at, attempts, max_attempts,
+       unique_key, worker, last_error, errors, result, progress, created_at, started_at
+  FROM finished
+RETURNING id
+"""
+)
+
 NOTIFY_QUEUES = "SELECT pg_notify('stoker_jobs', q) FROM unnest($1::text[]) AS q"
 
 # -- maintenance ----------------------------------------------------------------------------

@@ -220,6 +220,8 @@ class Runtime:
         snap.leader = lambda: self.leader is not None and self.leader.is_leader
         snap.listener_reconnects = lambda: self.listener.reconnects if self.listener else 0
         snap.discarded = lambda: completer.discarded
+        snap.parked = lambda: completer.parked
+        snap.lost = lambda: completer.lost
         snap.db_pool = lambda: (db.get_size(), db.get_size() - db.get_idle_size())
         snap.schedules = lambda: dict(self.scheduler.stats) if self.scheduler else {}
 

@@ -11,6 +11,7 @@ import pytest
 
 from daemon import queries
 from daemon.db import create_pool
+from daemon.maintenance import move_parked
 from daemon.outcomes import Completer, Outcome
 from tests.conftest import eventually
 
@@ -108,7 +109,7 @@ async def test_an_outcome_history_refuses_for_good_does_not_wedge_the_rest(
 
 
 async def test_a_dba_trigger_refusing_one_kind_blocks_nothing_else(
-    db: asyncpg.Connection, completer: tuple[Completer, asyncio.Task[None]]
+    db: asyncpg.Connection, pool: asyncpg.Pool, completer: tuple[Completer, asyncio.Task[None]]
 ) -> None:
     await db.execute(
         """CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -142,6 +143,18 @@ async def test_a_dba_trigger_refusing_one_kind_blocks_nothing_else(
     done = await db.fetchrow("SELECT * FROM stoker.jobs WHERE id = $1", ids[3])
     assert done["state"] == "succeeded"
     assert not task.done()
+    assert c.parked == 2
+    # Once the DBA drops the trigger, the maintenance moves the parked jobs on to history.
+    assert await move_parked(pool) == 0
+    await db.execute("DROP TRIGGER refuse ON stoker.job_history")
+    assert await move_parked(pool) == 2
+    assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 1  # the requeued one
+    moved = await db.fetch(
+        "SELECT state::text, last_error FROM stoker.job_history WHERE id = ANY($1) ORDER BY id",
+        [ids[1], ids[3]],
+    )
+    assert [r["state"] for r in moved] == ["failed", "succeeded"]
+    assert all("kind refused by policy" in r["last_error"] for r in moved)
 
 
 async def test_a_connection_lost_during_one_by_one_writes_keeps_the_completer_running(
