@@ -7,7 +7,6 @@ the schedule's catch-up policy to what nobody fired meanwhile."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -105,21 +104,17 @@ class Scheduler:
         self._changed.set()  # load everything on taking the lead
         # On the leader's own session, so that poll-only daemons (no listener) hear about
         # changes too; the timer in _check_for_changes covers a NOTIFY that cannot arrive.
+        # Never removed: the leader closes this connection when it stops leading, and adding
+        # the same callback again (lead loop restarted on it) is a no-op.
         async with self._leader.lock:
             await conn.add_listener(SCHEDULES_CHANNEL, self._on_notify)
-        try:
-            while self._leader.is_leader and not self._stopping.is_set():
-                if self._leader.conn is not conn:
-                    return  # leading again on a new connection: start over on it
-                await self.run_pass(conn, self._now())
-                if not self._leader.is_leader:
-                    return
-                await self._sleep_until_next(conn)
-        finally:
-            with contextlib.suppress(*DB_ERRORS):
-                if not conn.is_closed():
-                    async with self._leader.lock:
-                        await conn.remove_listener(SCHEDULES_CHANNEL, self._on_notify)
+        while self._leader.is_leader and not self._stopping.is_set():
+            if self._leader.conn is not conn:
+                return  # leading again on a new connection: start over on it
+            await self.run_pass(conn, self._now())
+            if not self._leader.is_leader:
+                return
+            await self._sleep_until_next(conn)
 
     def _on_notify(self, *_args: object) -> None:
         self._changed.set()
