@@ -154,6 +154,28 @@ def test_short_admin_token_is_refused_without_showing_it(monkeypatch: pytest.Mon
     assert_hidden(str(raised.value), "short-Sekr3t")
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DATABASE_URL", f"host=db user=app password={SECRET} dbname=app"),
+        ("DATABASE_URL", f"postgresql://app:{SECRET}@db:port/app"),
+        ("STOKER_LISTEN_DSN", f"mysql://app:{SECRET}@db/app"),
+    ],
+)
+def test_a_refused_dsn_is_named_not_shown(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    from daemon.config import load_settings
+    from daemon.errors import ConfigError
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://db/app")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(None)
+    assert f"environment {name}: " in str(raised.value)
+    assert_hidden(str(raised.value), SECRET)
+
+
 def test_cli_connect_error_hides_a_query_string_password() -> None:
     dsn = (
         f"postgresql://app@127.0.0.1:{closed_port()}/app?password={SECRET}&sslpassword={SSL_SECRET}"
