@@ -169,11 +169,11 @@ def describe_failure(dsn: str | SecretStr, exc: BaseException) -> str:
     """`<redacted DSN>: <error>` for a failed connection; the error text is scrubbed too, since
     a driver may quote part of a malformed DSN back."""
     text, plain = str(exc), _plain(dsn)
+    shown = redact(plain)
     for secret in sorted(_secrets(plain), key=len, reverse=True):
-        if secret in redact(plain):
-            continue  # shown anyway (a host name, a user): not a secret
-        text = text.replace(secret, MASK)
-    return f"{redact(plain)}: {text}"
+        if secret not in shown:  # what the redacted DSN shows anyway (host, user) is no secret
+            text = text.replace(secret, MASK)
+    return f"{shown}: {text}"
 
 
 def text_problem(value: str) -> str | None:
