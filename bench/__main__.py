@@ -183,7 +183,25 @@ async def producers(admin: str, args: argparse.Namespace) -> list[Row]:
         [100 * b / p for p, b in results],
         note="goal >= 80%; daemon busy draining",
     )
-    return [plain, busy, ratio]
+    idle = []
+    for _ in range(args.runs):
+        idle.append(await stoker.producers_keep_up_once(admin, args.producer_seconds))
+        print(f"  producers, keeping up: {idle[-1][1] / idle[-1][0]:.0%}", file=sys.stderr)
+    idle_plain = Row(
+        "producers", "no trigger", "8 clients, daemon keeping up", "tx/s", [p for p, _ in idle]
+    )
+    keep_up = Row(
+        "producers", "stoker", "8 clients, daemon keeping up", "tx/s", [b for _, b in idle]
+    )
+    keep_up_ratio = Row(
+        "producers",
+        "stoker",
+        "share of no-trigger rate",
+        "%",
+        [100 * b / p for p, b in idle],
+        note="daemon idle at the start, keeping up",
+    )
+    return [plain, busy, ratio, idle_plain, keep_up, keep_up_ratio]
 
 
 async def scale(admin: str, args: argparse.Namespace, rss: list[float]) -> list[Row]:

@@ -296,6 +296,23 @@ def pgbench_tps(dsn: str, script: str, seconds: int, clients: int = 8) -> float:
     raise RuntimeError(f"pgbench printed no tps:\n{out.stdout}\n{out.stderr}")
 
 
+async def producers_keep_up_once(admin_dsn: str, seconds: int) -> tuple[float, float]:
+    """The same eight producers with a daemon that is idle at the start and keeps up: the
+    regime most daemons live in, where every insert may find a pool waiting. Returns the
+    trigger-less rate and the stoker.enqueue rate, measured in the same database."""
+    async with fresh_database(admin_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("CREATE TABLE plain_jobs (LIKE stoker.jobs INCLUDING ALL)")
+            await settle(conn, "stoker.jobs, plain_jobs")
+            async with daemon(dsn, queue="default"):
+                plain = await asyncio.to_thread(pgbench_tps, dsn, PLAIN_INSERT, seconds)
+                keep_up = await asyncio.to_thread(pgbench_tps, dsn, ENQUEUE, seconds)
+            return plain, keep_up
+        finally:
+            await conn.close()
+
+
 async def producers_once(admin_dsn: str, seconds: int) -> tuple[float, float]:
     """The NOTIFY tax: eight producers inserting one job per transaction into a table without
     a trigger, then through stoker.enqueue, both while a daemon is busy draining that queue

@@ -188,7 +188,9 @@ class SqlTaskConfig(_Strict):
     max_batches: int | None = Field(None, ge=1)
     statement_timeout: float = Field(30.0, gt=0)
     lock_timeout: float = Field(5.0, gt=0)
-    database_url: str | None = Field(None, description="another database; default: Stoker's")
+    database_url: str | None = Field(
+        None, repr=False, description="another database; default: Stoker's"
+    )
     description: str = ""
 
     @field_validator("params")

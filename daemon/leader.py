@@ -17,7 +17,14 @@ from collections.abc import Callable
 
 import asyncpg
 
-from daemon.db import COMMAND_TIMEOUT, CONNECT_ERRORS, DB_ERRORS, close_quietly, connect, redact
+from daemon.db import (
+    COMMAND_TIMEOUT,
+    CONNECT_ERRORS,
+    DB_ERRORS,
+    close_quietly,
+    connect,
+    describe_failure,
+)
 from daemon.waiting import wait_any
 
 log = logging.getLogger("stoker.leader")
@@ -60,7 +67,7 @@ class Leader:
                 if self.is_leader:
                     log.warning("lost leadership: %s", exc)
                 else:
-                    log.debug("leader bid failed on %s: %s", redact(self._dsn), exc)
+                    log.debug("leader bid failed on %s", describe_failure(self._dsn, exc))
             finally:
                 was = self.is_leader
                 self._set(False)

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from daemon import queries
 from daemon.config import Settings
-from daemon.db import CONNECT_ERRORS, DB_ERRORS, create_pool, redact
+from daemon.db import CONNECT_ERRORS, DB_ERRORS, create_pool, describe_failure
 from daemon.dbclock import DbClock
 from daemon.errors import StokerError
 from daemon.http import HealthState, HttpServer, build_app, loop_lag_probe, sample_database
@@ -123,7 +123,7 @@ class Runtime:
             )
         except CONNECT_ERRORS as exc:
             raise StartupError(
-                f"cannot connect to the database at {redact(s.database_url)}: {exc} "
+                f"cannot connect to the database at {describe_failure(s.database_url, exc)} "
                 "(check database_url / DATABASE_URL and that PostgreSQL is running)"
             ) from exc
 

@@ -240,7 +240,7 @@ async def fire(
             running = await conn.fetchval(
                 """SELECT j.id FROM stoker.schedule_state s
                      JOIN stoker.jobs j ON j.id = s.last_job_id
-                    WHERE s.name = $1""",
+                    WHERE s.name = $1 AND j.state IN ('queued', 'active')""",
                 schedule.name,
             )
             if running is not None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
 from daemon import queries
+from daemon.config import ScheduleConfig
 from daemon.db import create_pool
 from daemon.maintenance import move_parked
 from daemon.outcomes import Completer, Outcome
+from daemon.schedules import Schedule, fire
 from tests.conftest import eventually
 
 WORKER = "w-test"
@@ -257,3 +260,18 @@ async def test_a_success_buffered_past_its_lease_is_written_to_the_rescued_row(
     row = await state_of(db, job_id)
     assert (row["state"], row["attempts"], row["result"]) == ("succeeded", 1, "done")
     assert c.discarded == 0
+
+
+async def test_a_parked_run_does_not_stop_an_overlap_skip_schedule(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    # The schedule's last run finished but history refused it: it is parked, not running.
+    schedule = Schedule.from_config(
+        "nightly", ScheduleConfig(cron="0 2 * * *", kind="noop", queue="default")
+    )
+    first = await fire(db, schedule, datetime(2026, 11, 29, 2, tzinfo=UTC))
+    assert first == "fired"
+    (job_id,) = [r["id"] for r in await db.fetch(queries.CLAIM, "default", 10, WORKER, 60)]
+    assert await db.fetchval(queries.PARK, job_id, 1, WORKER, "succeeded", "refused") == job_id
+    second = await fire(db, schedule, datetime(2026, 11, 30, 2, tzinfo=UTC))
+    assert second == "fired"
