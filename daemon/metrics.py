@@ -50,6 +50,7 @@ class Snapshot:
     lost: Callable[[], int] = lambda: 0
     db_pool: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (size, in use)
     schedules: Callable[[], dict[str, tuple[int, int, float | None]]] = dict
+    skipped_by_reason: Callable[[], dict[str, int]] = dict
     depth: dict[tuple[str, str], int] = field(default_factory=dict)  # (queue, state) -> jobs
     oldest_due: dict[str, float] = field(default_factory=dict)  # queue -> seconds
 
@@ -216,6 +217,15 @@ class _StateCollector(Collector):
                 last.add_metric([name], last_tick)
         yield fired
         yield last
+        skipped = CounterMetricFamily(
+            "stoker_schedule_ticks_skipped",
+            "Ticks not fired, by reason (skipped_overlap: the previous run still going; "
+            "skipped_catch_up: passed over by the catch-up policy), while leading.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(s.skipped_by_reason().items()):
+            skipped.add_metric([reason], n)
+        yield skipped
         info = GaugeMetricFamily(
             "stoker_build_info", "Version information.", labels=["version", "python"]
         )

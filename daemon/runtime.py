@@ -224,6 +224,9 @@ class Runtime:
         snap.lost = lambda: completer.lost
         snap.db_pool = lambda: (db.get_size(), db.get_size() - db.get_idle_size())
         snap.schedules = lambda: dict(self.scheduler.stats) if self.scheduler else {}
+        snap.skipped_by_reason = lambda: (
+            dict(self.scheduler.skipped_by_reason) if self.scheduler else {}
+        )
 
     async def _run_tasks(self, db: asyncpg.Pool, completer: Completer) -> None:
         watch = LoopWatch(

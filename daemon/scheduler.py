@@ -261,6 +261,8 @@ class Scheduler:
             log.info("schedule %s fired tick %s", schedule.name, tick.isoformat())
         elif result == "skipped":
             self.skipped += 1
+            reason = "skipped_overlap"
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
             log.info(
                 "schedule %s skipped tick %s: its previous run is still queued or running",
                 schedule.name,

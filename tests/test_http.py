@@ -201,6 +201,8 @@ async def test_metrics_count_exactly_what_ran(
     assert got[("stoker_free_slots", (("queue", "default"),))] == 10
     assert got[("stoker_leader", ())] == 1
     assert got[("stoker_listener_reconnects_total", ())] == 0
+    assert got[("stoker_outcomes_parked_total", ())] == 0
+    assert got[("stoker_outcomes_lost_total", ())] == 0
 
     _, text = await get(client, port, "/metrics")
     assert "secret-" not in text and "example.com" not in text
