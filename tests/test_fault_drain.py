@@ -78,9 +78,7 @@ async def test_killing_connections_through_a_100k_drain_loses_and_repeats_nothin
         await asyncio.gather(killer, return_exceptions=True)
         await killer_conn.close()
 
-    states = dict(
-        await db.fetch("SELECT state::text, count(*) FROM stoker.job_history GROUP BY 1")
-    )
+    states = dict(await db.fetch("SELECT state::text, count(*) FROM stoker.job_history GROUP BY 1"))
     assert states == {"succeeded": JOBS}
     notes = await db.fetchval(
         "SELECT count(*) FROM stoker.job_history WHERE result ? 'unrecorded_result'"
