@@ -267,7 +267,7 @@ class Api:
         tally: dict[str, dict[str, int]] = {n: dict.fromkeys(STATES, 0) for n in names}
         oldest: dict[str, float] = {}
         for r in counts:
-            tally[r["queue"]][r["state"]] = r["jobs"]
+            tally[r["queue"]][r["state"]] += r["jobs"]  # parked jobs add to history's
             if r["oldest_due_s"] is not None:
                 oldest[r["queue"]] = float(r["oldest_due_s"])
         queues = [

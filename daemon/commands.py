@@ -219,7 +219,7 @@ async def cmd_status(conn: asyncpg.Connection) -> int:
     queues: dict[str, dict[str, Any]] = {}
     for r in rows:
         entry = queues.setdefault(r["queue"], {s: 0 for s in STATES} | {"oldest": None})
-        entry[r["state"]] = r["jobs"]
+        entry[r["state"]] += r["jobs"]  # parked jobs add to history's of the same state
         if r["oldest_due_s"] is not None:
             entry["oldest"] = float(r["oldest_due_s"])
     for name in paused:

@@ -191,16 +191,17 @@ class JobRunner:
         limit = handler.max_result_bytes or self._config.max_result_bytes
         try:
             text = encode_capped(result, limit)
-        except (TypeError, ValueError, RecursionError) as exc:
-            # The work is done: keep it succeeded (running it again would repeat its effects)
-            # and say why the result is missing.
+        except Exception as exc:
+            # Whatever encoding it raised, the work is done: keep it succeeded (running it
+            # again would repeat its effects) and say why the result is missing.
             log.warning(
                 "job %s: its result cannot be stored as JSON: %s",
                 job.id,
                 exc,
                 extra=job_fields(job, self.name),
             )
-            return as_json_text({"unrecorded_result": f"not JSON-serialisable: {exc}"})
+            why = cut(f"{type(exc).__name__}: {exc}", 2000)
+            return as_json_text({"unrecorded_result": f"not JSON-serialisable: {why}"})
         if text is None:
             note = (
                 f"the result is larger than max_result_bytes ({limit}) and was not stored; "

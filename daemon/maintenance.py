@@ -13,6 +13,7 @@ import asyncpg
 from daemon import queries
 from daemon.db import DB_ERRORS
 from daemon.dbclock import DbClock
+from daemon.outcomes import is_transient
 from daemon.schedules import prune_ticks
 from daemon.waiting import wait_any
 
@@ -103,18 +104,23 @@ async def move_parked(db: asyncpg.Pool, limit: int = 100) -> int:
     """Move jobs the completer parked in stoker.jobs (history refused their outcome) on to
     history, once whatever refused them is fixed. One still refused stays, and says why."""
     moved = 0
+    refused: dict[str, list[int]] = {}
     for job_id in [r["id"] for r in await db.fetch(queries.PARKED, limit)]:
         try:
             moved += len(await db.fetch(queries.MOVE_PARKED, job_id))
         except asyncpg.PostgresError as exc:
-            if exc.sqlstate and exc.sqlstate[:2] == "08":
+            if is_transient(exc):
                 raise
-            log.warning(
-                "job %s stays parked in stoker.jobs: history still refuses it: %s",
-                job_id,
-                " ".join(str(exc).split()),
-                extra={"job_id": job_id},
-            )
+            refused.setdefault(" ".join(str(exc).split()), []).append(job_id)
+            await db.execute(queries.PARKED_REFUSED, job_id)
+    for reason, ids in refused.items():
+        log.warning(
+            "%d jobs stay parked in stoker.jobs (ids %s%s): history still refuses them: %s",
+            len(ids),
+            ", ".join(map(str, ids[:10])),
+            ", ..." if len(ids) > 10 else "",
+            reason,
+        )
     if moved:
         log.info("moved %d parked jobs on to stoker.job_history", moved)
     return moved

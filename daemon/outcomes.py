@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -36,12 +37,12 @@ RequeuedFn = Callable[[str, datetime], None]
 class Completer:
     """One per daemon. `add` never waits; the flusher task writes what has accumulated.
 
-    Every outcome ends written, parked or (last resort) logged as lost, never retried forever:
-    a connection or transient error retries the same outcomes unchanged; anything else that
-    PostgreSQL refuses halves the batch until the refused outcomes stand alone, where a refused
-    value is replaced by a note saying why, and an outcome history refuses for good (a taken
-    id, a permission, a DBA's trigger) is parked in stoker.jobs as finished, never to run
-    again."""
+    Every outcome ends written, parked or (last resort) logged as lost, and none blocks the
+    others: an error of the connection or the server's state retries the same outcomes
+    unchanged; an error of the outcomes themselves (a value, a constraint, a permission, a
+    trigger) halves the batch until the refused outcomes stand alone, where a refused value is
+    replaced by a note saying why, and an outcome history refuses for good (a taken id, a
+    permission, a DBA's trigger) is parked in stoker.jobs as finished, never to run again."""
 
     def __init__(
         self,
@@ -61,11 +62,17 @@ class Completer:
         self._pending = asyncio.Event()
         self._closing = False
         self._writing = 0  # outcomes at the head of the buffer in a write right now
-        # Set while outcomes get written; cleared by a transient failure, so that pools wait
-        # for the backlog before they claim again (a re-claimed job would fence its own
-        # buffered outcome out and run a second time).
+        # job id -> attempt: finished outcomes in a write when this worker claimed the job
+        # again; that write is fenced out, and the outcome is then written for the new claim.
+        self._adoptions: dict[int, int] = {}
+        # Finished outcomes recently fenced out, for a re-claim this worker learns of later.
+        self._fenced: OrderedDict[int, Outcome] = OrderedDict()
+        # Set while outcomes get written; cleared by a failed write until everything buffered
+        # then is written, so that pools wait for the backlog before they claim again (a job
+        # re-claimed meanwhile would fence its own buffered outcome out and run again).
         self.settled = asyncio.Event()
         self.settled.set()
+        self._backlog = 0
         self.discarded = 0  # outcomes whose lease had been taken over (fenced out)
         self.written = 0
         self.parked = 0  # finished outcomes history refused, kept in stoker.jobs
@@ -83,24 +90,41 @@ class Completer:
         return [o.job_id for o in self._buffer]
 
     def adopt(self, job_id: int, attempt: int) -> bool:
-        """This worker claimed `job_id` again as `attempt` while an outcome of an earlier
-        attempt still waits here: that outcome now answers for the new claim (written against
-        the old attempt it would be fenced out, and the job would run again). True if so."""
-        # Not one in a write right now: that write is fenced against the old attempt.
-        for i in range(self._writing, len(self._buffer)):
+        """This worker claimed `job_id` again as `attempt` (its lease had lapsed: the database
+        was away, or the loop blocked) while an outcome of an earlier attempt was not yet
+        written: that outcome answers for the new claim, which must not run. True if so.
+
+        Written against the old attempt it would be fenced out and the job would run twice.
+        A finished outcome in a write right now is certainly fenced out (the claim found the
+        row still there), so it is written again for the new attempt once that write returns;
+        a requeue in a write may have landed before the claim, so that claim runs."""
+        for i in range(len(self._buffer) - 1, self._writing - 1, -1):
             o = self._buffer[i]
             if o.job_id == job_id and o.attempt < attempt:
                 self._buffer[i] = replace(o, attempt=attempt)
-                log.warning(
-                    "job %s claimed again (attempt %s) while attempt %s's outcome was still "
-                    "unwritten; that outcome is kept and the job is not run again",
-                    job_id,
-                    attempt,
-                    o.attempt,
-                    extra={"job_id": job_id, "queue": o.queue, "attempt": attempt},
-                )
-                return True
+                return self._adopted(o, attempt)
+        for o in self._buffer[: self._writing]:
+            if o.job_id == job_id and o.attempt < attempt and o.outcome in FINISHED:
+                self._adoptions[job_id] = attempt
+                return self._adopted(o, attempt)
+        fenced = self._fenced.get(job_id)
+        if fenced is not None and fenced.attempt < attempt:
+            del self._fenced[job_id]
+            self.discarded -= 1
+            self.add(replace(fenced, attempt=attempt))
+            return self._adopted(fenced, attempt)
         return False
+
+    def _adopted(self, o: Outcome, attempt: int) -> bool:
+        log.warning(
+            "job %s claimed again (attempt %s) while attempt %s's outcome was not yet "
+            "written; that outcome answers for the new claim and the job is not run again",
+            o.job_id,
+            attempt,
+            o.attempt,
+            extra={"job_id": o.job_id, "queue": o.queue, "attempt": attempt},
+        )
+        return True
 
     async def run(self) -> None:
         """Flush until close() is called and the buffer is empty. Never raises: losing this
@@ -109,6 +133,7 @@ class Completer:
         failures = 0
         while True:
             if not self._buffer:
+                self._backlog = 0
                 self.settled.set()
                 if self._closing:
                     return
@@ -125,17 +150,22 @@ class Completer:
                 # Shielded: a cancellation must not lose a job's final state.
                 await asyncio.shield(self._write_split(batch, stuck=stuck, top=True))
             except Exception as exc:
+                left = self._writing
                 self._writing = 0
                 if not is_transient(exc):  # _write_split lets only those out: a bug of ours
-                    log.exception("outcomes of jobs %s not recorded", [o.job_id for o in batch])
-                    self.lost += len(batch)
-                    del self._buffer[: len(batch)]
+                    log.exception(
+                        "outcomes of jobs %s not recorded", [o.job_id for o in batch[-left:]]
+                    )
+                    self.lost += left
+                    self._taken(left)
                     continue
                 failures += 1
-                self.settled.clear()
+                if self.settled.is_set():
+                    self._backlog = len(self._buffer)
+                    self.settled.clear()
                 log.warning(
                     "cannot write %d job outcomes (%s); retrying in %.2fs",
-                    len(batch),
+                    left,
                     _one_line(exc),
                     delay,
                 )
@@ -145,7 +175,33 @@ class Completer:
             self._writing = 0
             failures = 0
             delay = 0.05
-            self.settled.set()
+
+    def _taken(self, count: int) -> None:
+        """`count` outcomes at the head of the buffer are done with."""
+        del self._buffer[:count]
+        self._writing = max(0, self._writing - count)
+        if not self.settled.is_set():
+            self._backlog -= count
+            if self._backlog <= 0:
+                self.settled.set()
+
+    def _rotate(self, exc: Exception) -> None:
+        """A single outcome keeps failing with an error taken for the connection's while the
+        database answers: retry it after the others instead of in front of them."""
+        o = self._buffer.pop(0)
+        self._buffer.append(o)
+        self._writing = max(0, self._writing - 1)
+        if not self.settled.is_set():
+            self._backlog -= 1  # pools need not wait for it
+            if self._backlog <= 0:
+                self.settled.set()
+        log.warning(
+            "job %s: writing its outcome keeps failing (%s) while the database answers; "
+            "retrying it after the others",
+            o.job_id,
+            _one_line(exc),
+            extra=_fields(o),
+        )
 
     def _next_batch(self) -> list[Outcome]:
         """The head of the buffer, up to flush_max, cut before a second outcome of the same job
@@ -160,8 +216,9 @@ class Completer:
         return batch
 
     async def _reachable(self) -> bool:
-        """After repeated 'transient' failures, is the database in fact reachable? Then the
-        error is the outcomes' own and retrying them unchanged would wedge everything behind."""
+        """After repeated failures, does the database answer? Then a batch that keeps failing
+        is split, and a single outcome that does goes to the back, so no outcome that keeps
+        failing for a reason we took for the connection's holds up the others."""
         try:
             await self._db.fetchval("SELECT 1", timeout=5)
         except Exception:  # still unreachable: the failures were the connection's
@@ -172,16 +229,23 @@ class Completer:
         """Write `batch`, the head of the buffer, and take it off the buffer. A batch that
         PostgreSQL refuses is halved until the refused outcomes stand alone; what was written
         is off the buffer at once, so a lost connection halfway repeats nothing. Raises only
-        transient errors (unless `stuck`), to be retried unchanged."""
+        transient errors, to be retried unchanged (a batch is halved on those too when
+        `stuck`); never drops or rewrites an outcome for a transient error."""
         try:
             await self._write(batch)
         except Exception as exc:
-            if is_transient(exc) and not stuck:
-                raise
+            transient = is_transient(exc)
             if len(batch) == 1:
-                await self._write_one(batch[0], exc, stuck=stuck)
-                del self._buffer[:1]
+                if transient and stuck:
+                    self._rotate(exc)
+                    return
+                if transient:
+                    raise
+                await self._write_one(batch[0], exc)
+                self._taken(1)
                 return
+            if transient and not stuck:
+                raise
             if top:
                 log.warning(
                     "a batch of %d outcomes was refused (%s); writing it in smaller batches",
@@ -192,12 +256,12 @@ class Completer:
             await self._write_split(batch[:half], stuck=stuck)
             await self._write_split(batch[half:], stuck=stuck)
             return
-        del self._buffer[: len(batch)]
+        self._taken(len(batch))
 
-    async def _write_one(self, outcome: Outcome, refused: Exception, *, stuck: bool) -> None:
-        """One outcome PostgreSQL refused: write it with the refused value replaced by a note;
-        if it refuses that too, park a finished job in stoker.jobs; else log it as lost.
-        Raises only transient errors (unless `stuck`), to be retried unchanged."""
+    async def _write_one(self, outcome: Outcome, refused: Exception) -> None:
+        """One outcome PostgreSQL refused for itself: write it with the refused value replaced
+        by a note; if it refuses that too, park a finished job in stoker.jobs; else log it as
+        lost. Raises only transient errors, to be retried unchanged."""
         try:
             await self._write([_salvage(outcome, refused)])
             log.warning(
@@ -208,7 +272,7 @@ class Completer:
             )
             return
         except Exception as exc:
-            if is_transient(exc) and not stuck:
+            if is_transient(exc):
                 raise
             refused = exc
         if outcome.outcome in FINISHED:
@@ -216,7 +280,7 @@ class Completer:
                 await self._park(outcome, refused)
                 return
             except Exception as exc:
-                if is_transient(exc) and not stuck:
+                if is_transient(exc):
                     raise
                 refused = exc
         self.lost += 1
@@ -314,39 +378,55 @@ class Completer:
             seen = {row["id"] for row in rows}
             for o in batch:
                 if o.job_id not in seen:
-                    self.discarded += 1
-                    log.warning(
-                        "outcome %s of job %s attempt %s discarded: its lease expired and the "
-                        "job was handed to another attempt",
-                        o.outcome,
-                        o.job_id,
-                        o.attempt,
-                        extra=_fields(o),
-                    )
+                    self._fenced_out(o)
         for row in rows:
             if row["run_at"] is not None:
                 self._on_requeued(row["queue"], row["run_at"])
+
+    def _fenced_out(self, o: Outcome) -> None:
+        adopted = self._adoptions.pop(o.job_id, None)
+        if adopted is not None and adopted > o.attempt:
+            self.add(replace(o, attempt=adopted))  # this worker's new claim of the job
+            return
+        self.discarded += 1
+        log.warning(
+            "outcome %s of job %s attempt %s discarded: its lease expired and the job was "
+            "handed to another attempt",
+            o.outcome,
+            o.job_id,
+            o.attempt,
+            extra=_fields(o),
+        )
+        if o.outcome in FINISHED:
+            self._fenced[o.job_id] = o
+            if len(self._fenced) > FENCED_KEPT:
+                self._fenced.popitem(last=False)
 
 
 class ConnectionUnavailable(Exception):
     """No connection to write with: always transient."""
 
 
-# Consecutive 'transient' failures after which a reachable database means the error is the
-# outcome's own (an error class we took for transient), not the connection's.
+# Consecutive failures after which a database that answers makes a batch that keeps failing
+# split, and a single outcome that does go to the back (see Completer._reachable).
 STUCK_AFTER = 5
 ERROR_IN_NOTE = 2000
+FENCED_KEPT = 10_000
 
-_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01"})
+# SQLSTATE classes that are the outcome's own doing: a value (22), a constraint (23), a
+# permission or a name (42), a size (54), a trigger or function saying no (P0, 2F, 38, 39,
+# 09, 27), and a few more a statement can run into. Any other class is the connection's or
+# the server's state (08, 25 read-only after a failover, 40, 53, 55 lock not available, 57
+# shutdown or cancel, 58 I/O): the same outcomes are retried unchanged.
+_OWN_CLASSES = frozenset({"22", "23", "42", "54", "P0", "2F", "38", "39", "09", "27", "44"})
+_OWN_CLASSES |= frozenset({"0A", "21", "XX"})
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth retrying unchanged: the connection or the server's state, not the outcome.
-    SQLSTATE classes 08 (connection), 53 (insufficient resources), 57P (shutdown, restart),
-    serialization failures and deadlocks; lost connections and time-outs on our side."""
+    """Worth retrying unchanged: the connection or the server's state, not the outcome."""
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
-        return state[:2] in ("08", "53") or state[:3] == "57P" or state in _TRANSIENT_SQLSTATES
+        return state[:2] not in _OWN_CLASSES
     if isinstance(exc, ValueError):  # asyncpg's client-side DataError: a value it cannot encode
         return False
     return isinstance(

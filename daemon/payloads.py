@@ -53,12 +53,16 @@ def _small(value: Any, limit: int) -> bool:
             return False
         item = stack.pop()
         if isinstance(item, str):
-            chars += len(item)
+            chars += len(item)  # a long string fails the size test below at once
         elif isinstance(item, dict):
+            if len(item) > budget:
+                return False
             for key, inner in item.items():
                 chars += len(key) if isinstance(key, str) else 24
                 stack.append(inner)
         elif isinstance(item, (list, tuple)):
+            if len(item) > budget:
+                return False
             stack.extend(item)
         elif item is None or isinstance(item, (bool, int, float)):
             chars += 24

@@ -97,6 +97,11 @@ class QueuePool:
             self._hint_due = due_at if self._hint_due is None else min(self._hint_due, due_at)
         self._wake.set()
 
+    def registration_lost(self) -> None:
+        """stoker.waiting may have lost our row (it is unlogged: a crash or a failover empties
+        it): register afresh, and look again until producers that missed it have ended."""
+        self._waiting_since = None
+
     def note_requeued(self, run_at: datetime) -> None:
         self.wake(run_at.timestamp())
 

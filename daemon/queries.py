@@ -207,11 +207,13 @@ RETURNING id, queue, NULL::timestamptz AS run_at
 
 # The last resort for a finished outcome that stoker.job_history refuses for good (its id is
 # taken, a permission is missing, a trigger says no): the job stays in stoker.jobs, finished
-# (never claimed, never rescued), with the reason in last_error. Fenced like COMPLETE.
+# (never claimed, never rescued), with the reason in last_error. Fenced like COMPLETE. Its
+# unique_key is let go (and kept in the note), as a finished job's is.
 # $1 id, $2 attempt, $3 worker, $4 'succeeded' | 'failed', $5 the note.
 PARK = """
 UPDATE stoker.jobs j
-   SET state = $4::text::stoker.job_state, lease_expires_at = NULL, last_error = $5,
+   SET state = $4::text::stoker.job_state, lease_expires_at = NULL, unique_key = NULL,
+       last_error = $5 || coalesce(' (unique_key was ' || j.unique_key || ')', ''),
        errors = stoker.push_error(j.errors, j.attempts, $5, NULL), updated_at = now()
  WHERE j.id = $1 AND j.attempts = $2 AND j.worker = $3 AND j.state IN ('active', 'queued')
 RETURNING j.id
@@ -220,8 +222,11 @@ RETURNING j.id
 # Parked jobs (PARK) the maintenance tries to move on to history, one statement each so that
 # one still refused keeps none of the others back.
 PARKED = """
-SELECT id FROM stoker.jobs WHERE state IN ('succeeded', 'failed') ORDER BY id LIMIT $1
+SELECT id FROM stoker.jobs WHERE state IN ('succeeded', 'failed') ORDER BY updated_at LIMIT $1
 """
+
+# A parked job history still refuses goes to the back of the line.
+PARKED_REFUSED = "UPDATE stoker.jobs SET updated_at = now() WHERE id = $1"
 
 MOVE_PARKED = (
     """

@@ -69,6 +69,7 @@ class Runtime:
 
     def _wake_all(self) -> None:
         for pool in self.pools.values():
+            pool.registration_lost()
             pool.wake()
         self._announce()
 

@@ -83,6 +83,7 @@ async def test_an_outcome_history_refuses_for_good_does_not_wedge_the_rest(
 ) -> None:
     # History already holds the id (what `TRUNCATE stoker.jobs RESTART IDENTITY` leads to).
     ids = await claimed_jobs(db, ["noop"] * 6)
+    await db.execute("UPDATE stoker.jobs SET unique_key = 'report:42' WHERE id = $1", ids[2])
     await db.execute(
         """INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state,
                                            run_at, attempts, errors, created_at)
@@ -108,6 +109,11 @@ async def test_an_outcome_history_refuses_for_good_does_not_wedge_the_rest(
     assert "job_history_pkey" in parked["last_error"]
     older = await db.fetchval("SELECT kind FROM stoker.job_history WHERE id = $1", ids[2])
     assert older == "older"  # the old record is left alone
+    # A parked job lets its unique_key go, as a finished job does, and says what it was.
+    assert parked["unique_key"] is None
+    assert "(unique_key was report:42)" in parked["last_error"]
+    fresh = await db.fetchval("SELECT stoker.enqueue('default', 'noop', unique_key => 'report:42')")
+    assert fresh != ids[2]
     assert not task.done()
 
 
@@ -275,3 +281,121 @@ async def test_a_parked_run_does_not_stop_an_overlap_skip_schedule(
     assert await db.fetchval(queries.PARK, job_id, 1, WORKER, "succeeded", "refused") == job_id
     second = await fire(db, schedule, datetime(2026, 11, 30, 2, tzinfo=UTC))
     assert second == "fired"
+
+
+@pytest.mark.parametrize("sqlstate", ["25006", "53100", "55P03", "57014"])
+async def test_errors_of_the_server_state_are_retried_unchanged_never_rewritten_or_dropped(
+    db: asyncpg.Connection,
+    completer: tuple[Completer, asyncio.Task[None]],
+    sqlstate: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Read-only after a failover, a full disk, a lock timeout, a statement cancelled: none of
+    # them is the outcome's fault. It must land as it was once the server recovers.
+    await db.execute(
+        f"""CREATE TABLE public.outage (on_ boolean);
+            INSERT INTO public.outage VALUES (true);
+            CREATE FUNCTION public.outage() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF EXISTS (SELECT 1 FROM public.outage) THEN
+                    RAISE EXCEPTION 'server trouble' USING ERRCODE = '{sqlstate}';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER outage BEFORE INSERT ON stoker.job_history
+                FOR EACH ROW EXECUTE FUNCTION public.outage();"""
+    )
+    ids = await claimed_jobs(db, ["noop", "noop"])
+    c, task = completer
+    c.add(succeeded(ids[0], result='{"kept": true}'))
+    c.add(Outcome(ids[1], 1, "default", "failed", error="its own error"))
+
+    async def long_enough_to_look_stuck() -> bool:
+        return "retrying it after the others" in caplog.text
+
+    await eventually(long_enough_to_look_stuck)
+    assert (c.parked, c.lost, c.buffered) == (0, 0, 2)
+    await db.execute("DELETE FROM public.outage")
+
+    async def written() -> bool:
+        return c.buffered == 0 and c.settled.is_set()
+
+    await eventually(written, timeout=15)
+    first = await state_of(db, ids[0])
+    assert (first["state"], first["result"]) == ("succeeded", {"kept": True})
+    second = await state_of(db, ids[1])
+    assert (second["state"], second["last_error"]) == ("failed", "its own error")
+    assert (c.parked, c.lost, c.discarded) == (0, 0, 0)
+    assert not task.done()
+
+
+async def test_a_finished_outcome_in_a_write_when_the_job_is_claimed_again_answers_for_it(
+    db: asyncpg.Connection, dsn: str
+) -> None:
+    # The network black-holed the write; meanwhile the lease lapsed, a rescue re-queued the
+    # job and this worker's pool claimed it again. The write will be fenced out: the outcome
+    # must be written for the new claim, not discarded (the pool does not run the job again).
+    one = await create_pool(dsn, max_size=1)
+    try:
+        (job_id,) = await claimed_jobs(db, ["noop"])
+        c = Completer(one, worker_id=WORKER, flush_interval=0, flush_max=100, on_requeued=print)
+        held = await one.acquire()  # the write waits for a connection: it is in flight
+        c.add(succeeded(job_id, 1, '"done"'))
+        task = asyncio.create_task(c.run())
+        await eventually(lambda: _true_async(c._writing == 1))
+        await db.execute(
+            "UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+            job_id,
+        )
+        assert len(await db.fetch(queries.RESCUE)) == 1
+        assert len(await db.fetch(queries.CLAIM, "default", 1, WORKER, 60)) == 1
+        assert c.adopt(job_id, 2)
+        await one.release(held)
+
+        async def written() -> bool:
+            return c.buffered == 0
+
+        await eventually(written, timeout=10)
+        await c.close()
+        await asyncio.wait_for(task, timeout=10)
+    finally:
+        await one.close()
+    row = await state_of(db, job_id)
+    assert (row["state"], row["attempts"], row["result"]) == ("succeeded", 2, "done")
+    assert c.discarded == 0
+
+
+async def test_an_outcome_fenced_out_before_the_pool_learns_of_its_reclaim_is_kept(
+    db: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    (job_id,) = await claimed_jobs(db, ["noop"])
+    await db.execute(
+        "UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        job_id,
+    )
+    assert len(await db.fetch(queries.RESCUE)) == 1
+    assert len(await db.fetch(queries.CLAIM, "default", 1, WORKER, 60)) == 1
+    c = Completer(pool, worker_id=WORKER, flush_interval=0, flush_max=100, on_requeued=print)
+    c.add(succeeded(job_id, 1, '"done"'))
+    task = asyncio.create_task(c.run())
+    try:
+
+        async def fenced() -> bool:
+            return c.discarded == 1
+
+        await eventually(fenced)
+        assert c.adopt(job_id, 2)  # the claim's rows reach the pool only now
+
+        async def written() -> bool:
+            return c.buffered == 0 and c.discarded == 0
+
+        await eventually(written, timeout=10)
+    finally:
+        await c.close()
+        await asyncio.wait_for(task, timeout=10)
+    row = await state_of(db, job_id)
+    assert (row["state"], row["attempts"], row["result"]) == ("succeeded", 2, "done")
+
+
+async def _true_async(value: bool) -> bool:
+    return value
