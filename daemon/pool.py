@@ -82,6 +82,7 @@ class QueuePool:
         self._handing_back = False
         self._out_of_reach = 0  # empty claims in a row while a due job was waiting
         self._recheck: float | None = None  # set while producers may not have seen us wait
+        self._in_flight: list[str] = []  # their transaction ids (xid8 as text)
         # job id -> the attempt this worker claimed again while an older attempt still ran
         # here: the older attempt's outcome answers for it.
         self._adopted: dict[int, int] = {}
@@ -158,6 +159,7 @@ class QueuePool:
                     lapsed = self._registration_lapsed()
                     await self._set_waiting(True)
                     if lapsed:
+                        self._in_flight = await self._db.fetchval(queries.IN_FLIGHT)
                         self._recheck = MIN_RECHECK
                 if self._recheck is not None:
                     if await self._producers_done():
@@ -179,14 +181,18 @@ class QueuePool:
         return since is None or time.monotonic() - since > self.config.poll_interval * 2
 
     async def _producers_done(self) -> bool:
-        """Has every transaction that inserted into this queue without seeing us wait ended?
+        """Has every transaction that may have inserted without seeing us wait ended?
 
-        Producers hold a shared lock on the queue's bucket from their insert until they end,
-        and look for a waiting pool only after taking it (migration 008). A producer that
-        missed our registration took its lock before we try ours here: if ours is free, it has
-        committed (its jobs are visible to our next claim) or rolled back."""
-        done: bool = await self._db.fetchval(queries.PRODUCERS_DONE, self.name)
-        return done
+        The insert trigger looks for a waiting pool when a job is inserted, not when its
+        transaction commits. A transaction that inserted before our registration committed
+        and commits after our last look sends no NOTIFY. It had a transaction id by then, so
+        it was among those in progress just after we registered (IN_FLIGHT): once none of
+        them is (their jobs are visible to our next claim, or rolled back), nothing is missed.
+        Unrelated transactions are in that list too; they only make us look a few more times.
+        Producers pay nothing for it."""
+        if self._in_flight:
+            self._in_flight = await self._db.fetchval(queries.STILL_IN_FLIGHT, self._in_flight)
+        return not self._in_flight
 
     async def _set_waiting(self, waiting: bool) -> None:
         if waiting:

@@ -81,9 +81,16 @@ UNREGISTER_WAITING = "DELETE FROM stoker.waiting WHERE queue = $1 AND worker = $
 
 UNREGISTER_WORKER = "DELETE FROM stoker.waiting WHERE worker = $1"
 
-# True once no transaction that inserted into queue $1 without seeing a waiting pool is still
-# open: they hold this lock in shared mode until they end (migration 008's trigger).
-PRODUCERS_DONE = "SELECT pg_try_advisory_xact_lock(1398033239, hashtext($1) & 255)"
+# The transactions in progress right now (see QueuePool._producers_done), and which of them
+# still are. Text, not xid8: asyncpg has no codec for xid8 arrays.
+IN_FLIGHT = """
+SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+"""
+
+STILL_IN_FLIGHT = """
+SELECT coalesce(array_agg(x), '{}') FROM unnest($1::text[]) AS x
+ WHERE pg_xact_status(x::xid8) = 'in progress'
+"""
 
 # The earliest run_at of a queue's waiting jobs: how long an idle pool may sleep. Past ones
 # count too: a job can fall due between an empty claim and this query (clocks are never exactly
