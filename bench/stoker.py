@@ -323,7 +323,7 @@ async def producers_once(admin_dsn: str, seconds: int) -> tuple[float, float]:
             # The same table, indexes and constraints, only without the trigger.
             await conn.execute("CREATE TABLE plain_jobs (LIKE stoker.jobs INCLUDING ALL)")
             # A backlog the daemon is still draining when the producers stop.
-            await fill(conn, 60_000 * seconds, queue="default")
+            await fill(conn, 120_000 * seconds, queue="default")
             await settle(conn, "stoker.jobs, plain_jobs")
             async with daemon(dsn, queue="default"):
                 plain = await asyncio.to_thread(pgbench_tps, dsn, PLAIN_INSERT, seconds)
