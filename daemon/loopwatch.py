@@ -16,12 +16,13 @@ from typing import Any
 
 log = logging.getLogger("stoker.loopwatch")
 
-BEAT = 0.1  # how often the loop proves it turns
+MAX_BEAT = 1.0  # how often, at most, the loop proves it turns (a quarter of the threshold)
 
 
 class LoopWatch:
     def __init__(self, *, threshold: float, lease_seconds: float) -> None:
         self._threshold = threshold
+        self._beat_every = min(MAX_BEAT, threshold / 4)
         self._lease = lease_seconds
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -46,12 +47,12 @@ class LoopWatch:
     def _beat(self) -> None:
         self._last = time.monotonic()
         assert self._loop is not None
-        self._timer = self._loop.call_later(BEAT, self._beat)
+        self._timer = self._loop.call_later(self._beat_every, self._beat)
 
     def _watch(self) -> None:
         stalled_since: float | None = None
         culprit = ""
-        while not self._stop.wait(BEAT):
+        while not self._stop.wait(self._beat_every):
             last = self._last
             blocked = time.monotonic() - last
             if stalled_since is None and blocked > self._threshold:

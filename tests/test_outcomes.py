@@ -65,6 +65,15 @@ async def claimed_jobs(db: asyncpg.Connection, kinds: list[str]) -> list[int]:
     return ids
 
 
+async def lease_lapses(db: asyncpg.Connection, job_id: int) -> None:
+    """The job's lease expires (its worker was cut off) and a rescue puts it back in the queue."""
+    await db.execute(
+        "UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        job_id,
+    )
+    assert [r["id"] for r in await db.fetch(queries.RESCUE)] == [job_id]
+
+
 async def state_of(db: asyncpg.Connection, job_id: int) -> asyncpg.Record:
     row: asyncpg.Record = await db.fetchrow(
         "SELECT state::text AS state, attempts, last_error, result, worker "
@@ -214,11 +223,7 @@ async def test_two_outcomes_of_one_job_in_one_flush_keep_the_live_one(
     # Attempt 1's lease lapsed, the job was rescued and claimed again by the same worker;
     # both attempts end and their outcomes share a flush.
     (job_id,) = await claimed_jobs(db, ["noop"])
-    await db.execute(
-        "UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-        job_id,
-    )
-    assert len(await db.fetch(queries.RESCUE)) == 1
+    await lease_lapses(db, job_id)
     again = await db.fetch(queries.CLAIM, "default", 1, WORKER, 60)
     assert [(r["id"], r["attempts"]) for r in again] == [(job_id, 2)]
     c = Completer(pool, worker_id=WORKER, flush_interval=0, flush_max=1000, on_requeued=print)
@@ -246,11 +251,7 @@ async def test_a_success_buffered_past_its_lease_is_written_to_the_rescued_row(
     # before the buffered success could be written. Nobody has claimed it since: the success
     # still belongs to the latest attempt and must be kept, not run again.
     (job_id,) = await claimed_jobs(db, ["noop"])
-    await db.execute(
-        "UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-        job_id,
-    )
-    assert len(await db.fetch(queries.RESCUE)) == 1
+    await lease_lapses(db, job_id)
     c = Completer(pool, worker_id=WORKER, flush_interval=0, flush_max=1000, on_requeued=print)
     c.add(succeeded(job_id, 1, '"done"'))
     task = asyncio.create_task(c.run())
@@ -343,11 +344,7 @@ async def test_a_finished_outcome_in_a_write_when_the_job_is_claimed_again_answe
         c.add(succeeded(job_id, 1, '"done"'))
         task = asyncio.create_task(c.run())
         await eventually(lambda: _true_async(c._writing == 1))
-        await db.execute(
-            "UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-            job_id,
-        )
-        assert len(await db.fetch(queries.RESCUE)) == 1
+        await lease_lapses(db, job_id)
         assert len(await db.fetch(queries.CLAIM, "default", 1, WORKER, 60)) == 1
         assert c.adopt(job_id, 2)
         await one.release(held)
@@ -369,11 +366,7 @@ async def test_an_outcome_fenced_out_before_the_pool_learns_of_its_reclaim_is_ke
     db: asyncpg.Connection, pool: asyncpg.Pool
 ) -> None:
     (job_id,) = await claimed_jobs(db, ["noop"])
-    await db.execute(
-        "UPDATE stoker.jobs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
-        job_id,
-    )
-    assert len(await db.fetch(queries.RESCUE)) == 1
+    await lease_lapses(db, job_id)
     assert len(await db.fetch(queries.CLAIM, "default", 1, WORKER, 60)) == 1
     c = Completer(pool, worker_id=WORKER, flush_interval=0, flush_max=100, on_requeued=print)
     c.add(succeeded(job_id, 1, '"done"'))
