@@ -19,26 +19,26 @@ $(STAMP): pyproject.toml
 # PostgreSQL server binaries: found via pg_config or /usr/lib/postgresql/*/bin; installed from
 # Debian's packages when we are root with apt-get, otherwise we say what to install.
 postgres-binaries: install
-	@$(BIN)/python -c 'from daemon.pgcluster import find_bindir; find_bindir()' 2>/dev/null || { \
+	@$(BIN)/python -c 'from daemon.dev.pgcluster import find_bindir; find_bindir()' 2>/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing PostgreSQL (apt-get install postgresql)"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 		else \
-			$(BIN)/python -c 'from daemon.pgcluster import INSTALL_HINT; print(INSTALL_HINT)'; exit 1; \
+			$(BIN)/python -c 'from daemon.dev.pgcluster import INSTALL_HINT; print(INSTALL_HINT)'; exit 1; \
 		fi; }
 
 db-start: postgres-binaries
-	@$(BIN)/python -m daemon.pgcluster start $(DEV_PG)
+	@$(BIN)/python -m daemon.dev.pgcluster start $(DEV_PG)
 
 db-stop: install
-	@$(BIN)/python -m daemon.pgcluster stop $(DEV_PG)
+	@$(BIN)/python -m daemon.dev.pgcluster stop $(DEV_PG)
 
 run: install
 	@if [ -n "$$DATABASE_URL" ]; then dsn="$$DATABASE_URL"; \
 	else $(MAKE) --no-print-directory postgres-binaries || exit 1; \
-		dsn=$$($(BIN)/python -m daemon.pgcluster start $(DEV_PG)) || exit 1; \
+		dsn=$$($(BIN)/python -m daemon.dev.pgcluster start $(DEV_PG)) || exit 1; \
 		DATABASE_URL="$$dsn" $(BIN)/stoker --config deploy/stoker.toml migrate >/dev/null || exit 1; \
-		$(BIN)/python -m daemon.pgcluster load "$$dsn" deploy/demo.sql || exit 1; \
+		$(BIN)/python -m daemon.dev.pgcluster load "$$dsn" deploy/demo.sql || exit 1; \
 		echo "demo tables and jobs loaded (deploy/demo.sql); emails go to .stoker/outbox/"; \
 		echo "PostgreSQL (dev cluster in $(DEV_PG)): psql $$dsn"; \
 		echo "try: psql $$dsn -c \"SELECT stoker.enqueue('default', 'log', '{\\\"message\\\": \\\"hello\\\"}')\""; \
@@ -51,6 +51,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .
@@ -81,5 +82,5 @@ bench-profile: install postgres-binaries
 	$(BIN)/python -m bench.profile
 
 clean:
-	-$(BIN)/python -m daemon.pgcluster stop $(DEV_PG)
+	-$(BIN)/python -m daemon.dev.pgcluster stop $(DEV_PG)
 	rm -rf $(VENV) .stoker .mypy_cache .ruff_cache .pytest_cache

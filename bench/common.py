@@ -17,8 +17,8 @@ from pathlib import Path
 
 import asyncpg
 
-from daemon.migrations import migrate
-from daemon.pgcluster import Cluster
+from daemon.dev.pgcluster import Cluster
+from daemon.store.migrations import migrate
 
 REPO = Path(__file__).resolve().parent.parent
 LOGS = REPO / ".stoker"

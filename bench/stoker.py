@@ -26,9 +26,9 @@ from bench.common import (
     wait_for,
     worker_process,
 )
-from daemon import queries
-from daemon.db import init_connection
-from daemon.pgcluster import find_bindir, free_port
+from daemon.dev.pgcluster import find_bindir, free_port
+from daemon.store import queries
+from daemon.store.db import init_connection
 
 QUEUE = "bench"
 CONFIG = """

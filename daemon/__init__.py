@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from daemon.config import Settings
 from daemon.context import JobContext
+from daemon.cron.schedules import delete_schedule, save_schedule
+from daemon.engine.registry import REGISTRY, handler, on_shutdown, on_startup
 from daemon.enqueue import Job, enqueue, enqueue_many
 from daemon.errors import ConfigError, PermanentJobError, RetryJob, StokerError
-from daemon.registry import REGISTRY, handler, on_shutdown, on_startup
-from daemon.schedules import delete_schedule, save_schedule
 
 __all__ = [
     "REGISTRY",

@@ -33,7 +33,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from daemon.cronspec import CronSpec
+from daemon.cron.cronspec import CronSpec
 from daemon.errors import ConfigError
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")

@@ -9,8 +9,8 @@ from typing import Any
 
 import asyncpg
 
-from daemon import queries
-from daemon.db import as_json_text
+from daemon.store import queries
+from daemon.store.db import as_json_text
 
 
 @dataclass(frozen=True)

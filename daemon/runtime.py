@@ -11,23 +11,24 @@ from datetime import datetime
 import asyncpg
 from aiohttp import web
 
-from daemon import queries
 from daemon.config import Settings
-from daemon.db import CONNECT_ERRORS, DB_ERRORS, create_pool, describe_failure
-from daemon.dbclock import DbClock
+from daemon.cron.leader import Leader
+from daemon.cron.schedules import prune_ticks
+from daemon.cron.timer import Scheduler
+from daemon.engine.listener import Listener
+from daemon.engine.loopwatch import LoopWatch
+from daemon.engine.maintenance import heartbeat_loop, maintenance_loop, purge_loop, vacuum_loop
+from daemon.engine.outcomes import Completer
+from daemon.engine.pool import QueuePool
+from daemon.engine.registry import REGISTRY, Registry
 from daemon.errors import StokerError
-from daemon.http import HealthState, HttpServer, build_app, loop_lag_probe, sample_database
-from daemon.leader import Leader
-from daemon.listener import Listener
-from daemon.loopwatch import LoopWatch
-from daemon.maintenance import heartbeat_loop, maintenance_loop, purge_loop, vacuum_loop
-from daemon.metrics import Metrics
-from daemon.migrations import migrate, pending_migrations
-from daemon.outcomes import Completer
-from daemon.pool import QueuePool
-from daemon.registry import REGISTRY, Registry
-from daemon.scheduler import Scheduler
-from daemon.systemd import Notifier
+from daemon.observe.metrics import Metrics
+from daemon.observe.systemd import Notifier
+from daemon.store import queries
+from daemon.store.clock import DbClock
+from daemon.store.db import CONNECT_ERRORS, DB_ERRORS, create_pool, describe_failure
+from daemon.store.migrations import migrate, pending_migrations
+from daemon.web.server import HealthState, HttpServer, build_app, loop_lag_probe, sample_database
 
 log = logging.getLogger("stoker")
 
@@ -206,7 +207,7 @@ class Runtime:
         token = self.settings.http.admin_token
         if not token:
             return None  # the admin API is off without a token
-        from daemon.admin import create_admin_app
+        from daemon.web.admin import create_admin_app
 
         return create_admin_app(
             db=db,
@@ -268,6 +269,7 @@ class Runtime:
                         db,
                         retention_seconds=s.history_retention_days * 86_400,
                         stopping=self.stopping,
+                        also=[prune_ticks],
                     ),
                     name="stoker-purge",
                 ),

@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-from daemon.db import init_connection
-from daemon.migrations import migrate
-from daemon.pgcluster import Cluster
+from daemon.dev.pgcluster import Cluster
+from daemon.store.db import init_connection
+from daemon.store.migrations import migrate
 
 REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -293,7 +293,7 @@ async def write_outcome(
     tb: str | None = None,
 ) -> list[asyncpg.Record]:
     """Write one finishing outcome exactly as a daemon's completer does."""
-    from daemon import queries
+    from daemon.store import queries
 
     rows: list[asyncpg.Record] = await db.fetch(
         queries.COMPLETE,

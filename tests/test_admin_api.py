@@ -18,11 +18,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import daemon
-from daemon import admin, admin_models, queries
-from daemon.admin import ROUTES, create_admin_app
 from daemon.config import QueueConfig, ScheduleConfig, Settings
-from daemon.db import create_pool
-from daemon.schedules import save_schedule
+from daemon.cron.schedules import save_schedule
+from daemon.store import queries
+from daemon.store.db import create_pool
+from daemon.web import admin, admin_models
+from daemon.web.admin import ROUTES, create_admin_app
 from tests.conftest import DaemonFactory, eventually, write_outcome
 from tests.test_http import http_port as _daemon_port
 
@@ -547,7 +548,7 @@ async def test_unexpected_failure_is_a_json_500_without_details(
     async def broken(*_args: Any) -> list[dict[str, Any]]:
         raise RuntimeError("internal detail")
 
-    monkeypatch.setattr(daemon.schedules, "status", broken)
+    monkeypatch.setattr(daemon.cron.schedules, "status", broken)
     reply = await api.call("GET", "/schedules")
     assert reply.status == 500
     assert "internal detail" not in json.dumps(reply.body)

@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 
 import daemon
-from daemon import queries
+from daemon.store import queries
 from tests.conftest import stoker_cli, write_outcome
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import BackoffConfig, load_settings
+from daemon.engine.retry import backoff_delay
 from daemon.errors import ConfigError
-from daemon.retry import backoff_delay
 
 
 def write(tmp_path: Path, text: str) -> Path:

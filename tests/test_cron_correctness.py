@@ -14,13 +14,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from daemon import migrations
-from daemon import scheduler as scheduler_module
 from daemon.config import ScheduleConfig
-from daemon.dbclock import DbClock
-from daemon.leader import Leader
-from daemon.scheduler import Scheduler
-from daemon.schedules import load_schedules
+from daemon.cron import timer as scheduler_module
+from daemon.cron.leader import Leader
+from daemon.cron.schedules import load_schedules
+from daemon.cron.timer import Scheduler
+from daemon.store import migrations
+from daemon.store.clock import DbClock
 from tests.conftest import DaemonFactory, eventually, scratch_database
 
 

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from daemon.cronspec import CronSpec
+from daemon.cron.cronspec import CronSpec
 
 NY = ZoneInfo("America/New_York")
 

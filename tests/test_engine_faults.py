@@ -10,7 +10,7 @@ import signal
 
 import asyncpg
 
-from daemon import queries
+from daemon.store import queries
 from tests.conftest import DaemonFactory, eventually, with_database
 from tests.test_daemon_engine import finished, insert, job
 

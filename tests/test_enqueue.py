@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 import daemon
-from daemon import queries
+from daemon.store import queries
 from tests.conftest import write_outcome
 
 

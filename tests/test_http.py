@@ -20,8 +20,8 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.migrations import migrate
-from daemon.pgcluster import Cluster
+from daemon.dev.pgcluster import Cluster
+from daemon.store.migrations import migrate
 from tests.conftest import REPO, DaemonFactory, DaemonProcess, eventually
 
 PORT = re.compile(r"http listening on 127\.0\.0\.1:(\d+)")
@@ -355,7 +355,7 @@ def test_job_histograms_count_a_value_on_a_bucket_bound_in_that_bucket() -> None
     # must read as Prometheus's own histograms do (`le` inclusive, cumulative, +Inf = count).
     from prometheus_client import generate_latest
 
-    from daemon.metrics import Metrics
+    from daemon.observe.metrics import Metrics
 
     metrics = Metrics(["default"], ["noop"])
     for seconds in (0.001, 0.0011, 4000.0):

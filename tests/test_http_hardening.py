@@ -18,9 +18,9 @@ import asyncpg
 import pytest
 
 from daemon.config import load_settings
+from daemon.dev.pgcluster import Cluster
 from daemon.errors import ConfigError
-from daemon.migrations import migrate
-from daemon.pgcluster import Cluster
+from daemon.store.migrations import migrate
 from tests.conftest import DaemonFactory, eventually, finished
 from tests.test_handler_http import Hook, Reply, call, serve_hook, start
 from tests.test_http import http_port

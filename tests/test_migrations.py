@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from daemon import migrations
 from daemon.errors import MigrationError
+from daemon.store import migrations
 from tests.conftest import REPO, eventually, scratch_database
 
 

@@ -10,12 +10,12 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from daemon import queries
 from daemon.config import ScheduleConfig
-from daemon.db import create_pool
-from daemon.maintenance import move_parked
-from daemon.outcomes import Completer, Outcome
-from daemon.schedules import Schedule, fire
+from daemon.cron.schedules import Schedule, fire
+from daemon.engine.maintenance import move_parked
+from daemon.engine.outcomes import Completer, Outcome
+from daemon.store import queries
+from daemon.store.db import create_pool
 from tests.conftest import eventually
 
 WORKER = "w-test"

@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from daemon import db as database
-from daemon.admin import create_admin_app
 from daemon.config import Settings
-from daemon.db import create_pool, redact
+from daemon.store import db as database
+from daemon.store.db import create_pool, redact
+from daemon.web.admin import create_admin_app
 from tests.conftest import DaemonFactory, eventually, stoker_cli, with_database
 
 SECRET = "hunter2-Sekr3t"

@@ -14,10 +14,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from daemon.config import ScheduleConfig
-from daemon.db import DB_ERRORS
-from daemon.dbclock import DbClock
-from daemon.leader import Leader
-from daemon.schedules import (
+from daemon.cron.leader import Leader
+from daemon.cron.schedules import (
     MAX_RECORDED_SKIPS,
     SavedCursor,
     Schedule,
@@ -29,7 +27,9 @@ from daemon.schedules import (
     schedules_fingerprint,
     skip_ticks,
 )
-from daemon.waiting import wait_any
+from daemon.events import wait_any
+from daemon.store.clock import DbClock
+from daemon.store.db import DB_ERRORS
 
 log = logging.getLogger("stoker.scheduler")
 

@@ -38,7 +38,7 @@ def migrations_dir() -> Path:
     packaged = importlib.resources.files("daemon") / "sql" / "migrations"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "sql" / "migrations"
+    return Path(__file__).resolve().parents[2] / "sql" / "migrations"
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:

@@ -12,7 +12,7 @@ from datetime import datetime
 
 import asyncpg
 
-from daemon import queries
+from daemon.store import queries
 
 log = logging.getLogger("stoker.outcomes")
 

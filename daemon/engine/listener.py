@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-from daemon.db import CONNECT_ERRORS, DB_ERRORS, close_quietly, connect, describe_failure
-from daemon.waiting import wait_any
+from daemon.events import wait_any
+from daemon.store.db import CONNECT_ERRORS, DB_ERRORS, close_quietly, connect, describe_failure
 
 log = logging.getLogger("stoker.listener")
 

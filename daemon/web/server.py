@@ -21,14 +21,14 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from daemon import queries
 from daemon.config import HttpConfig
-from daemon.db import DB_ERRORS
-from daemon.metrics import OTHER, Metrics
-from daemon.migrations import load_migrations
-from daemon.waiting import wait_any
+from daemon.events import wait_any
+from daemon.observe.metrics import OTHER, Metrics
+from daemon.store import queries
+from daemon.store.db import DB_ERRORS
+from daemon.store.migrations import load_migrations
 
-log = logging.getLogger("stoker.http")
+log = logging.getLogger("stoker.web")
 
 BEAT = 0.25  # seconds between loop-lag probes
 DB_CHECK_TTL = 0.5  # seconds a database check result is reused

@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import asyncpg
 
-from daemon.db import (
+from daemon.events import wait_any
+from daemon.store.db import (
     COMMAND_TIMEOUT,
     CONNECT_ERRORS,
     DB_ERRORS,
@@ -25,7 +26,6 @@ from daemon.db import (
     connect,
     describe_failure,
 )
-from daemon.waiting import wait_any
 
 log = logging.getLogger("stoker.leader")
 

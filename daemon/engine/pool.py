@@ -11,11 +11,8 @@ from datetime import datetime
 
 import asyncpg
 
-from daemon import queries
 from daemon.config import QueueConfig
-from daemon.db import DB_ERRORS
-from daemon.dbclock import DbClock
-from daemon.jobrun import (
+from daemon.engine.jobrun import (
     ClaimedJob,
     Deadlines,
     JobRunner,
@@ -23,10 +20,13 @@ from daemon.jobrun import (
     job_fields,
     outcome_label,
 )
-from daemon.metrics import Metrics
-from daemon.outcomes import Completer, Outcome
-from daemon.registry import Registry
-from daemon.waiting import wait_any
+from daemon.engine.outcomes import Completer, Outcome
+from daemon.engine.registry import Registry
+from daemon.events import wait_any
+from daemon.observe.metrics import Metrics
+from daemon.store import queries
+from daemon.store.clock import DbClock
+from daemon.store.db import DB_ERRORS
 
 log = logging.getLogger("stoker.pool")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from daemon.config import QUEUE_NAME
-from daemon.db import json_problem
 from daemon.errors import StokerError
+from daemon.store.db import json_problem
 
 EXIT_USAGE = 2
 STATES = ("queued", "active", "succeeded", "failed", "cancelled")

@@ -10,8 +10,8 @@ from typing import Any
 
 import asyncpg
 
-from daemon.cli_args import EXIT_USAGE, UsageError, build_parser
-from daemon.commands import (
+from daemon.cli.args import EXIT_USAGE, UsageError, build_parser
+from daemon.cli.commands import (
     cmd_enqueue,
     cmd_jobs_cancel,
     cmd_jobs_list,

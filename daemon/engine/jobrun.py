@@ -14,15 +14,15 @@ from typing import Any, overload
 import asyncpg
 from pydantic import ValidationError
 
-from daemon import queries
 from daemon.config import QueueConfig
 from daemon.context import JobContext
-from daemon.db import DB_ERRORS, as_json_text
+from daemon.engine.outcomes import Outcome
+from daemon.engine.payloads import cut, encode_capped, payload_too_large
+from daemon.engine.registry import Handler, Registry
+from daemon.engine.retry import backoff_delay
 from daemon.errors import PermanentJobError, RetryJob
-from daemon.outcomes import Outcome
-from daemon.payloads import cut, encode_capped, payload_too_large
-from daemon.registry import Handler, Registry
-from daemon.retry import backoff_delay
+from daemon.store import queries
+from daemon.store.db import DB_ERRORS, as_json_text
 
 log = logging.getLogger("stoker.pool")
 

@@ -6,16 +6,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from daemon import queries
-from daemon.db import DB_ERRORS
-from daemon.dbclock import DbClock
-from daemon.outcomes import is_transient
-from daemon.schedules import prune_ticks
-from daemon.waiting import wait_any
+from daemon.engine.outcomes import is_transient
+from daemon.events import wait_any
+from daemon.store import queries
+from daemon.store.clock import DbClock
+from daemon.store.db import DB_ERRORS
 
 log = logging.getLogger("stoker.maintenance")
 
@@ -133,10 +132,12 @@ async def purge_loop(
     stopping: asyncio.Event,
     every: float = PURGE_EVERY,
     budget: float = PURGE_BUDGET,
+    also: Sequence[Callable[[asyncpg.Pool], Awaitable[object]]] = (),
 ) -> None:
-    """History retention and tick pruning, as a task of its own: a pass works for at most
-    `budget` seconds and stops when the daemon stops; a backlog (after downtime, or at high
-    throughput) is worked off in passes a second apart."""
+    """History retention, as a task of its own: a pass works for at most `budget` seconds
+    and stops when the daemon stops; a backlog (after downtime, or at high throughput) is
+    worked off in passes a second apart. Each pass also runs `also` (other rooms' pruning,
+    such as cron's old tick records) and moves parked jobs on to history."""
     delay = 1.0  # the first pass soon after start
     while not await _sleep(stopping, delay):
         delay = every
@@ -152,7 +153,8 @@ async def purge_loop(
                 )
             if not done:
                 delay = PURGE_PAUSE
-            await prune_ticks(db)
+            for prune in also:
+                await prune(db)
             await move_parked(db)
         except DB_ERRORS as exc:
             log.warning("history purge failed: %s", exc)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from daemon.config import QUEUE_NAME
-from daemon.db import json_problem, text_problem
+from daemon.store.db import json_problem, text_problem
 
 State = Literal["queued", "active", "succeeded", "failed", "cancelled"]
 STATES: tuple[State, ...] = ("queued", "active", "succeeded", "failed", "cancelled")

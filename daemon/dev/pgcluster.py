@@ -3,8 +3,8 @@
 Finds the server binaries, runs `initdb`/`pg_ctl` (as the `postgres` user when we are root,
 because PostgreSQL refuses to run as root), and listens on loopback only with trust auth.
 
-    python -m daemon.pgcluster start DIR     # prints the DSN of database "stoker"
-    python -m daemon.pgcluster stop DIR
+    python -m daemon.dev.pgcluster start DIR     # prints the DSN of database "stoker"
+    python -m daemon.dev.pgcluster stop DIR
 """
 
 from __future__ import annotations
@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         load_sql(args[1], Path(args[2]))
         return 0
     if len(args) != 2 or args[0] not in {"start", "stop"}:
-        print("usage: python -m daemon.pgcluster start|stop DIR | load DSN FILE", file=sys.stderr)
+        print(
+            "usage: python -m daemon.dev.pgcluster start|stop DIR | load DSN FILE", file=sys.stderr
+        )
         return 2
     cluster = Cluster(Path(args[1]).resolve())
     try:

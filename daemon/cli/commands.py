@@ -13,22 +13,22 @@ from typing import Any
 import asyncpg
 from pydantic import ValidationError
 
-from daemon import queries
-from daemon.cli_args import STATES, Offset, UsageError
+from daemon.cli.args import STATES, Offset, UsageError
 from daemon.config import Settings
-from daemon.db import CONNECT_ERRORS, connect, describe_failure
+from daemon.cron.schedules import delete_schedule, load_schedules, save_schedule, trigger
+from daemon.cron.schedules import status as schedule_status
 from daemon.enqueue import enqueue
 from daemon.errors import StokerError
-from daemon.migrations import migrate
-from daemon.schedules import delete_schedule, load_schedules, save_schedule, trigger
-from daemon.schedules import status as schedule_status
+from daemon.store import queries
+from daemon.store.db import CONNECT_ERRORS, connect, describe_failure
+from daemon.store.migrations import migrate
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     import uvloop
 
-    from daemon.logs import setup_logging
-    from daemon.registry import import_handler_modules
+    from daemon.engine.registry import import_handler_modules
+    from daemon.observe.logs import setup_logging
     from daemon.runtime import Runtime
 
     setup_logging(settings.log_level, settings.log_format)

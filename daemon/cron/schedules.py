@@ -13,8 +13,8 @@ from typing import Any, Literal, NamedTuple
 import asyncpg
 
 from daemon.config import SCHEDULE_NAME, ScheduleConfig
-from daemon.cronspec import CronSpec
-from daemon.db import as_json_text
+from daemon.cron.cronspec import CronSpec
+from daemon.store.db import as_json_text
 
 log = logging.getLogger("stoker.schedules")
 

@@ -24,8 +24,11 @@ from aiohttp.typedefs import Handler, Middleware
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from daemon import queries, schedules
-from daemon.admin_models import (
+from daemon.config import QUEUE_NAME, Settings
+from daemon.cron import schedules
+from daemon.enqueue import enqueue
+from daemon.store import queries
+from daemon.web.admin_models import (
     BIGINT_MAX,
     STATES,
     Cancelled,
@@ -40,8 +43,6 @@ from daemon.admin_models import (
     Retried,
     ScheduleList,
 )
-from daemon.config import QUEUE_NAME, Settings
-from daemon.enqueue import enqueue
 
 log = logging.getLogger("stoker.admin")
 

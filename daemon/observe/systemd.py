@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 
-from daemon.waiting import wait_any
+from daemon.events import wait_any
 
 log = logging.getLogger("stoker.systemd")
 

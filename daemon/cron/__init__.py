@@ -1,0 +1,8 @@
+"""The cron room: firing schedules exactly once per tick.
+
+- cronspec.py   cron expressions and zones: next ticks, DST rules
+- schedules.py  schedules from the configuration and stoker.schedules, the tick fence, status
+- leader.py     the advisory-lock leader election on its own connection
+- timer.py      the leader's timer wheel: which ticks are due, catch-up, reloads
+
+It enqueues through SQL like any producer: it imports nothing of the engine."""

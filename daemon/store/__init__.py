@@ -1,0 +1,8 @@
+"""The store room: PostgreSQL.
+
+- db.py          pools and dedicated connections, DSN redaction, JSON text
+- queries.py     the engine's and operators' SQL statements
+- migrations.py  sql/migrations applied in order under an advisory lock
+- clock.py       the database's clock as seen from this process
+
+It knows no pools, schedules, HTTP or CLI."""
