@@ -388,3 +388,36 @@ def test_job_histograms_count_a_value_on_a_bucket_bound_in_that_bucket() -> None
     assert samples["stoker_job_wait_seconds_count", (("queue", "default"),)] == 1
     waits = [k for k in samples if k[0] == "stoker_job_wait_seconds_count"]
     assert len(waits) == 2
+
+
+async def test_a_timed_out_job_is_counted_as_timed_out(
+    daemons: DaemonFactory, db: asyncpg.Connection, client: aiohttp.ClientSession
+) -> None:
+    daemon = await daemons.start(
+        """
+        [queues.default]
+        max_attempts = 1
+        timeout = 0.2
+        """
+    )
+    port = await http_port(daemon)
+    await db.execute(
+        """INSERT INTO stoker.jobs (queue, kind, payload)
+           VALUES ('default', 'test.sleep', '{"seconds": 5}'),
+                  ('default', 'test.fail', '{}')"""
+    )
+    timed_out = (
+        "stoker_jobs_completed_total",
+        (("kind", "test.sleep"), ("outcome", "timed_out"), ("queue", "default")),
+    )
+    failed = (
+        "stoker_jobs_completed_total",
+        (("kind", "test.fail"), ("outcome", "failed"), ("queue", "default")),
+    )
+
+    async def counted() -> dict[Any, float] | None:
+        _, text = await get(client, port, "/metrics")
+        got = samples(text)
+        return got if got.get(timed_out) == 1 and got.get(failed) == 1 else None
+
+    await eventually(counted)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from daemon.config import QueueConfig
 from daemon.context import JobContext
-from daemon.engine.outcomes import Outcome
+from daemon.engine.outcomes import Outcome, OutcomeKind
 from daemon.engine.payloads import cut, encode_capped, payload_too_large
 from daemon.engine.registry import Handler, Registry
 from daemon.engine.retry import backoff_delay
@@ -147,7 +147,7 @@ class JobRunner:
             if (job.id, job.attempt) not in deadlines.expired or (task and task.cancelling() > 1):
                 raise  # cancelled from outside: the shutdown hands the job back
             error = f"timed out: the handler ran longer than its timeout of {timeout:g}s"
-            return self._retry(job, handler, max_attempts, error, None)
+            return self._retry(job, handler, max_attempts, error, None, timed_out=True)
         except RetryJob as exc:
             return self._retry(job, handler, max_attempts, f"retry requested: {exc}", exc.delay)
         except PermanentJobError as exc:
@@ -219,9 +219,12 @@ class JobRunner:
         error: str,
         delay: float | None,
         tb: str | None = None,
+        *,
+        timed_out: bool = False,
     ) -> Outcome:
         if job.attempt >= max_attempts:
-            return self.fail(job, f"{error} (attempt {job.attempt} of {max_attempts})", tb)
+            error = f"{error} (attempt {job.attempt} of {max_attempts})"
+            return self.fail(job, error, tb, timed_out=timed_out)
         if delay is None:
             delay = backoff_delay(self._config.backoff, job.attempt)
         delay = min(delay, MAX_RETRY_DELAY)
@@ -242,12 +245,21 @@ class JobRunner:
             error=_text(error),
             traceback=_text(tb),
             delay=delay,
+            timed_out=timed_out,
         )
 
-    def fail(self, job: ClaimedJob, error: str, tb: str | None = None) -> Outcome:
+    def fail(
+        self, job: ClaimedJob, error: str, tb: str | None = None, *, timed_out: bool = False
+    ) -> Outcome:
         log.error("job %s failed: %s", job.id, error, extra=job_fields(job, self.name))
         return Outcome(
-            job.id, job.attempt, self.name, "failed", error=_text(error), traceback=_text(tb)
+            job.id,
+            job.attempt,
+            self.name,
+            "failed",
+            error=_text(error),
+            traceback=_text(tb),
+            timed_out=timed_out,
         )
 
     async def _write_progress(self, job_id: int, attempt: int, progress: str) -> None:
@@ -263,7 +275,7 @@ class JobRunner:
             )
 
 
-OUTCOME_LABELS = {
+OUTCOME_LABELS: dict[OutcomeKind, str] = {
     "succeeded": "succeeded",
     "retry": "retried",
     "failed": "failed",
@@ -272,9 +284,7 @@ OUTCOME_LABELS = {
 
 
 def outcome_label(outcome: Outcome) -> str:
-    if outcome.error is not None and outcome.error.startswith("timed out:"):
-        return "timed_out"
-    return OUTCOME_LABELS[outcome.outcome]
+    return "timed_out" if outcome.timed_out else OUTCOME_LABELS[outcome.outcome]
 
 
 def current_traceback() -> str:

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Literal
 
 import asyncpg
 
@@ -17,19 +18,25 @@ from daemon.store import queries
 log = logging.getLogger("stoker.outcomes")
 
 
+# What became of an attempt: finished (succeeded, failed: the job moves to history) or back to
+# its queue (retry after `delay`; handback: the shutdown interrupted it, the attempt not counted).
+OutcomeKind = Literal["succeeded", "failed", "retry", "handback"]
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     job_id: int
     attempt: int
     queue: str
-    outcome: str  # succeeded | failed | retry | handback
+    outcome: OutcomeKind
     result: str | None = None  # JSON text
     error: str | None = None
     traceback: str | None = None
     delay: float = 0.0
+    timed_out: bool = False  # the handler ran past its timeout (retry or failed)
 
 
-FINISHED = frozenset({"succeeded", "failed"})
+FINISHED: frozenset[OutcomeKind] = frozenset({"succeeded", "failed"})
 
 RequeuedFn = Callable[[str, datetime], None]
 
