@@ -15,6 +15,8 @@ from pydantic import ValidationError
 
 from daemon.cli.args import STATES, Offset, UsageError
 from daemon.config import Settings
+from daemon.cron import queries as cron_queries
+from daemon.cron.leader import APPLICATION_PREFIX
 from daemon.cron.schedules import delete_schedule, load_schedules, save_schedule, trigger
 from daemon.cron.schedules import status as schedule_status
 from daemon.enqueue import enqueue
@@ -257,12 +259,8 @@ def cmd_schedules(
             for row in rows:
                 print(json.dumps(row, default=str))
             return 0
-        holder = await conn.fetchval(
-            "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE "
-            "'stoker-leader %' AND pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
-            "AND granted) LIMIT 1"
-        )
-        print(f"leader: {holder.removeprefix('stoker-leader ') if holder else 'none'}")
+        holder = await conn.fetchval(cron_queries.LEADER, APPLICATION_PREFIX)
+        print(f"leader: {holder.removeprefix(APPLICATION_PREFIX) if holder else 'none'}")
         table = [
             [
                 r["name"],

@@ -30,6 +30,8 @@ from daemon.store.db import (
 log = logging.getLogger("stoker.leader")
 
 LEADER_KEY = int.from_bytes(b"stokcron", "big", signed=True)
+# The leader's session is named this, then its worker id: how `stoker schedules` finds it.
+APPLICATION_PREFIX = "stoker-leader "
 
 
 class Leader:
@@ -55,7 +57,7 @@ class Leader:
             try:
                 conn = await connect(
                     self._dsn,
-                    application_name=f"stoker-leader {self._worker_id}"[:63],
+                    application_name=f"{APPLICATION_PREFIX}{self._worker_id}"[:63],
                     # A fire stuck on a half-open socket must fail, so that leadership is
                     # given up instead of held by a process that can no longer fire.
                     command_timeout=COMMAND_TIMEOUT,

@@ -13,7 +13,9 @@ from typing import Any, Literal, NamedTuple
 import asyncpg
 
 from daemon.config import SCHEDULE_NAME, ScheduleConfig
+from daemon.cron import queries
 from daemon.cron.cronspec import CronSpec
+from daemon.store import queries as store_queries
 from daemon.store.db import as_json_text
 
 log = logging.getLogger("stoker.schedules")
@@ -134,7 +136,7 @@ async def load_schedules(
 ) -> dict[str, Schedule]:
     """Every schedule by name; a config schedule wins over a db one of the same name."""
     found = {name: Schedule.from_config(name, cfg) for name, cfg in configured.items()}
-    for row in await conn.fetch("SELECT * FROM stoker.schedules ORDER BY name"):
+    for row in await conn.fetch(queries.SCHEDULES):
         if row["name"] in found:
             log.warning(
                 "schedule %s exists in the configuration and in stoker.schedules; "
@@ -155,7 +157,7 @@ class SavedCursor(NamedTuple):
 
 
 async def load_cursors(conn: asyncpg.Connection) -> dict[str, SavedCursor]:
-    rows = await conn.fetch("SELECT name, last_tick, timetable FROM stoker.schedule_state")
+    rows = await conn.fetch(queries.CURSORS)
     return {r["name"]: SavedCursor(r["last_tick"], r["timetable"]) for r in rows}
 
 
@@ -163,11 +165,7 @@ async def save_cursor(
     conn: asyncpg.Connection, name: str, cursor: datetime, timetable: str | None = None
 ) -> None:
     await conn.execute(
-        """INSERT INTO stoker.schedule_state (name, last_tick, timetable) VALUES ($1, $2, $3)
-           ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
-               stoker.schedule_state.last_tick, excluded.last_tick),
-               timetable = coalesce(excluded.timetable, stoker.schedule_state.timetable),
-               updated_at = now()""",
+        queries.SAVE_CURSOR,
         name,
         cursor,
         timetable,
@@ -177,9 +175,7 @@ async def save_cursor(
 async def schedules_fingerprint(conn: asyncpg.Connection) -> tuple[object, ...]:
     """Changes whenever a row of stoker.schedules is inserted, updated or deleted: xmin catches
     a transaction that commits after a newer updated_at was seen."""
-    row = await conn.fetchrow(
-        "SELECT count(*), max(updated_at), sum(xmin::text::bigint) FROM stoker.schedules"
-    )
+    row = await conn.fetchrow(queries.FINGERPRINT)
     return tuple(row)
 
 
@@ -190,24 +186,13 @@ async def skip_ticks(
     were not recorded before (a tick another leader already handled keeps its record)."""
     async with conn.transaction():
         recorded: int = await conn.fetchval(
-            """WITH new AS (
-                   INSERT INTO stoker.schedule_ticks (schedule, tick, outcome)
-                   SELECT $1, t, $3 FROM unnest($2::timestamptz[]) AS t
-                   ON CONFLICT DO NOTHING RETURNING 1)
-               SELECT count(*) FROM new""",
+            queries.RECORD_SKIPPED,
             schedule.name,
             ticks,
             reason,
         )
         await conn.execute(
-            """INSERT INTO stoker.schedule_state (name, last_tick, skipped, last_skipped)
-               VALUES ($1, $2, $3, $2)
-               ON CONFLICT (name) DO UPDATE SET
-                   last_tick = greatest(stoker.schedule_state.last_tick, excluded.last_tick),
-                   skipped = stoker.schedule_state.skipped + excluded.skipped,
-                   last_skipped = greatest(stoker.schedule_state.last_skipped,
-                                           excluded.last_skipped),
-                   updated_at = now()""",
+            queries.COUNT_SKIPPED,
             schedule.name,
             max(ticks),
             recorded,
@@ -229,8 +214,7 @@ async def fire(
     skip its own jobs (a skipped first tick makes the caller skip the rest)."""
     async with conn.transaction():
         won = await conn.fetchval(
-            """INSERT INTO stoker.schedule_ticks (schedule, tick, outcome)
-               VALUES ($1, $2, 'fired') ON CONFLICT DO NOTHING RETURNING true""",
+            queries.CLAIM_TICK,
             schedule.name,
             tick,
         )
@@ -238,46 +222,28 @@ async def fire(
             return "duplicate"
         if schedule.overlap == "skip" and first_of_batch:
             running = await conn.fetchval(
-                """SELECT j.id FROM stoker.schedule_state s
-                     JOIN stoker.jobs j ON j.id = s.last_job_id
-                    WHERE s.name = $1 AND j.state IN ('queued', 'active')""",
+                queries.PREVIOUS_RUN_GOING,
                 schedule.name,
             )
             if running is not None:
                 await conn.execute(
-                    """UPDATE stoker.schedule_ticks SET outcome = 'skipped_overlap', job_id = $3
-                        WHERE schedule = $1 AND tick = $2""",
+                    queries.TICK_SKIPPED_OVERLAP,
                     schedule.name,
                     tick,
                     running,
                 )
-                await conn.execute(
-                    """INSERT INTO stoker.schedule_state (name, last_tick, skipped, last_skipped)
-                       VALUES ($1, $2, 1, $2)
-                       ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
-                               stoker.schedule_state.last_tick, excluded.last_tick),
-                           skipped = stoker.schedule_state.skipped + 1,
-                           last_skipped = excluded.last_tick, updated_at = now()""",
-                    schedule.name,
-                    tick,
-                )
+                await conn.execute(queries.COUNT_SKIPPED, schedule.name, tick, 1)
                 return "skipped"
         meta = {**schedule.meta, "schedule": schedule.name, "tick": tick.isoformat()}
         job_id = await _enqueue(conn, schedule, meta, tick_key(schedule.name, tick))
         await conn.execute(
-            "UPDATE stoker.schedule_ticks SET job_id = $3 WHERE schedule = $1 AND tick = $2",
+            queries.TICK_JOB,
             schedule.name,
             tick,
             job_id,
         )
         await conn.execute(
-            """INSERT INTO stoker.schedule_state (name, last_tick, last_job_id, last_fired_at,
-                                                 fired)
-               VALUES ($1, $2, $3, now(), 1)
-               ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
-                   stoker.schedule_state.last_tick, excluded.last_tick),
-                   last_job_id = excluded.last_job_id, last_fired_at = now(),
-                   fired = stoker.schedule_state.fired + 1, updated_at = now()""",
+            queries.COUNT_FIRED,
             schedule.name,
             tick,
             job_id,
@@ -289,11 +255,14 @@ async def _enqueue(
     conn: asyncpg.Connection, schedule: Schedule, meta: dict[str, Any], unique_key: str | None
 ) -> int:
     job_id: int = await conn.fetchval(
-        "SELECT stoker.enqueue($1, $2, $3::text::jsonb, NULL, 0, $4, NULL, $5::text::jsonb)",
+        store_queries.ENQUEUE,
         schedule.queue,
         schedule.kind,
         as_json_text(schedule.payload),
+        None,
+        0,
         unique_key,
+        None,
         as_json_text(meta),
     )
     return job_id
@@ -305,9 +274,7 @@ async def trigger(conn: asyncpg.Connection, schedule: Schedule) -> int:
         meta = {**schedule.meta, "schedule": schedule.name, "trigger": "manual"}
         job_id = await _enqueue(conn, schedule, meta, None)
         await conn.execute(
-            """INSERT INTO stoker.schedule_state (name, last_job_id) VALUES ($1, $2)
-               ON CONFLICT (name) DO UPDATE SET last_job_id = excluded.last_job_id,
-                   updated_at = now()""",
+            queries.LAST_JOB,
             schedule.name,
             job_id,
         )
@@ -316,7 +283,7 @@ async def trigger(conn: asyncpg.Connection, schedule: Schedule) -> int:
 
 async def prune_ticks(conn: asyncpg.Connection | asyncpg.Pool, keep_days: float = 3) -> int:
     status = await conn.execute(
-        "DELETE FROM stoker.schedule_ticks WHERE created_at < now() - make_interval(days => $1)",
+        queries.PRUNE_TICKS,
         keep_days,
     )
     return int(status.split()[-1])
@@ -327,16 +294,7 @@ async def status(
 ) -> list[dict[str, Any]]:
     """One row per schedule: what `stoker schedules` and the admin API show."""
     schedules = await load_schedules(conn, configured)
-    state = {
-        r["name"]: r
-        for r in await conn.fetch(
-            """SELECT s.*, j.state::text AS job_state, j.started_at, j.finished_at,
-                      (SELECT t.tick FROM stoker.schedule_ticks t WHERE t.schedule = s.name
-                        ORDER BY t.tick DESC LIMIT 1) AS recorded_tick
-                 FROM stoker.schedule_state s
-                 LEFT JOIN stoker.all_jobs j ON j.id = s.last_job_id"""
-        )
-    }
+    state = {r["name"]: r for r in await conn.fetch(queries.STATUS)}
     rows = []
     for name, sched in sorted(schedules.items()):
         st = state.get(name)
@@ -412,16 +370,7 @@ async def save_schedule(
     if not SCHEDULE_NAME.match(name):
         raise ValueError(f"schedule name {name!r} is not valid: use lowercase a-z 0-9 _ . : -")
     await conn.execute(
-        """INSERT INTO stoker.schedules (name, cron, timezone, kind, queue, payload, meta,
-                                         enabled, catch_up, max_catch_up, overlap, description,
-                                         skip_grace)
-           VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7::text::jsonb, $8, $9, $10, $11, $12,
-                   $13)
-           ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
-               kind = excluded.kind, queue = excluded.queue, payload = excluded.payload,
-               meta = excluded.meta, enabled = excluded.enabled, catch_up = excluded.catch_up,
-               max_catch_up = excluded.max_catch_up, overlap = excluded.overlap,
-               description = excluded.description, skip_grace = excluded.skip_grace""",
+        queries.SAVE_SCHEDULE,
         name,
         cfg.cron,
         cfg.timezone,
@@ -440,5 +389,5 @@ async def save_schedule(
 
 async def delete_schedule(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> bool:
     """Remove a user schedule; True if it existed."""
-    status: str = await conn.execute("DELETE FROM stoker.schedules WHERE name = $1", name)
+    status: str = await conn.execute(queries.DELETE_SCHEDULE, name)
     return status.rsplit(maxsplit=1)[-1] != "0"
