@@ -115,7 +115,9 @@ def _jsonable(record: asyncpg.Record) -> dict[str, Any]:
 
 def cmd_jobs_list(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
-        rows = await conn.fetch(queries.LIST_JOBS, args.state, args.queue, args.before, args.limit)
+        rows = await conn.fetch(
+            queries.LIST_JOBS, args.state, args.queue, None, args.before, args.limit
+        )
         if args.json:
             for row in rows:
                 print(json.dumps(_jsonable(row), default=str))

@@ -291,13 +291,15 @@ created_at, started_at, finished_at"""
 
 GET_JOB = f"SELECT {JOB_COLUMNS} FROM stoker.all_jobs WHERE id = $1"
 
+# Newest first, filtered by $1 state, $2 queue, $3 kind (each NULL: any), before id $4.
 LIST_JOBS = f"""
 SELECT {JOB_COLUMNS} FROM stoker.all_jobs
  WHERE ($1::text IS NULL OR state::text = $1)
    AND ($2::text IS NULL OR queue = $2)
-   AND ($3::bigint IS NULL OR id < $3)
+   AND ($3::text IS NULL OR kind = $3)
+   AND ($4::bigint IS NULL OR id < $4)
  ORDER BY id DESC
- LIMIT $4
+ LIMIT $5
 """
 
 # Failed or cancelled jobs come back from history as new attempts; queued jobs waiting out a
@@ -331,19 +333,21 @@ hurried AS (
 SELECT id, queue FROM restored UNION ALL SELECT id, queue FROM hurried
 """
 
-CANCEL_JOB = """
+CANCEL_JOB = (
+    """
 WITH gone AS (
     DELETE FROM stoker.jobs WHERE id = $1 AND state = 'queued' RETURNING *
 )
-INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state, run_at,
-                                attempts, max_attempts, unique_key, worker, last_error, errors,
-                                result, progress, created_at, started_at)
+"""
+    + _INTO_HISTORY
+    + """
 SELECT id, queue, kind, payload, meta, priority, 'cancelled', run_at, attempts, max_attempts,
        unique_key, worker, coalesce($2, 'cancelled by an operator'), errors, result, progress,
        created_at, started_at
   FROM gone
 RETURNING id
 """
+)
 
 # Jobs in stoker.jobs per queue and state, with the age of each queue's oldest due job.
 _LIVE_BY_STATE = """
@@ -382,3 +386,7 @@ ON CONFLICT (name) DO UPDATE SET paused = excluded.paused, updated_at = now()
 """
 
 PAUSED_QUEUES = "SELECT name FROM stoker.queues WHERE paused ORDER BY name"
+
+# Every queue with a row, paused or not (PAUSED_QUEUES would miss resumed queues that have no
+# jobs and no configuration).
+QUEUE_ROWS = "SELECT name, paused FROM stoker.queues"

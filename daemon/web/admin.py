@@ -50,20 +50,6 @@ DB_TIMEOUT = 5.0  # seconds; also the longest wait for a pool connection
 JOB_ID = re.compile(r"^[0-9]{1,19}$")
 M = TypeVar("M", bound=BaseModel)
 
-# LIST_JOBS plus a kind filter; fetches one row more than asked to know whether a page follows.
-LIST_JOBS = f"""
-SELECT {queries.JOB_COLUMNS} FROM stoker.all_jobs
- WHERE ($1::text IS NULL OR state::text = $1)
-   AND ($2::text IS NULL OR queue = $2)
-   AND ($3::text IS NULL OR kind = $3)
-   AND ($4::bigint IS NULL OR id < $4)
- ORDER BY id DESC
- LIMIT $5
-"""
-
-# PAUSED_QUEUES would miss resumed queues that have no jobs and no configuration.
-QUEUE_ROWS = "SELECT name, paused FROM stoker.queues"
-
 
 class ApiError(Exception):
     def __init__(
@@ -210,7 +196,7 @@ class Api:
             raise _invalid("query", exc) from None
         args = (q.state, q.queue, q.kind, q.before, q.limit + 1)
         async with self.conn() as conn:
-            rows = await conn.fetch(LIST_JOBS, *args, timeout=DB_TIMEOUT)
+            rows = await conn.fetch(queries.LIST_JOBS, *args, timeout=DB_TIMEOUT)
         more = len(rows) > q.limit
         jobs = [dict(r) for r in rows[: q.limit]]
         return _json({"jobs": jobs, "next_before": jobs[-1]["id"] if more else None})
@@ -262,7 +248,7 @@ class Api:
         """Every known queue: job counts, pause state, oldest due job's age."""
         async with self.conn() as conn:
             counts = await conn.fetch(queries.QUEUE_STATUS, timeout=DB_TIMEOUT)
-            flags = await conn.fetch(QUEUE_ROWS, timeout=DB_TIMEOUT)
+            flags = await conn.fetch(queries.QUEUE_ROWS, timeout=DB_TIMEOUT)
         names = {*self.settings.queues, *(r["queue"] for r in counts), *(r["name"] for r in flags)}
         paused = {r["name"] for r in flags if r["paused"]}
         tally: dict[str, dict[str, int]] = {n: dict.fromkeys(STATES, 0) for n in names}
