@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import BackoffConfig, load_settings
-from daemon.engine.retry import backoff_delay
-from daemon.errors import ConfigError
+from daemon.engine.retry import backoff_delay, retry_delay
+from daemon.errors import MAX_RETRY_DELAY, ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -83,3 +83,10 @@ def test_backoff_grows_exponentially_within_jitter_and_cap() -> None:
     assert max(delays) <= 12.0
     assert max(delays) - min(delays) > 1.0  # jitter spreads them
     assert backoff_delay(policy, 10_000) == 30.0
+
+
+def test_retry_delay_is_the_requested_one_else_the_backoff_and_never_over_a_year() -> None:
+    policy = BackoffConfig(base=1, cap=30, jitter=0)
+    assert retry_delay(policy, 3, None) == 4
+    assert retry_delay(policy, 3, 0.5) == 0.5
+    assert retry_delay(policy, 3, 10.0**9) == MAX_RETRY_DELAY

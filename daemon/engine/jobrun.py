@@ -19,15 +19,12 @@ from daemon.context import JobContext
 from daemon.engine.outcomes import Outcome, OutcomeKind
 from daemon.engine.payloads import cut, encode_capped, payload_too_large
 from daemon.engine.registry import Handler, Registry
-from daemon.engine.retry import backoff_delay
+from daemon.engine.retry import retry_delay
 from daemon.errors import PermanentJobError, RetryJob
 from daemon.store import queries
 from daemon.store.db import DB_ERRORS, as_json_text
 
 log = logging.getLogger("stoker.pool")
-
-# Longest retry delay (a year): beyond it timestamps overflow, and nobody means it.
-MAX_RETRY_DELAY = 365 * 86_400.0
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs a setattr call per field
@@ -225,9 +222,7 @@ class JobRunner:
         if job.attempt >= max_attempts:
             error = f"{error} (attempt {job.attempt} of {max_attempts})"
             return self.fail(job, error, tb, timed_out=timed_out)
-        if delay is None:
-            delay = backoff_delay(self._config.backoff, job.attempt)
-        delay = min(delay, MAX_RETRY_DELAY)
+        delay = retry_delay(self._config.backoff, job.attempt, delay)
         log.warning(
             "job %s attempt %s/%s failed: %s; retrying in %.1fs",
             job.id,

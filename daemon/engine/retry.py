@@ -1,10 +1,18 @@
-"""Backoff policy: exponential with jitter, capped."""
+"""How long a failed job waits before its next attempt: the delay its handler asked for
+(RetryJob(delay=...)), else the queue's backoff, exponential with jitter; never over a year."""
 
 from __future__ import annotations
 
 import random
 
 from daemon.config import BackoffConfig
+from daemon.errors import MAX_RETRY_DELAY
+
+
+def retry_delay(policy: BackoffConfig, attempt: int, requested: float | None) -> float:
+    """Seconds until the next attempt after failed attempt number `attempt` (1-based)."""
+    delay = backoff_delay(policy, attempt) if requested is None else requested
+    return min(delay, MAX_RETRY_DELAY)
 
 
 def backoff_delay(policy: BackoffConfig, attempt: int, rng: random.Random | None = None) -> float:
