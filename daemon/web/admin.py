@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import logging
 import re
@@ -43,6 +42,7 @@ from daemon.web.admin_models import (
     Retried,
     ScheduleList,
 )
+from daemon.web.auth import CHALLENGE, REFUSALS, caller
 
 log = logging.getLogger("stoker.admin")
 
@@ -119,15 +119,10 @@ def _guard(token: str, max_body_bytes: int) -> Middleware:
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(
-                401,
-                "authentication required: send Authorization: Bearer <token>",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), expected):
-            raise ApiError(403, "invalid token")
+        who = caller(request, expected)
+        if who != "admin":
+            status, message = REFUSALS[who]
+            raise ApiError(status, message, CHALLENGE if who == "anonymous" else None)
         # Checked after the token so that strangers learn nothing, before reading a byte.
         if (request.content_length or 0) > max_body_bytes:
             raise ApiError(413, f"request body is larger than {max_body_bytes} bytes")

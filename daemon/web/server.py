@@ -9,7 +9,6 @@ they take a turn in the throttle, whose queue is capped (429 with Retry-After be
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from daemon.observe.metrics import OTHER, Metrics
 from daemon.store import queries
 from daemon.store.db import DB_ERRORS
 from daemon.store.migrations import load_migrations
+from daemon.web.auth import CHALLENGE, REFUSALS, Caller, caller
 
 log = logging.getLogger("stoker.web")
 
@@ -180,7 +180,7 @@ def build_app(
         body: dict[str, object] = {"status": "not ready" if failing else "ready"}
         if failing:
             body["failing"] = failing
-        if _caller(request, token) == "admin":
+        if caller(request, token) == "admin":
             body["checks"] = checks
         return web.json_response(body, status=503 if failing else 200)
 
@@ -201,9 +201,9 @@ def build_app(
         # paths cost no more than a refusal would.
         if token is None or not _is_api(request.path):
             return await handler(request)
-        caller = _caller(request, token)
-        if caller != "admin":  # refused before taking a turn: strangers cannot fill the queue
-            return _unauthorized(caller)
+        who = caller(request, token)
+        if who != "admin":  # refused before taking a turn: strangers cannot fill the queue
+            return _unauthorized(who)
         wait = governor.reserve()
         if wait is None:
             seconds = governor.retry_after()
@@ -249,25 +249,11 @@ def _admin_token(config: HttpConfig) -> bytes | None:
     return token.encode() if token else None
 
 
-def _caller(request: web.Request, token: bytes | None) -> str:
-    """ "admin" for the admin token, "anonymous" without credentials, "forged" otherwise."""
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return "anonymous"
-    if token is not None and hmac.compare_digest(given.strip().encode("utf-8", "replace"), token):
-        return "admin"
-    return "forged"
-
-
-def _unauthorized(caller: str) -> web.Response:
-    # The same answers as the admin API's own guard, which stays in place behind this one.
-    if caller == "anonymous":
-        return web.json_response(
-            {"error": "authentication required: send Authorization: Bearer <token>"},
-            status=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    return web.json_response({"error": "invalid token"}, status=403)
+def _unauthorized(who: Caller) -> web.Response:
+    # Refused before taking a turn of the throttle; the admin API's own guard stays behind.
+    status, message = REFUSALS[who]
+    headers = CHALLENGE if who == "anonymous" else None
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:
