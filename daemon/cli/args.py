@@ -15,10 +15,10 @@ from typing import Any, NoReturn
 
 from daemon.config import QUEUE_NAME
 from daemon.errors import StokerError
+from daemon.operate.jobs import STATES
 from daemon.store.db import json_problem
 
 EXIT_USAGE = 2
-STATES = ("queued", "active", "succeeded", "failed", "cancelled")
 RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DIGITS = 4300  # Python's own limit for turning text into an int

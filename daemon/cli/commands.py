@@ -13,15 +13,14 @@ from typing import Any
 import asyncpg
 from pydantic import ValidationError
 
-from daemon.cli.args import STATES, Offset, UsageError
+from daemon.cli.args import Offset, UsageError
 from daemon.config import Settings
-from daemon.cron import queries as cron_queries
-from daemon.cron.leader import APPLICATION_PREFIX
-from daemon.cron.schedules import delete_schedule, load_schedules, save_schedule, trigger
-from daemon.cron.schedules import status as schedule_status
+from daemon.cron.schedules import delete_schedule, save_schedule
 from daemon.enqueue import enqueue
 from daemon.errors import StokerError
-from daemon.store import queries
+from daemon.operate import jobs, queues, schedules
+from daemon.operate.errors import NotFound
+from daemon.operate.jobs import STATES
 from daemon.store.db import CONNECT_ERRORS, connect, describe_failure
 from daemon.store.migrations import migrate
 
@@ -115,8 +114,8 @@ def _jsonable(record: asyncpg.Record) -> dict[str, Any]:
 
 def cmd_jobs_list(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
-        rows = await conn.fetch(
-            queries.LIST_JOBS, args.state, args.queue, None, args.before, args.limit
+        rows = await jobs.list_jobs(
+            conn, state=args.state, queue=args.queue, before=args.before, limit=args.limit
         )
         if args.json:
             for row in rows:
@@ -146,9 +145,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Aw
 
 def cmd_jobs_show(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
-        row = await conn.fetchrow(queries.GET_JOB, args.id)
-        if row is None:
-            raise StokerError(f"no job with id {args.id}")
+        row = await jobs.get_job(conn, args.id)
         if args.json:
             print(json.dumps(_jsonable(row), default=str, indent=2))
             return 0
@@ -172,9 +169,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> Callable[[asyncpg.Connection], A
             raise UsageError("jobs retry: give job ids, or --all-failed")
         if args.queue and not args.all_failed:
             raise UsageError("jobs retry: --queue goes with --all-failed")
-        async with conn.transaction():
-            rows = await conn.fetch(queries.RETRY_JOBS, args.ids, args.all_failed, args.queue)
-            await conn.execute(queries.NOTIFY_QUEUES, sorted({r["queue"] for r in rows}))
+        rows = await jobs.retry_jobs(conn, args.ids, all_failed=args.all_failed, queue=args.queue)
         done = {r["id"] for r in rows}
         missing = [i for i in args.ids if i not in done]
         print(f"retried {len(done)} job(s)")
@@ -192,25 +187,16 @@ def cmd_jobs_retry(args: argparse.Namespace) -> Callable[[asyncpg.Connection], A
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
-        cancelled = await conn.fetchval(queries.CANCEL_JOB, args.id, None)
-        if cancelled is not None:
-            print(f"cancelled job {args.id}")
-            return 0
-        row = await conn.fetchrow(queries.GET_JOB, args.id)
-        if row is None:
-            raise StokerError(f"no job with id {args.id}")
-        if row["state"] == "active":
-            raise StokerError(
-                f"job {args.id} is running on {row['worker']}; a running job cannot be cancelled"
-            )
-        raise StokerError(f"job {args.id} is already {row['state']}")
+        await jobs.cancel_job(conn, args.id)
+        print(f"cancelled job {args.id}")
+        return 0
 
     return work
 
 
 def cmd_pause(queue: str, *, paused: bool) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
-        await conn.execute(queries.SET_PAUSED, queue, paused)
+        await queues.set_paused(conn, queue, paused)
         print(f"queue {queue} {'paused: no daemon claims from it' if paused else 'resumed'}")
         return 0
 
@@ -218,23 +204,13 @@ def cmd_pause(queue: str, *, paused: bool) -> Callable[[asyncpg.Connection], Awa
 
 
 async def cmd_status(conn: asyncpg.Connection) -> int:
-    paused = {r["name"] for r in await conn.fetch(queries.PAUSED_QUEUES)}
-    rows = await conn.fetch(queries.QUEUE_STATUS)
-    queues: dict[str, dict[str, Any]] = {}
-    for r in rows:
-        entry = queues.setdefault(r["queue"], {s: 0 for s in STATES} | {"oldest": None})
-        entry[r["state"]] += r["jobs"]  # parked jobs add to history's of the same state
-        if r["oldest_due_s"] is not None:
-            entry["oldest"] = float(r["oldest_due_s"])
-    for name in paused:
-        queues.setdefault(name, {s: 0 for s in STATES} | {"oldest": None})
     table = [
         [
-            f"{q} (paused)" if q in paused else q,
-            *(v[s] for s in STATES),
-            "-" if v["oldest"] is None else f"{v['oldest']:.1f}s",
+            f"{q['name']} (paused)" if q["paused"] else q["name"],
+            *(q["counts"][s] for s in STATES),
+            "-" if q["oldest_due_s"] is None else f"{q['oldest_due_s']:.1f}s",
         ]
-        for q, v in sorted(queues.items())
+        for q in await queues.queue_status(conn)
     ]
     print(_table(["QUEUE", *(s.upper() for s in STATES), "OLDEST DUE"], table))
     return 0
@@ -255,14 +231,12 @@ def cmd_schedules(
                 raise StokerError(f"no schedule named {args.name!r} in stoker.schedules")
             print(f"removed schedule {args.name}")
             return 0
-        now = await conn.fetchval("SELECT now()")
-        rows = await schedule_status(conn, settings.schedules, now)
+        rows = await schedules.schedule_status(conn, settings.schedules)
         if args.json:
             for row in rows:
                 print(json.dumps(row, default=str))
             return 0
-        holder = await conn.fetchval(cron_queries.LEADER, APPLICATION_PREFIX)
-        print(f"leader: {holder.removeprefix(APPLICATION_PREFIX) if holder else 'none'}")
+        print(f"leader: {await schedules.leader(conn) or 'none'}")
         table = [
             [
                 r["name"],
@@ -334,12 +308,11 @@ def cmd_trigger(
     settings: Settings, args: argparse.Namespace
 ) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
-        schedules = await load_schedules(conn, settings.schedules)
-        schedule = schedules.get(args.name)
-        if schedule is None:
-            known = ", ".join(sorted(schedules)) or "none"
-            raise StokerError(f"no schedule named {args.name!r} (known: {known})")
-        job_id = await trigger(conn, schedule)
+        try:
+            job_id = await schedules.trigger_schedule(conn, settings.schedules, args.name)
+        except NotFound as exc:
+            known = ", ".join(exc.fields["known"]) or "none"
+            raise StokerError(f"{exc} (known: {known})") from None
         print(job_id)
         return 0
 

@@ -24,12 +24,11 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from daemon.config import QUEUE_NAME, Settings
-from daemon.cron import schedules
 from daemon.enqueue import enqueue
-from daemon.store import queries
+from daemon.operate import jobs, queues, schedules
+from daemon.operate.errors import NotFound, OperationRefused
 from daemon.web.admin_models import (
     BIGINT_MAX,
-    STATES,
     Cancelled,
     Created,
     EnqueueRequest,
@@ -92,6 +91,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         return _json(exc.body, exc.status, exc.headers)
+    except OperationRefused as exc:
+        status = 404 if isinstance(exc, NotFound) else 409
+        return _json({"error": str(exc), **exc.fields}, status)
     except web.HTTPException as exc:  # the router's 404 and 405
         if exc.status < 400:
             raise
@@ -143,7 +145,8 @@ class Api:
 
     @asynccontextmanager
     async def conn(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self.db.acquire(timeout=DB_TIMEOUT) as conn:
+        # Every database call of a request is time-boxed, however many statements it runs.
+        async with self.db.acquire(timeout=DB_TIMEOUT) as conn, asyncio.timeout(DB_TIMEOUT):
             yield conn
 
     async def body(self, request: web.Request, model: type[M]) -> M:
@@ -166,16 +169,10 @@ class Api:
                 raise ApiError(400, f"request body is not valid JSON: {bad[0]}") from None
             raise _invalid("body", exc) from None
 
-    async def job_row(self, conn: asyncpg.Connection, job_id: int) -> asyncpg.Record:
-        row = await conn.fetchrow(queries.GET_JOB, job_id, timeout=DB_TIMEOUT)
-        if row is None:
-            raise ApiError(404, f"no job with id {job_id}", id=job_id)
-        return row
-
     async def enqueue_job(self, request: web.Request) -> web.Response:
         """Enqueue a job."""
         req = await self.body(request, EnqueueRequest)
-        async with self.conn() as conn, asyncio.timeout(DB_TIMEOUT):
+        async with self.conn() as conn:
             new_id = await enqueue(conn, **req.model_dump())
         return _json({"id": new_id}, 201)
 
@@ -189,81 +186,48 @@ class Api:
             q = JobsQuery.model_validate(dict(request.query))
         except ValidationError as exc:
             raise _invalid("query", exc) from None
-        args = (q.state, q.queue, q.kind, q.before, q.limit + 1)
         async with self.conn() as conn:
-            rows = await conn.fetch(queries.LIST_JOBS, *args, timeout=DB_TIMEOUT)
+            rows = await jobs.list_jobs(
+                conn,
+                state=q.state,
+                queue=q.queue,
+                kind=q.kind,
+                before=q.before,
+                limit=q.limit + 1,  # one more than asked: is there a next page?
+            )
         more = len(rows) > q.limit
-        jobs = [dict(r) for r in rows[: q.limit]]
-        return _json({"jobs": jobs, "next_before": jobs[-1]["id"] if more else None})
+        page = [dict(r) for r in rows[: q.limit]]
+        return _json({"jobs": page, "next_before": page[-1]["id"] if more else None})
 
     async def get_job(self, request: web.Request) -> web.Response:
         """One job, with every attempt's error."""
         async with self.conn() as conn:
-            return _json(dict(await self.job_row(conn, _job_id(request))))
+            return _json(dict(await jobs.get_job(conn, _job_id(request))))
 
     async def retry_job(self, request: web.Request) -> web.Response:
         """Run a failed or cancelled job again (a delayed queued one now)."""
-        job_id = _job_id(request)
         async with self.conn() as conn:
-            async with conn.transaction():
-                rows = await conn.fetch(
-                    queries.RETRY_JOBS, [job_id], False, None, timeout=DB_TIMEOUT
-                )
-                queues = sorted({r["queue"] for r in rows})
-                await conn.execute(queries.NOTIFY_QUEUES, queues, timeout=DB_TIMEOUT)
-            if rows:
-                return _json({"retried": True})
-            job = await self.job_row(conn, job_id)
-        state = job["state"]
-        if state == "active":
-            why = f"job {job_id} is running on {job['worker']}"
-        elif state == "queued":
-            why = f"job {job_id} is already queued to run now"
-        elif state == "succeeded":
-            why = f"job {job_id} succeeded; only failed or cancelled jobs can be retried"
-        else:
-            why = f"job {job_id} is {state}, but a live job holds its unique_key"
-        raise ApiError(409, why, id=job_id, state=state)
+            await jobs.retry_job(conn, _job_id(request))
+        return _json({"retried": True})
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         """Cancel a queued job."""
-        job_id = _job_id(request)
         async with self.conn() as conn:
-            if await conn.fetchval(queries.CANCEL_JOB, job_id, None, timeout=DB_TIMEOUT):
-                return _json({"cancelled": True})
-            job = await self.job_row(conn, job_id)
-        state = job["state"]
-        if state == "active":
-            why = f"job {job_id} is running on {job['worker']}; a running job cannot be cancelled"
-        else:
-            why = f"job {job_id} is already {state}"
-        raise ApiError(409, why, id=job_id, state=state)
+            await jobs.cancel_job(conn, _job_id(request))
+        return _json({"cancelled": True})
 
     async def list_queues(self, request: web.Request) -> web.Response:
         """Every known queue: job counts, pause state, oldest due job's age."""
         async with self.conn() as conn:
-            counts = await conn.fetch(queries.QUEUE_STATUS, timeout=DB_TIMEOUT)
-            flags = await conn.fetch(queries.QUEUE_ROWS, timeout=DB_TIMEOUT)
-        names = {*self.settings.queues, *(r["queue"] for r in counts), *(r["name"] for r in flags)}
-        paused = {r["name"] for r in flags if r["paused"]}
-        tally: dict[str, dict[str, int]] = {n: dict.fromkeys(STATES, 0) for n in names}
-        oldest: dict[str, float] = {}
-        for r in counts:
-            tally[r["queue"]][r["state"]] += r["jobs"]  # parked jobs add to history's
-            if r["oldest_due_s"] is not None:
-                oldest[r["queue"]] = float(r["oldest_due_s"])
-        queues = [
-            {"name": n, "paused": n in paused, "counts": tally[n], "oldest_due_s": oldest.get(n)}
-            for n in sorted(names)
-        ]
-        return _json({"queues": queues})
+            found = await queues.queue_status(conn, self.settings.queues)
+        return _json({"queues": found})
 
     async def set_paused(self, request: web.Request, paused: bool) -> web.Response:
         name = request.match_info["name"]
         if not QUEUE_NAME.match(name):
             raise _invalid_path("name", "a queue name is 1-128 of A-Z a-z 0-9 _ . : -")
         async with self.conn() as conn:
-            await conn.execute(queries.SET_PAUSED, name, paused, timeout=DB_TIMEOUT)
+            await queues.set_paused(conn, name, paused)
         return _json({"name": name, "paused": paused})
 
     async def pause_queue(self, request: web.Request) -> web.Response:
@@ -276,20 +240,15 @@ class Api:
 
     async def list_schedules(self, request: web.Request) -> web.Response:
         """Cron schedules and their state."""
-        # status() runs several statements of its own: one time box around them all
-        async with self.conn() as conn, asyncio.timeout(DB_TIMEOUT):
-            now = await conn.fetchval("SELECT now()")
-            rows = await schedules.status(conn, self.settings.schedules, now)
+        async with self.conn() as conn:
+            rows = await schedules.schedule_status(conn, self.settings.schedules)
         return _json({"schedules": rows})
 
     async def trigger_schedule(self, request: web.Request) -> web.Response:
         """Enqueue a schedule's job now (not a tick: the timetable is unchanged)."""
         name = request.match_info["name"]
-        async with self.conn() as conn, asyncio.timeout(DB_TIMEOUT):
-            found = await schedules.load_schedules(conn, self.settings.schedules)
-            if name not in found:
-                raise ApiError(404, f"no schedule named {name!r}", name=name, known=sorted(found))
-            job_id = await schedules.trigger(conn, found[name])
+        async with self.conn() as conn:
+            job_id = await schedules.trigger_schedule(conn, self.settings.schedules, name)
         return _json({"id": job_id}, 201)
 
     async def openapi(self, request: web.Request) -> web.Response:

@@ -9,10 +9,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from daemon.config import QUEUE_NAME
+from daemon.operate.jobs import State
 from daemon.store.db import json_problem, text_problem
 
-State = Literal["queued", "active", "succeeded", "failed", "cancelled"]
-STATES: tuple[State, ...] = ("queued", "active", "succeeded", "failed", "cancelled")
 BIGINT_MAX = 2**63 - 1
 
 
