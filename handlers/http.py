@@ -10,14 +10,10 @@ or query), in results, errors and logs alike."""
 from __future__ import annotations
 
 import codecs
-import contextvars
-import errno
-import ipaddress
 import json
 import logging
-import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
@@ -38,6 +34,13 @@ from daemon import (
     on_startup,
 )
 from daemon.config import WebhooksConfig
+from handlers.http_guard import (
+    Connecting,
+    RefusedAddress,
+    connecting,
+    guarded_socket,
+    refused_range,
+)
 
 log = logging.getLogger("stoker.http")
 
@@ -196,8 +199,8 @@ class Webhooks:
         headers.update(call.headers)
         status: int | str = "error"
         started = time.monotonic()
-        attempt = _Connecting()
-        attempt_token = _connecting.set(attempt)
+        attempt = Connecting()
+        attempt_token = connecting.set(attempt)
         session = self.payload_session if call.from_payload else self.session
         try:
             async with session.request(
@@ -229,7 +232,7 @@ class Webhooks:
             message = _redact(str(exc), call.redactions)
             raise WebhookError(f"{call.method} {call.where}: {message}") from None
         finally:
-            _connecting.reset(attempt_token)
+            connecting.reset(attempt_token)
             elapsed = (time.monotonic() - started) * 1000
             ctx.log.info(
                 "http.request %s %s -> %s in %.0f ms", call.method, call.where, status, elapsed
@@ -272,71 +275,6 @@ class Webhooks:
     async def close(self) -> None:
         await self.session.close()
         await self.payload_session.close()
-
-
-class RefusedAddress(OSError):
-    """A payload URL about to connect to an address it may not reach. An OSError, so that
-    aiohttp treats it as that address failing to connect (and tries the next one)."""
-
-
-@dataclass
-class _Connecting:
-    """What the guard saw while one request connected (the addresses refused, the count let
-    through), so that a refusal becomes a permanent failure rather than a retried one."""
-
-    refused: list[str] = field(default_factory=list)
-    allowed: int = 0
-
-
-# Per request: aiohttp connects inside the request's task (or tasks copied from its context).
-_connecting: contextvars.ContextVar[_Connecting | None] = contextvars.ContextVar(
-    "stoker_http_connecting", default=None
-)
-
-
-def guarded_socket(addr_info: tuple[Any, ...]) -> socket.socket:
-    """aiohttp's socket factory for payload URLs: it sees each address after DNS resolution
-    (or an IP literal, which aiohttp never resolves) just before it is connected to, so DNS
-    rebinding cannot slip a private address past the allowlist."""
-    family, kind, proto, _, sockaddr = addr_info
-    ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
-    reason = refused_range(ip)
-    mapped = getattr(ip, "ipv4_mapped", None)
-    address = f"::ffff:{mapped}" if mapped else str(ip)
-    attempt = _connecting.get()
-    if reason is not None:
-        if attempt is not None:
-            attempt.refused.append(f"{address} ({reason})")
-        raise RefusedAddress(errno.EACCES, f"{address} ({reason}) may not be reached")
-    if attempt is not None:
-        attempt.allowed += 1
-    return socket.socket(family, kind, proto)
-
-
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-def refused_range(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Which non-public range the address is in, or None for a public address. IPv6 forms
-    that carry an IPv4 address (mapped, NAT64, 6to4) are judged by that address."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return refused_range(ip.ipv4_mapped)
-        if ip in NAT64:
-            return refused_range(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-        if ip.sixtofour is not None:
-            return refused_range(ip.sixtofour)
-    ranges = (
-        ("loopback", ip.is_loopback),
-        ("unspecified", ip.is_unspecified),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("private", ip.is_private),
-    )
-    for name, inside in ranges:
-        if inside:
-            return name
-    return None if ip.is_global else "not globally routable"
 
 
 def retry_after(value: str | None) -> float | None:

@@ -10,11 +10,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from daemon.engine.outcomes import is_transient
 from daemon.events import wait_any
 from daemon.store import queries
 from daemon.store.clock import DbClock
 from daemon.store.db import DB_ERRORS
+from daemon.store.errors import is_transient
 
 log = logging.getLogger("stoker.maintenance")
 

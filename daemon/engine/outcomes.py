@@ -14,6 +14,7 @@ from typing import Literal
 import asyncpg
 
 from daemon.store import queries
+from daemon.store.errors import ConnectionUnavailable, is_transient
 
 log = logging.getLogger("stoker.outcomes")
 
@@ -410,42 +411,11 @@ class Completer:
                 self._fenced.popitem(last=False)
 
 
-class ConnectionUnavailable(Exception):
-    """No connection to write with: always transient."""
-
-
 # Consecutive failures after which a database that answers makes a batch that keeps failing
 # split, and a single outcome that does go to the back (see Completer._reachable).
 STUCK_AFTER = 5
 ERROR_IN_NOTE = 2000
 FENCED_KEPT = 10_000
-
-# SQLSTATE classes that are the outcome's own doing: a value (22), a constraint (23), a
-# permission or a name (42), a size (54), a trigger or function saying no (P0, 2F, 38, 39,
-# 09, 27), and a few more a statement can run into. Any other class is the connection's or
-# the server's state (08, 25 read-only after a failover, 40, 53, 55 lock not available, 57
-# shutdown or cancel, 58 I/O): the same outcomes are retried unchanged.
-_OWN_CLASSES = frozenset({"22", "23", "42", "54", "P0", "2F", "38", "39", "09", "27", "44"})
-_OWN_CLASSES |= frozenset({"0A", "21", "XX"})
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying unchanged: the connection or the server's state, not the outcome."""
-    if isinstance(exc, asyncpg.PostgresError):
-        state = exc.sqlstate or ""
-        return state[:2] not in _OWN_CLASSES
-    if isinstance(exc, ValueError):  # asyncpg's client-side DataError: a value it cannot encode
-        return False
-    return isinstance(
-        exc,
-        (
-            ConnectionUnavailable,
-            OSError,
-            TimeoutError,
-            asyncpg.InterfaceError,
-            asyncpg.InternalClientError,
-        ),
-    )
 
 
 def _one_line(exc: BaseException) -> str:
