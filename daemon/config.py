@@ -13,7 +13,7 @@ import socket
 import tomllib
 import uuid
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -309,6 +309,9 @@ class Settings(BaseSettings):
     email: EmailConfig = Field(default_factory=EmailConfig)
     sql_tasks: dict[str, SqlTaskConfig] = Field(default_factory=dict)
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    # [handlers.NAME]: your own handlers' settings, each validated by the model its resource
+    # factory declares (daemon.handler_config) when the daemon starts.
+    handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     leader_retry: float = Field(
         5.0, gt=0, le=600, description="seconds between non-leaders' tries for the leader lock"
     )
@@ -387,6 +390,22 @@ class Settings(BaseSettings):
         # The TOML file arrives through init kwargs (see load_settings) but must rank *below*
         # the environment, so it is re-ordered here.
         return env_settings, init_settings
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def handler_config(settings: Settings, name: str, model: type[M]) -> M:
+    """The [handlers.NAME] section of the configuration, validated by `model` (an absent
+    section is the model's defaults); a bad value stops the daemon, naming the key."""
+    try:
+        return model.model_validate(settings.handlers.get(name, {}))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"handlers.{name}.{'.'.join(str(p) for p in e['loc']) or '(section)'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
 
 
 def check_dsn(dsn: str) -> None:

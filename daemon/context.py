@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar, cast
+
+import asyncpg
 
 ProgressWriter = Callable[[int, int, str], Awaitable[None]]
+T = TypeVar("T")
 
 
 class JobLogger(logging.LoggerAdapter[logging.Logger]):
@@ -34,6 +37,27 @@ class JobContext:
     run_at: datetime
     worker: str
     _progress_writer: ProgressWriter = field(repr=False)
+    _db: asyncpg.Pool | None = field(default=None, repr=False)
+    _resources: Mapping[type[Any], object] = field(default_factory=dict, repr=False)
+
+    @property
+    def db(self) -> asyncpg.Pool:
+        """The daemon's own connection pool, for handlers that need the database: hold a
+        connection only as long as the work needs it (claims and outcomes share the pool)."""
+        if self._db is None:
+            raise RuntimeError("ctx.db is set by the daemon; this context was made elsewhere")
+        return self._db
+
+    def resource(self, kind: type[T]) -> T:
+        """The daemon's one `kind`, opened at start-up by the factory registered with
+        `@daemon.resource(kind)` and closed after the last job."""
+        try:
+            return cast(T, self._resources[kind])
+        except KeyError:
+            raise RuntimeError(
+                f"no resource of type {kind.__name__} is open: register a factory with "
+                f"@daemon.resource({kind.__name__}) in a module listed in handler_modules"
+            ) from None
 
     @cached_property
     def log(self) -> JobLogger:

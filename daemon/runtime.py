@@ -21,6 +21,7 @@ from daemon.engine.maintenance import heartbeat_loop, maintenance_loop, purge_lo
 from daemon.engine.outcomes import Completer
 from daemon.engine.pool import QueuePool
 from daemon.engine.registry import REGISTRY, Registry
+from daemon.engine.resources import Resources
 from daemon.errors import StokerError
 from daemon.observe.metrics import Metrics
 from daemon.observe.systemd import Notifier
@@ -50,6 +51,7 @@ class Runtime:
         self.stop_deadline: float | None = None
         self.clock = DbClock()
         self.pools: dict[str, QueuePool] = {}
+        self.resources = Resources()
         self.listener: Listener | None = None
         self.completer: Completer | None = None
         self.db: asyncpg.Pool | None = None
@@ -178,6 +180,7 @@ class Runtime:
                 clock=self.clock,
                 metrics=self.metrics,
                 adaptive_notify=not s.poll_only,
+                resources=self.resources,
             )
         await self.clock.sync(db)
         self._wire_metrics(db, completer)
@@ -192,8 +195,10 @@ class Runtime:
         for hook in self.registry.startup_hooks:
             await hook(s)
         try:
+            await self.resources.open(self.registry.resources, s)
             await self._run_tasks(db, completer)
         finally:
+            await self.resources.close()
             for hook in self.registry.shutdown_hooks:
                 try:
                     await hook(s)

@@ -14,6 +14,8 @@ import binascii
 import logging
 import os
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Any
@@ -22,7 +24,7 @@ import aiosmtplib
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from daemon import JobContext, PermanentJobError, Settings, handler, on_shutdown, on_startup
+from daemon import JobContext, PermanentJobError, Settings, handler, resource
 from daemon.config import EmailConfig
 
 log = logging.getLogger("stoker.email")
@@ -275,33 +277,26 @@ class Mailer:
                 smtp.close()
 
 
-# The daemon's one Mailer, made at start-up (handlers get no constructor arguments).
-_state: dict[str, Mailer] = {}
-
-
-@on_startup
-async def _start(settings: Settings) -> None:
-    _state["mailer"] = Mailer(settings.email)
+@resource(Mailer)
+@asynccontextmanager
+async def mailer(settings: Settings) -> AsyncIterator[Mailer]:
+    """The daemon's one Mailer (its SMTP connections), open from start-up to the last job."""
+    one = Mailer(settings.email)
     where = (
         "SMTP " + settings.email.smtp.host
         if settings.email.smtp
         else (f"outbox {settings.email.outbox}")
     )
     log.info("email.send delivers to %s", where)
-
-
-@on_shutdown
-async def _stop(settings: Settings) -> None:
-    mailer = _state.pop("mailer", None)
-    if mailer is not None:
-        await mailer.close()
+    try:
+        yield one
+    finally:
+        await one.close()
 
 
 @handler("email.send", payload=SendEmail)
 async def send_email(ctx: JobContext, mail: SendEmail) -> dict[str, Any]:
-    mailer = _state.get("mailer")
-    if mailer is None:
-        raise RuntimeError("email.send runs only inside the daemon (its start-up sets it up)")
+    mailer = ctx.resource(Mailer)
     try:
         message = mailer.compose(ctx.id, mail)
     except ValueError as exc:  # the email library refused a value: retrying cannot help

@@ -3,19 +3,17 @@
 Every run finds wishlisted products that are on sale and enqueues one `email.send` job per
 (user, product, day), in the same transaction that records the notice, so that a crash between
 the two can neither lose the email nor send it twice. Copy this shape for your own handlers:
-validate the payload with a model, do the work in one transaction, enqueue follow-up jobs on
-the same connection with `daemon.enqueue_many`."""
+validate the payload with a model, take a connection from `ctx.db` for as long as the work
+needs it, do the work in one transaction, enqueue follow-up jobs on the same connection with
+`daemon.enqueue_many`. Loaded only when configured: handler_modules = ["handlers.examples"]."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 from pydantic import BaseModel, ConfigDict
 
-from daemon import Job, JobContext, Settings, enqueue_many, handler, on_startup
-
-_state: dict[str, Settings] = {}
+from daemon import Job, JobContext, enqueue_many, handler
 
 NEW_NOTICES = """
 INSERT INTO wishlist_sale_notices (user_id, product_id, day)
@@ -38,34 +36,25 @@ class SaleCheck(BaseModel):
     queue: str = "email-default"
 
 
-@on_startup
-async def _start(settings: Settings) -> None:
-    _state["settings"] = settings
-
-
 @handler("wishlist.sale_check", payload=SaleCheck, timeout=120)
 async def wishlist_sale_check(ctx: JobContext, check: SaleCheck) -> dict[str, Any]:
-    conn = await asyncpg.connect(_state["settings"].database_url)
-    try:
-        async with conn.transaction():
-            notices = await conn.fetch(NEW_NOTICES)
-            people = await conn.fetch(
-                RECIPIENTS, [n["user_id"] for n in notices], [n["product_id"] for n in notices]
+    async with ctx.db.acquire() as conn, conn.transaction():
+        notices = await conn.fetch(NEW_NOTICES)
+        people = await conn.fetch(
+            RECIPIENTS, [n["user_id"] for n in notices], [n["product_id"] for n in notices]
+        )
+        jobs = [
+            Job(
+                check.queue,
+                "email.send",
+                {
+                    "to": p["email"],
+                    "template": "wishlist_sale",
+                    "context": {"name": p["name"], "product": p["title"], "price": p["price"]},
+                },
             )
-            jobs = [
-                Job(
-                    check.queue,
-                    "email.send",
-                    {
-                        "to": p["email"],
-                        "template": "wishlist_sale",
-                        "context": {"name": p["name"], "product": p["title"], "price": p["price"]},
-                    },
-                )
-                for p in people
-            ]
-            await enqueue_many(conn, jobs)
-    finally:
-        await conn.close()
+            for p in people
+        ]
+        await enqueue_many(conn, jobs)
     ctx.log.info("wishlist sale check: %d new notices", len(jobs))
     return {"emails": len(jobs)}

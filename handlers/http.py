@@ -13,6 +13,8 @@ import codecs
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -30,8 +32,7 @@ from daemon import (
     RetryJob,
     Settings,
     handler,
-    on_shutdown,
-    on_startup,
+    resource,
 )
 from daemon.config import WebhooksConfig
 from handlers.http_guard import (
@@ -356,31 +357,25 @@ def _redact(text: str, redactions: Redactions) -> str:
 
 
 # The daemon's one Webhooks, made at start-up (handlers get no constructor arguments).
-_state: dict[str, Webhooks] = {}
-
-
-@on_startup
-async def _start(settings: Settings) -> None:
-    _state["webhooks"] = Webhooks(settings.webhooks)
+@resource(Webhooks)
+@asynccontextmanager
+async def webhooks(settings: Settings) -> AsyncIterator[Webhooks]:
+    """The daemon's HTTP sessions, open from start-up to the last job."""
+    hooks = Webhooks(settings.webhooks)
     log.info("http.request: %d webhook target(s) configured", len(settings.webhooks.targets))
-
-
-@on_shutdown
-async def _stop(settings: Settings) -> None:
-    webhooks = _state.pop("webhooks", None)
-    if webhooks is not None:
-        await webhooks.close()
+    try:
+        yield hooks
+    finally:
+        await hooks.close()
 
 
 @handler("http.request", payload=HttpRequest)
 async def http_request(ctx: JobContext, req: HttpRequest) -> dict[str, Any]:
-    webhooks = _state.get("webhooks")
-    if webhooks is None:
-        raise RuntimeError("http.request runs only inside the daemon (its start-up sets it up)")
-    call = webhooks.resolve(req)
+    hooks = ctx.resource(Webhooks)
+    call = hooks.resolve(req)
     # A body given as `"json": null` is sent as null; an absent one sends no body at all.
     body = json.dumps(req.body).encode() if "body" in req.model_fields_set else None
-    return await webhooks.send(ctx, call, body)
+    return await hooks.send(ctx, call, body)
 
 
 __all__ = [

@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
 
-from daemon import JobContext, PermanentJobError, Settings, handler, on_startup
+from daemon import JobContext, PermanentJobError, Settings, handler, resource
 from daemon.config import SqlTaskConfig
 
 # `:name` but not the `::type` of a cast, nor inside what is not SQL code (see bind).
@@ -33,7 +36,13 @@ NOT_CODE = re.compile(
     re.DOTALL,
 )
 
-_state: dict[str, Any] = {}
+
+@dataclass(frozen=True)
+class SqlTasks:
+    """The configured [sql_tasks], and the database they run in unless they name their own."""
+
+    tasks: dict[str, SqlTaskConfig]
+    database_url: str
 
 
 class RunTask(BaseModel):
@@ -73,19 +82,18 @@ def rows_touched(status: str) -> int:
     return int(last) if last.isdigit() else 0
 
 
-@on_startup
-async def _start(settings: Settings) -> None:
-    _state["settings"] = settings
+@resource(SqlTasks)
+@asynccontextmanager
+async def sql_tasks(settings: Settings) -> AsyncIterator[SqlTasks]:
+    yield SqlTasks(dict(settings.sql_tasks), settings.database_url)
 
 
 @handler("sql.batch", payload=RunTask)
 async def run_batches(ctx: JobContext, run: RunTask) -> dict[str, Any]:
-    settings: Settings | None = _state.get("settings")
-    if settings is None:
-        raise RuntimeError("sql.batch runs only inside the daemon (its start-up sets it up)")
-    task = settings.sql_tasks.get(run.task)
+    configured = ctx.resource(SqlTasks)
+    task = configured.tasks.get(run.task)
     if task is None:
-        known = ", ".join(sorted(settings.sql_tasks)) or "none configured"
+        known = ", ".join(sorted(configured.tasks)) or "none configured"
         raise PermanentJobError(f"no sql task {run.task!r} (known: {known}); see [sql_tasks]")
     undeclared = sorted(set(run.params) - set(task.params))
     if undeclared:
@@ -95,7 +103,7 @@ async def run_batches(ctx: JobContext, run: RunTask) -> dict[str, Any]:
         )
     values = {**task.params, **run.params, "batch_size": task.batch_size}
     statement, args = bind(task.statement, values)
-    return await _run(ctx, run.task, task, statement, args, settings.database_url)
+    return await _run(ctx, run.task, task, statement, args, configured.database_url)
 
 
 async def _run(

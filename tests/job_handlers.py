@@ -6,10 +6,21 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
-from daemon import JobContext, PermanentJobError, RetryJob, handler
+from daemon import (
+    JobContext,
+    PermanentJobError,
+    RetryJob,
+    Settings,
+    handler,
+    handler_config,
+    resource,
+)
 
 
 class Flaky(BaseModel):
@@ -128,3 +139,29 @@ class Big(BaseModel):
 async def big_result(ctx: JobContext, payload: Big) -> dict[str, str]:
     """A result larger than anyone should store: the engine caps it before encoding it all."""
     return {"text": "x" * payload.chars}
+
+
+class GreeterConfig(BaseModel):
+    """[handlers.greeter] in a test daemon's configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+    greeting: str = "hello"
+    times: int = 1
+
+
+@dataclass(frozen=True)
+class Greeter:
+    text: str
+
+
+@resource(Greeter)
+@asynccontextmanager
+async def greeter(settings: Settings) -> AsyncIterator[Greeter]:
+    """A resource of the shape to copy: its own configuration section, opened once."""
+    config = handler_config(settings, "greeter", GreeterConfig)
+    yield Greeter(" ".join([config.greeting] * config.times))
+
+
+@handler("test.greet")
+async def greet(ctx: JobContext, payload: object) -> str:
+    return ctx.resource(Greeter).text

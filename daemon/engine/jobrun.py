@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, overload
@@ -85,8 +86,10 @@ class JobRunner:
         db: asyncpg.Pool,
         registry: Registry,
         worker_id: str,
+        resources: Mapping[type[Any], object],
     ) -> None:
         self.name = queue
+        self._resources = resources
         self._config = config
         self._db = db
         self._registry = registry
@@ -133,6 +136,8 @@ class JobRunner:
             run_at=job.run_at,
             worker=self._worker_id,
             _progress_writer=self._write_progress,
+            _db=self._db,
+            _resources=self._resources,
         )
         timeout = job.timeout
         deadlines = job.deadlines

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -58,6 +60,7 @@ class QueuePool:
         clock: DbClock,
         metrics: Metrics | None = None,
         adaptive_notify: bool = True,
+        resources: Mapping[type[Any], object] | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -70,7 +73,14 @@ class QueuePool:
         self._clock = clock
         self._metrics = metrics
         self._adaptive = adaptive_notify
-        self._runner = JobRunner(name, config, db=db, registry=registry, worker_id=worker_id)
+        self._runner = JobRunner(
+            name,
+            config,
+            db=db,
+            registry=registry,
+            worker_id=worker_id,
+            resources=resources if resources is not None else {},
+        )
         self._waiting_since: float | None = None  # when this pool last said it waits
         # Keyed by (job id, attempt): if a lease was lost and this pool claims the same job
         # again, both attempts count against the limit until each ends.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +38,9 @@ class Handler:
 
 
 LifecycleHook = Callable[[Any], Awaitable[None]]
+# Called with the daemon's Settings; what its context yields is the resource, for every job.
+ResourceFactory = Callable[[Any], AbstractAsyncContextManager[Any]]
+R = TypeVar("R", bound=ResourceFactory)
 
 
 class Registry:
@@ -44,6 +48,24 @@ class Registry:
         self._handlers: dict[str, Handler] = {}
         self.startup_hooks: list[LifecycleHook] = []
         self.shutdown_hooks: list[LifecycleHook] = []
+        self.resources: dict[type[Any], ResourceFactory] = {}
+
+    def resource(self, kind: type[Any]) -> Callable[[R], R]:
+        """Register `factory(settings)`, an async context manager yielding the daemon's one
+        `kind` (an SMTP pool, an HTTP session, a client): opened at start-up, before any job,
+        closed after the last one; handlers read it as `ctx.resource(kind)`."""
+
+        def register(factory: R) -> R:
+            existing = self.resources.get(kind)
+            if existing is not None and existing is not factory:
+                raise ConfigError(
+                    f"two resources registered for {kind.__name__}: "
+                    f"{_where(existing)} and {_where(factory)}"
+                )
+            self.resources[kind] = factory
+            return factory
+
+        return register
 
     def on_startup(self, func: LifecycleHook) -> LifecycleHook:
         """Run `await func(settings)` once the daemon has its configuration, before any job:
@@ -105,6 +127,7 @@ REGISTRY = Registry()
 handler = REGISTRY.handler
 on_startup = REGISTRY.on_startup
 on_shutdown = REGISTRY.on_shutdown
+resource = REGISTRY.resource
 
 
 def import_handler_modules(modules: list[str]) -> None:
