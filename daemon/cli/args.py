@@ -116,14 +116,22 @@ def queue_name(text: str) -> str:
     return text
 
 
-def priority(text: str) -> int:
+def whole_number(text: str, low: int, high: int | None, *, what: str, bounds: str) -> int:
+    """`text` as an int from `low` to `high` (None: no upper bound), or an argparse error
+    saying `{text} is not {what}` or `{text} {bounds}`."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not -32768 <= value <= 32767:
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range (-32768 to 32767)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text!r} {bounds}")
     return value
+
+
+def priority(text: str) -> int:
+    return whole_number(
+        text, -32768, 32767, what="a whole number", bounds="is out of range (-32768 to 32767)"
+    )
 
 
 def utf8(text: str) -> str:
@@ -146,23 +154,12 @@ def kind_name(text: str) -> str:
 
 
 def job_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a positive integer)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a positive integer)")
-    return value
+    what = "a job id (a positive integer)"
+    return whole_number(text, 1, None, what=what, bounds=f"is not {what}")
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+    return whole_number(text, 1, None, what="a whole number", bounds="must be at least 1")
 
 
 def build_parser() -> Parser:
