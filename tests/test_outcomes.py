@@ -83,6 +83,24 @@ async def state_of(db: asyncpg.Connection, job_id: int) -> asyncpg.Record:
     return row
 
 
+async def flushed(pool: asyncpg.Pool, *outcomes: Outcome) -> Completer:
+    """A completer that writes `outcomes` in one go, run until its buffer is empty."""
+    c = Completer(pool, worker_id=WORKER, flush_interval=0, flush_max=1000, on_requeued=print)
+    for outcome in outcomes:
+        c.add(outcome)
+    task = asyncio.create_task(c.run())
+    try:
+
+        async def written() -> bool:
+            return c.buffered == 0
+
+        await eventually(written, timeout=10)
+    finally:
+        await c.close()
+        await asyncio.wait_for(task, timeout=10)
+    return c
+
+
 def succeeded(job_id: int, attempt: int = 1, result: str | None = None) -> Outcome:
     return Outcome(job_id, attempt, "default", "succeeded", result=result)
 
@@ -226,19 +244,7 @@ async def test_two_outcomes_of_one_job_in_one_flush_keep_the_live_one(
     await lease_lapses(db, job_id)
     again = await db.fetch(queries.CLAIM, "default", 1, WORKER, 60)
     assert [(r["id"], r["attempts"]) for r in again] == [(job_id, 2)]
-    c = Completer(pool, worker_id=WORKER, flush_interval=0, flush_max=1000, on_requeued=print)
-    c.add(succeeded(job_id, 1, '"first"'))
-    c.add(succeeded(job_id, 2, '"second"'))
-    task = asyncio.create_task(c.run())
-    try:
-
-        async def written() -> bool:
-            return c.buffered == 0
-
-        await eventually(written, timeout=10)
-    finally:
-        await c.close()
-        await asyncio.wait_for(task, timeout=10)
+    c = await flushed(pool, succeeded(job_id, 1, '"first"'), succeeded(job_id, 2, '"second"'))
     row = await state_of(db, job_id)
     assert (row["state"], row["attempts"], row["result"]) == ("succeeded", 2, "second")
     assert c.discarded == 1
@@ -252,18 +258,7 @@ async def test_a_success_buffered_past_its_lease_is_written_to_the_rescued_row(
     # still belongs to the latest attempt and must be kept, not run again.
     (job_id,) = await claimed_jobs(db, ["noop"])
     await lease_lapses(db, job_id)
-    c = Completer(pool, worker_id=WORKER, flush_interval=0, flush_max=1000, on_requeued=print)
-    c.add(succeeded(job_id, 1, '"done"'))
-    task = asyncio.create_task(c.run())
-    try:
-
-        async def written() -> bool:
-            return c.buffered == 0
-
-        await eventually(written, timeout=10)
-    finally:
-        await c.close()
-        await asyncio.wait_for(task, timeout=10)
+    c = await flushed(pool, succeeded(job_id, 1, '"done"'))
     row = await state_of(db, job_id)
     assert (row["state"], row["attempts"], row["result"]) == ("succeeded", 1, "done")
     assert c.discarded == 0
