@@ -164,44 +164,36 @@ async def latency(admin: str, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def _producer_rows(results: list[tuple[float, float]], regime: str, note: str) -> list[Row]:
+    """The trigger-less rate, stoker.enqueue's, and its share, per run of one regime."""
+    return [
+        Row("producers", "no trigger", regime, "tx/s", [p for p, _ in results]),
+        Row("producers", "stoker", regime, "tx/s", [b for _, b in results]),
+        Row(
+            "producers",
+            "stoker",
+            "share of no-trigger rate",
+            "%",
+            [100 * b / p for p, b in results],
+            note=note,
+        ),
+    ]
+
+
 async def producers(admin: str, args: argparse.Namespace) -> list[Row]:
-    results = []
+    busy, keeping_up = [], []
     for _ in range(args.runs):
-        results.append(await stoker.producers_once(admin, args.producer_seconds))
-        print(f"  producers: {results[-1][1] / results[-1][0]:.0%}", file=sys.stderr)
-    plain = Row(
-        "producers", "no trigger", "8 clients, 1 insert/tx", "tx/s", [p for p, _ in results]
-    )
-    busy = Row(
-        "producers", "stoker", "8 clients, stoker.enqueue/tx", "tx/s", [b for _, b in results]
-    )
-    ratio = Row(
-        "producers",
-        "stoker",
-        "share of no-trigger rate",
-        "%",
-        [100 * b / p for p, b in results],
-        note="goal >= 80%; daemon busy draining",
-    )
-    idle = []
+        busy.append(await stoker.producers_once(admin, args.producer_seconds))
+        print(f"  producers, daemon busy: {busy[-1][1] / busy[-1][0]:.0%}", file=sys.stderr)
     for _ in range(args.runs):
-        idle.append(await stoker.producers_keep_up_once(admin, args.producer_seconds))
-        print(f"  producers, keeping up: {idle[-1][1] / idle[-1][0]:.0%}", file=sys.stderr)
-    idle_plain = Row(
-        "producers", "no trigger", "8 clients, daemon keeping up", "tx/s", [p for p, _ in idle]
+        keeping_up.append(await stoker.producers_keep_up_once(admin, args.producer_seconds))
+        share = keeping_up[-1][1] / keeping_up[-1][0]
+        print(f"  producers, keeping up: {share:.0%}", file=sys.stderr)
+    return _producer_rows(
+        busy, "8 clients, daemon busy", "goal >= 80%; daemon busy draining"
+    ) + _producer_rows(
+        keeping_up, "8 clients, daemon keeping up", "daemon idle at the start, keeping up"
     )
-    keep_up = Row(
-        "producers", "stoker", "8 clients, daemon keeping up", "tx/s", [b for _, b in idle]
-    )
-    keep_up_ratio = Row(
-        "producers",
-        "stoker",
-        "share of no-trigger rate",
-        "%",
-        [100 * b / p for p, b in idle],
-        note="daemon idle at the start, keeping up",
-    )
-    return [plain, busy, ratio, idle_plain, keep_up, keep_up_ratio]
 
 
 async def scale(admin: str, args: argparse.Namespace, rss: list[float]) -> list[Row]:

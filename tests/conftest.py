@@ -110,6 +110,17 @@ def scratch_database(server_dsn: str, template: str | None = None) -> Iterator[s
 
 
 @pytest.fixture
+def own_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL of the test's own, which it may stop and start (the session's stays up)."""
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="stoker-own-pg-")), fast=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
 def dsn(server_dsn: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database for this test alone."""
     with scratch_database(server_dsn, template_db) as database:

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +87,6 @@ async def test_ready_turns_503_naming_draining_after_sigterm(
     body = await eventually(draining)
     assert body == {"status": "not ready", "failing": ["draining"]}
     assert await daemon.wait_exit() == 0
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[Cluster]:
-    """A PostgreSQL of this test's own, which it may stop and start."""
-    cluster = Cluster(Path(tempfile.mkdtemp(prefix="stoker-own-pg-")), fast=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 async def test_ready_names_the_database_while_it_is_down_and_recovers(

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,17 +233,6 @@ async def test_unauthenticated_requests_are_refused_before_taking_a_turn(
     assert set(forged) == {403}
     # Sixty refusals took no turn: the admin's own request is next, not thirty seconds away.
     assert await timed_get(port, "/api/v1/queues", AUTH) < 1.0
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[Cluster]:
-    """A PostgreSQL of this test's own, which it may stop."""
-    cluster = Cluster(Path(tempfile.mkdtemp(prefix="stoker-own-pg-")), fast=True)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 async def test_ready_names_the_failing_check_only_unless_the_admin_token_is_sent(
