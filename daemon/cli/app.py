@@ -25,7 +25,7 @@ from daemon.cli.commands import (
     cmd_trigger,
     with_connection,
 )
-from daemon.config import Settings, default_config_path, load_settings
+from daemon.config import Settings, default_config_paths, load_settings
 from daemon.errors import StokerError
 
 
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.log_level:
             overrides["log_level"] = args.log_level
     try:
-        settings = load_settings(args.config or default_config_path(), **overrides)
+        settings = load_settings(args.config or default_config_paths(), **overrides)
         return dispatch(settings, args)
     except UsageError as exc:
         print(f"stoker: error: {exc}", file=sys.stderr)

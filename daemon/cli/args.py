@@ -167,8 +167,10 @@ def build_parser() -> Parser:
     parser.add_argument(
         "--config",
         type=Path,
-        help="TOML configuration (default: $STOKER_CONFIG, /etc/stoker/stoker.toml, "
-        "deploy/stoker.toml)",
+        action="append",
+        help="TOML configuration; give it again to layer files, later ones overriding earlier "
+        "ones key by key (default: $STOKER_CONFIG, ':'-separated, else "
+        "/etc/stoker/stoker.toml, else deploy/stoker.toml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 

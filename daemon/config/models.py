@@ -1,0 +1,150 @@
+"""The daemon's own sections: queues, schedules and the HTTP server."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+from daemon.cron.cronspec import CronSpec
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d|w)?\s*$")
+UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds as a number, or text such as "90", "90s", "5m", "2h", "30d", "1w"."""
+    if isinstance(value, str):
+        match = DURATION.match(value)
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a duration: write seconds (90) or a number with a unit "
+                "(500ms, 90s, 5m, 2h, 30d, 1w)"
+            )
+        return float(match[1]) * UNIT_SECONDS[match[2] or "s"]
+    return value
+
+
+# A duration in seconds, written as a number or as "5m", "2h", "30d".
+Seconds = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class BackoffConfig(Strict):
+    """Exponential backoff between attempts: base * 2**(attempt-1), capped, +/- jitter."""
+
+    base: float = Field(1.0, gt=0, description="seconds after the first failure")
+    cap: float = Field(600.0, gt=0, le=30 * 86_400, description="longest wait in seconds")
+    jitter: float = Field(0.2, ge=0, le=1, description="fraction of spread, 0..1")
+
+
+class QueueConfig(Strict):
+    concurrency: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(100, ge=1, le=10_000)
+    timeout: float = Field(300.0, gt=0, description="default handler timeout, seconds")
+    max_attempts: int = Field(5, ge=1, le=1000)
+    backoff: BackoffConfig = Field(default_factory=BackoffConfig)
+    poll_interval: float = Field(2.0, gt=0, le=3600)
+    max_payload_bytes: int = Field(
+        16 * 1_048_576,
+        ge=1024,
+        le=512 * 1_048_576,
+        description="a larger payload fails its job at once, before it is parsed",
+    )
+    max_result_bytes: int = Field(
+        1_048_576,
+        ge=64,
+        le=256 * 1_048_576,
+        description="a larger result is not stored; the job still succeeds, with a note",
+    )
+
+
+SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,127}$")
+
+
+class ScheduleConfig(Strict):
+    """One cron schedule: every tick enqueues a job of `kind` on `queue`."""
+
+    cron: str = Field(description="5 fields, or 6 with seconds first")
+    timezone: str = "UTC"
+    kind: str = Field(min_length=1, max_length=200)
+    queue: str = "default"
+    payload: dict[str, Any] = Field(default_factory=dict)
+    meta: dict[str, Any] = Field(default_factory=dict)
+    enabled: bool = True
+    catch_up: Literal["skip", "latest", "all"] = "latest"
+    max_catch_up: int = Field(10, ge=1, le=1000)
+    skip_grace: float = Field(
+        60.0, ge=0, description='catch_up = "skip": seconds late a tick may still fire'
+    )
+    overlap: Literal["skip", "allow"] = "skip"
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _valid_cron(self) -> ScheduleConfig:
+        CronSpec(self.cron, self.timezone)  # raises ValueError naming the expression or zone
+        for field in ("payload", "meta"):
+            try:
+                json.dumps(getattr(self, field), allow_nan=False)
+            except ValueError as exc:
+                raise ValueError(f"{field} is not valid JSON for PostgreSQL: {exc}") from None
+        if not QUEUE_NAME.match(self.queue):
+            raise ValueError(f"queue {self.queue!r} is not a valid queue name")
+        return self
+
+
+class HttpConfig(Strict):
+    """The daemon's HTTP server: /health, /ready, /metrics and the admin API."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # A secret type, so that repr, model_dump and logs never show it; read it as admin_token.
+    admin_token_secret: SecretStr | None = Field(
+        None,
+        alias="admin_token",
+        description="bearer token for /api/v1, 16 characters or more; the admin API is off without",
+    )
+
+    @field_validator("admin_token_secret")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (e.g. from `openssl rand -hex 32`)")
+        return value
+
+    @property
+    def admin_token(self) -> str | None:
+        secret = self.admin_token_secret
+        return None if secret is None else secret.get_secret_value()
+
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    loop_lag_threshold: float = Field(5.0, gt=0, description="seconds blocked before /health fails")
+    depth_sample_interval: float = Field(5.0, gt=0, description="queue depth sampling, seconds")
+    max_requests_per_second: float = Field(
+        100.0,
+        gt=0,
+        description="admin API requests beyond this wait their turn (probes never do)",
+    )
+    max_queued_requests: int = Field(
+        100,
+        ge=0,
+        le=100_000,
+        description="admin API requests that may wait their turn; beyond, 429 with Retry-After",
+    )
