@@ -1,0 +1,3 @@
+"""command.run: a configured program, in a process group of its own."""
+
+from __future__ import annotations
