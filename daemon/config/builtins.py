@@ -225,8 +225,10 @@ class ReportConfig(Strict):
     params: dict[str, ParamValue] = Field(default_factory=dict)
     statement_timeout: Seconds = Field(30.0, gt=0, le=86_400)
     to: list[str] = Field(min_length=1, description="recipients; a string is split on commas")
-    subject: str = Field(
-        "{{ report }}: {{ count }} rows", description="a Jinja2 template, same context"
+    subject: str | None = Field(
+        None,
+        description="a Jinja2 template rendered with the rows' context; default: the email "
+        "template's own {% block subject %}",
     )
     template: str = Field("report", pattern=r"^[A-Za-z0-9_.-]+$")
     skip_when_empty: bool = False
