@@ -71,8 +71,8 @@ def test_a_later_file_overrides_an_earlier_one_key_by_key(
     assert settings.queues["email"].concurrency == 2  # a table only the base has
     report = settings.schedules["report"]
     assert (report.cron, report.timezone) == ("* * * * *", "America/New_York")
-    # An inline table is a table too: merged key by key.
-    assert report.payload == {"message": "demo", "level": "info"}
+    # A payload is one value, the handler's argument: replaced whole, never merged.
+    assert report.payload == {"message": "demo"}
     assert set(settings.schedules) == {"report", "extra"}
 
 

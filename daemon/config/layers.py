@@ -18,9 +18,14 @@ REFERENCE = re.compile(r"\$(\$)?\{([^}]*)\}")
 VARIABLE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?$", re.DOTALL)
 
 
+# A job's payload and meta are one value each, the argument of a handler: a later file that
+# sets one replaces it whole (merging two payloads would make a third nobody wrote).
+WHOLE_VALUES = frozenset({"payload", "meta"})
+
+
 class Layers:
     """Files in the order given; tables merge key by key, anything else (a string, a number,
-    a list) is replaced whole by the later file's value."""
+    a list, a payload or meta table) is replaced whole by the later file's value."""
 
     def __init__(self, files: list[tuple[str, dict[str, Any]]]) -> None:
         self.files = files
@@ -41,7 +46,7 @@ def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
         below = out.get(key)
-        if isinstance(below, Mapping) and isinstance(value, Mapping):
+        if isinstance(below, Mapping) and isinstance(value, Mapping) and key not in WHOLE_VALUES:
             out[key] = merge(below, value)
         else:
             out[key] = value
