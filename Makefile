@@ -33,24 +33,35 @@ db-start: postgres-binaries
 db-stop: install
 	@$(BIN)/python -m daemon.dev.pgcluster stop $(DEV_PG)
 
+# The production catalogue (deploy/stoker.toml) with the demo layer (deploy/demo.toml) on top,
+# against the local development cluster loaded with deploy/demo.sql and its files. With
+# DATABASE_URL set, the catalogue alone runs against that database and nothing is loaded.
+DEMO_CONFIG := --config deploy/stoker.toml --config deploy/demo.toml
+
 run: install
-	@if [ -n "$$DATABASE_URL" ]; then dsn="$$DATABASE_URL"; \
-	else $(MAKE) --no-print-directory postgres-binaries || exit 1; \
-		dsn=$$($(BIN)/python -m daemon.dev.pgcluster start $(DEV_PG)) || exit 1; \
-		DATABASE_URL="$$dsn" $(BIN)/stoker --config deploy/stoker.toml migrate >/dev/null || exit 1; \
-		$(BIN)/python -m daemon.dev.pgcluster load "$$dsn" deploy/demo.sql || exit 1; \
-		echo "demo tables and jobs loaded (deploy/demo.sql); emails go to .stoker/outbox/"; \
-		echo "PostgreSQL (dev cluster in $(DEV_PG)): psql $$dsn"; \
-		echo "try: psql $$dsn -c \"SELECT stoker.enqueue('default', 'log', '{\\\"message\\\": \\\"hello\\\"}')\""; \
-		echo "     export DATABASE_URL=$$dsn; .venv/bin/stoker status"; \
-		echo "stop it later with: make db-stop"; \
+	@if [ -n "$$DATABASE_URL" ]; then \
+		echo "DATABASE_URL is set: running deploy/stoker.toml against it (no demo layer, no demo tables)"; \
+		exec $(BIN)/stoker --config deploy/stoker.toml run --log-format text; \
 	fi; \
-	DATABASE_URL="$$dsn" exec $(BIN)/stoker --config deploy/stoker.toml run --log-format text
+	$(MAKE) --no-print-directory postgres-binaries || exit 1; \
+	dsn=$$($(BIN)/python -m daemon.dev.pgcluster start $(DEV_PG)) || exit 1; \
+	export DATABASE_URL="$$dsn" DEMO_DIR="$(CURDIR)/.stoker/demo"; \
+	$(BIN)/stoker $(DEMO_CONFIG) migrate >/dev/null || exit 1; \
+	$(BIN)/python -m daemon.dev.pgcluster load "$$dsn" deploy/demo.sql || exit 1; \
+	$(BIN)/python deploy/demo/make_files.py "$$DEMO_DIR" || exit 1; \
+	echo "demo tables, files and jobs loaded (deploy/demo.sql, .stoker/demo); emails go to .stoker/outbox/"; \
+	echo "the demo_* schedules fire every minute; the catalogue keeps its production cadence"; \
+	echo "PostgreSQL (dev cluster in $(DEV_PG)): psql $$dsn"; \
+	echo "try: export DATABASE_URL=$$dsn DEMO_DIR=$$DEMO_DIR STOKER_CONFIG=deploy/stoker.toml:deploy/demo.toml"; \
+	echo "     .venv/bin/stoker schedules; .venv/bin/stoker jobs list"; \
+	echo "stop it later with: make db-stop"; \
+	exec $(BIN)/stoker $(DEMO_CONFIG) run --log-format text
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy --strict --ignore-missing-imports deploy/demo
 	$(BIN)/lint-imports
 
 format: install

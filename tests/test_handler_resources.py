@@ -61,7 +61,7 @@ async def test_the_example_handler_loads_only_when_listed_and_uses_ctx_db(
 
     await daemons.start(QUIET, STOKER_HANDLER_MODULES='["tests.job_handlers", "handlers.examples"]')
     row = await finished(db, await insert(db, "wishlist.sale_check"))
-    assert (row["state"], row["result"]) == ("succeeded", {"emails": 1})
+    assert (row["state"], row["result"]["notified"]) == ("succeeded", 1)
     email = await db.fetchrow("SELECT kind, payload FROM stoker.all_jobs WHERE kind = 'email.send'")
     assert email["payload"]["to"] == "ann@example.com"
 
