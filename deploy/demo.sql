@@ -94,10 +94,10 @@ SELECT 'user' || i || '@example.com', 'User ' || i,
   FROM generate_series(1, 30) AS i
 WHERE NOT EXISTS (SELECT 1 FROM users);
 
--- Products 1-12; 3, 6, 9, 12 on sale; 1, 2 at or below 5 in stock (low_stock_alert);
+-- Products 1-12; 3, 6, 9, 12 on sale; 1 and 2 at or below 5 in stock (low_stock_alert);
 -- 4 and 8 just restocked (wishlist_stock_check).
 INSERT INTO products (title, price, on_sale, stock, restocked_at)
-SELECT 'Product ' || i, 10 + i, i % 3 = 0, 3 * i,
+SELECT 'Product ' || i, 10 + i, i % 3 = 0, 3 * i - 2,
        CASE WHEN i IN (4, 8) THEN now() - interval '5 minutes' END
   FROM generate_series(1, 12) AS i
 WHERE NOT EXISTS (SELECT 1 FROM products);
