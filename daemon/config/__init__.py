@@ -7,6 +7,7 @@ earlier one key by key), then the defaults of the models.
 
 from daemon.config.builtins import (
     EmailConfig,
+    FileTaskConfig,
     SmtpConfig,
     SqlTaskConfig,
     WebhooksConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "BackoffConfig",
     "ConfigError",
     "EmailConfig",
+    "FileTaskConfig",
     "HttpConfig",
     "QueueConfig",
     "ScheduleConfig",

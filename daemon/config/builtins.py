@@ -272,8 +272,27 @@ class FileTaskConfig(Strict):
     def _param_names(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _declared_params(value, reserved=("ids", "after_id", "batch_size"))
 
+    @field_validator("pattern")
+    @classmethod
+    def _name_pattern(cls, value: str) -> str:
+        if "/" in value or "\x00" in value:
+            raise ValueError(
+                f"pattern {value!r} is matched against file names, so it cannot contain / "
+                "(use recursive = true for subdirectories)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_kind(self) -> FileTaskConfig:
+        for field in ("directory", "root"):
+            # Relative would mean "from wherever the daemon was started", and an empty
+            # "${UPLOADS_DIR:-}" would be "." itself: what is deleted must not drift.
+            place: Path | None = getattr(self, field)
+            if place is not None and (not place.is_absolute() or place == Path(place.anchor)):
+                raise ValueError(
+                    f"{field} {str(place)!r} must be an absolute path below the filesystem "
+                    "root, e.g. /var/lib/app/uploads"
+                )
         if (self.directory is None) == (self.query is None):
             raise ValueError(
                 "give either directory (a sweep of old files) or query (files named by rows), "
@@ -286,6 +305,9 @@ class FileTaskConfig(Strict):
             if stray:
                 raise ValueError(f"{', '.join(stray)}: only for a query cleanup")
         else:
+            given = {"older_than", "pattern", "recursive"} & self.model_fields_set
+            if given:
+                raise ValueError(f"{', '.join(sorted(given))}: only for a directory sweep")
             if self.delete_statement is None or self.root is None:
                 raise ValueError("a query cleanup needs delete_statement and root")
             if ":ids" not in self.delete_statement:
