@@ -8,6 +8,7 @@ earlier one key by key), then the defaults of the models.
 from daemon.config.builtins import (
     EmailConfig,
     FileTaskConfig,
+    ReportConfig,
     SmtpConfig,
     SqlTaskConfig,
     WebhooksConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "FileTaskConfig",
     "HttpConfig",
     "QueueConfig",
+    "ReportConfig",
     "ScheduleConfig",
     "Settings",
     "SmtpConfig",
