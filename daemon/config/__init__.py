@@ -6,6 +6,7 @@ earlier one key by key), then the defaults of the models.
 """
 
 from daemon.config.builtins import (
+    CommandConfig,
     EmailConfig,
     FileTaskConfig,
     ReportConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "QUEUE_NAME",
     "SCHEDULE_NAME",
     "BackoffConfig",
+    "CommandConfig",
     "ConfigError",
     "EmailConfig",
     "FileTaskConfig",

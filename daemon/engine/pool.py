@@ -43,6 +43,9 @@ MAX_IDLE_FLOOR = 1.0
 # this, doubling up to MAX_RECHECK, until that transaction has ended (see _producers_done).
 MIN_RECHECK = 0.005
 MAX_RECHECK = 1.0
+# How long the shutdown waits for jobs cancelled at its deadline to end (handed back), unless
+# their handlers ask for longer (stop_grace).
+HANDBACK_WAIT = 5.0
 
 
 class QueuePool:
@@ -85,6 +88,8 @@ class QueuePool:
         # Keyed by (job id, attempt): if a lease was lost and this pool claims the same job
         # again, both attempts count against the limit until each ends.
         self.running: dict[tuple[int, int], asyncio.Task[None]] = {}
+        # The stop_grace of running jobs whose handler has one (see drain).
+        self._stop_grace: dict[tuple[int, int], float] = {}
         self._wake = asyncio.Event()
         self._fetch_needed = True
         self._hint_due: float | None = None
@@ -290,6 +295,8 @@ class QueuePool:
             # Unnamed: naming a task per job cost 2% of the daemon's CPU in a drain.
             task = asyncio.create_task(self._execute(job))
             self.running[key] = group.tasks[key] = task
+            if handler is not None and handler.stop_grace is not None:
+                self._stop_grace[key] = handler.stop_grace
         for timeout, group in groups.items():
             group.timer = self._loop.call_at(now + timeout, group)
 
@@ -314,6 +321,8 @@ class QueuePool:
     def _release(self, job: ClaimedJob) -> None:
         key = (job.id, job.attempt)
         self.running.pop(key, None)
+        if self._stop_grace:
+            self._stop_grace.pop(key, None)
         if job.deadlines is not None:
             job.deadlines.done(key)
         self._slot_freed.set()
@@ -368,9 +377,13 @@ class QueuePool:
             await asyncio.wait(
                 tasks, timeout=max(0.0, deadline - asyncio.get_running_loop().time())
             )
-        left = [t for t in self.running.values() if not t.done()]
+        left = {key: t for key, t in self.running.items() if not t.done()}
         if left:
             self._handing_back = True
-            for task in left:
+            for task in left.values():
                 task.cancel()
-            await asyncio.wait(left, timeout=5)
+            # A handler may need longer than 5 s to stop once cancelled (command.run stops
+            # its process group: SIGTERM, then SIGKILL after kill_grace): wait for the
+            # longest stop_grace among them. The wait ends as soon as they all have.
+            grace = max([HANDBACK_WAIT, *(self._stop_grace.get(key, 0.0) for key in left)])
+            await asyncio.wait(left.values(), timeout=grace)

@@ -28,6 +28,9 @@ class Handler:
     timeout: float | None = None
     max_attempts: int | None = None
     max_result_bytes: int | None = None  # None: the queue's
+    # Seconds the handler needs after its task is cancelled (shutdown) to stop cleanly, e.g.
+    # to stop a child process; the shutdown waits that long for it (at least 5 s).
+    stop_grace: float | None = None
 
     def parse_json(self, text: str) -> Any:
         """The handler's argument from the payload's JSON text: a validated model (in one
@@ -86,8 +89,11 @@ class Registry:
         timeout: float | None = None,
         max_attempts: int | None = None,
         max_result_bytes: int | None = None,
+        stop_grace: float | None = None,
     ) -> Callable[[F], F]:
-        """Register `async def f(ctx, payload)` to run jobs of `kind`."""
+        """Register `async def f(ctx, payload)` to run jobs of `kind`. `stop_grace`: seconds
+        the handler needs, once cancelled at the shutdown deadline, to stop cleanly (the
+        shutdown waits for it that long at most, and at least 5 s)."""
         if not kind or len(kind) > 200:
             raise ValueError("handler kind must be 1-200 characters")
         if timeout is not None and timeout <= 0:
@@ -96,6 +102,8 @@ class Registry:
             raise ValueError(f"handler {kind!r}: max_attempts must be >= 1")
         if max_result_bytes is not None and max_result_bytes < 64:
             raise ValueError(f"handler {kind!r}: max_result_bytes must be >= 64")
+        if stop_grace is not None and not 0 <= stop_grace <= 86_400:
+            raise ValueError(f"handler {kind!r}: stop_grace must be 0..86400 seconds")
 
         def register(func: F) -> F:
             existing = self._handlers.get(kind)
@@ -105,7 +113,7 @@ class Registry:
                     f"{_where(existing.func)} and {_where(func)}"
                 )
             self._handlers[kind] = Handler(
-                kind, func, payload, timeout, max_attempts, max_result_bytes
+                kind, func, payload, timeout, max_attempts, max_result_bytes, stop_grace
             )
             return func
 
