@@ -390,7 +390,8 @@ class Output:
     def tail(self) -> str:
         """The last `cap` bytes as text, marked when earlier output was left out."""
         data = b"".join(self._chunks)[-self.cap :]
-        text = data.decode("utf-8", errors="replace")
+        # jsonb cannot hold U+0000 (`find -print0`): shown as the error texts show it.
+        text = data.decode("utf-8", errors="replace").replace("\x00", "\\0")
         left_out = self.total - len(data)
         return f"[... {left_out} earlier bytes cut ...]\n{text}" if left_out else text
 

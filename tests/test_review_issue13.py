@@ -193,12 +193,6 @@ async def test_a_reports_rows_are_converted_off_the_event_loop(
 # -- command.run's configuration -----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="STOKER_COMMANDS__<NAME>__ENV__PGPASSWORD (the documented way to override a "
-    "table from the environment) is read case-insensitively: it adds a lowercase "
-    "'pgpassword' beside the file's PGPASSWORD, so the program still gets the old value",
-)
 def test_a_commands_env_value_overridden_from_the_environment_reaches_the_program(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,12 +214,6 @@ def test_a_commands_env_value_overridden_from_the_environment_reaches_the_progra
         assert env == {"PGPASSWORD": "rotated"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="command.run keeps a NUL byte of the program's output in stdout_tail; jsonb "
-    "cannot hold \\u0000, so PostgreSQL refuses the result and the engine stores only "
-    "'unrecorded_result' (the error path replaces NULs, the result path does not)",
-)
 def test_a_succeeded_commands_output_tail_can_be_stored_as_jsonb() -> None:
     ctx = _context({}, kind="command.run")
     run = CommandRun(ctx, "find0", CommandConfig(argv=["find", ".", "-print0"]))
@@ -239,11 +227,6 @@ def test_a_succeeded_commands_output_tail_can_be_stored_as_jsonb() -> None:
 # -- ${VAR} references -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers: ${A:-${B}} (a shell idiom) is silently mis-read: the default is '${B' and "
-    "the last '}' is left in the value, appended to A's value when A is set",
-)
 @pytest.mark.parametrize(
     "environ", [{"A": "postgresql://u@h/app"}, {"B": "postgresql://u@h/fallback"}, {}]
 )

@@ -197,6 +197,18 @@ class CommandConfig(Strict):
     @field_validator("env")
     @classmethod
     def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        for name in value:
+            other = seen.setdefault(name.upper(), name)
+            if other != name:
+                # An override STOKER_COMMANDS__<NAME>__ENV__X arrives lowercased: it would add
+                # a second variable beside the file's instead of replacing it.
+                raise ValueError(
+                    f"env has both {other} and {name}, which differ only in case (an "
+                    "environment override STOKER_COMMANDS__...__ENV__... arrives in lowercase): "
+                    f"read the value from the environment in the file instead, e.g. {other} = "
+                    f'"${{{other.upper()}}}"'
+                )
         for name, text in value.items():
             if not ENV_NAME.match(name):
                 raise ValueError(f"environment variable name {name!r} is not valid")

@@ -18,7 +18,8 @@ INSTALLED_CONFIG = Path("/etc/stoker/stoker.toml")
 REPO_CONFIG = Path("deploy/stoker.toml")
 
 
-SECRET_WORDS = ("url", "dsn", "password", "token", "secret")
+# Keys whose values are never echoed in an error: they may hold credentials.
+SECRET_WORDS = ("url", "dsn", "password", "token", "secret", "env", "headers")
 
 
 def _origin(parts: tuple[Any, ...], file_origin: Origin) -> str:

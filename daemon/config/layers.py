@@ -86,6 +86,12 @@ def resolve_references(
                 )
                 return match[0]
             name, default = reference[1], reference[2]
+            if default is not None and "${" in default:
+                problems.append(
+                    f"{origin(path)}: {key}: a reference inside a default (${{{name}:-${{...}}}}) "
+                    f"is not supported: write the default out, or set {name}"
+                )
+                return match[0]
             if name in env:
                 return env[name]
             if default is not None:
