@@ -26,7 +26,7 @@ from daemon.config import EmailConfig, ReportConfig
 from daemon.errors import PermanentJobError
 from daemon.store.db import init_connection
 from handlers.email import Mailer
-from handlers.report import Reports, RunReport, coerce, json_safe, run_report
+from handlers.report import LOCK, Reports, RunReport, coerce, json_safe, run_report
 from tests.conftest import REPO, DaemonFactory, eventually, finished
 
 TEMPLATES = REPO / "deploy" / "templates"
@@ -458,14 +458,31 @@ def test_values_become_json_that_templates_can_show() -> None:
         coerce("r", "2026-11-30T18:00", "timestamptz")
 
 
+# The attempts waiting for the report lock of job $1 (pg_locks shows a bigint advisory key as
+# its high and low 32 bits in classid and objid, objsubid 1).
+WAITING_FOR_REPORT_LOCK = """
+WITH k AS (SELECT hashtextextended('stoker sql.report', $1::bigint) AS key)
+SELECT count(*)
+  FROM pg_locks, k
+ WHERE locktype = 'advisory' AND NOT granted
+   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND classid::bigint = (key >> 32) & 4294967295
+   AND objid::bigint = key & 4294967295
+   AND objsubid = 1
+"""
+
+
 async def test_two_attempts_at_once_enqueue_one_email(dsn: str, shop: asyncpg.Connection) -> None:
     """A worker whose lease ran out may still be running its attempt when the rescued job
-    starts the next one: the second waits for the first's transaction, then finds its email."""
+    starts the next one: the second waits for the first's transaction, then finds its email.
+
+    The test holds the report's lock itself until both attempts are seen waiting for it, so
+    they certainly overlap; released, one of them takes it and the other waits again."""
     job_id = await shop.fetchval(
         "SELECT stoker.enqueue('default', 'sql.report', '{\"report\": \"low_stock_alert\"}')"
     )
     report = ReportConfig(
-        query="SELECT id, title, stock FROM products, pg_sleep(0.3) WHERE stock <= :threshold",
+        query="SELECT id, title, stock FROM products WHERE stock <= :threshold",
         params={"threshold": 5},
         to=["ops@example.com"],
         template="low_stock_alert",
@@ -497,9 +514,28 @@ async def test_two_attempts_at_once_enqueue_one_email(dsn: str, shop: asyncpg.Co
             for attempt in (1, 2)
         ]
         run = RunReport(report="low_stock_alert")
-        first, second = await asyncio.gather(*(run_report(ctx, run) for ctx in attempts))
+        async with shop.transaction():
+            await shop.execute(LOCK, job_id)
+            tasks = [asyncio.create_task(run_report(ctx, run)) for ctx in attempts]
+
+            async def both_wait_or_done() -> str | None:
+                if all(task.done() for task in tasks):  # they did not wait for the lock
+                    return "done"
+                waiting = await shop.fetchval(WAITING_FOR_REPORT_LOCK, job_id)
+                return "waiting" if waiting == 2 else None
+
+            try:
+                seen = await eventually(both_wait_or_done, timeout=10)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        # Committed: the lock is free.
+        first, second = await asyncio.gather(*tasks)
     finally:
         await pool.close()
+    assert [j["id"] for j in await email_jobs(shop)] == [first["email_job_id"]]
     assert first == second
     assert first["rows"] == 3
-    assert [j["id"] for j in await email_jobs(shop)] == [first["email_job_id"]]
+    assert seen == "waiting"

@@ -148,12 +148,6 @@ async def test_a_directory_that_resolves_to_the_filesystem_root_is_refused(
 # -- sql.report --------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sql.report converts up to max_rows (100 000) rows with json_safe on the event "
-    "loop (then json.dumps for the size check, the model validation and the enqueue's "
-    "encoding): about 0.5 s of a blocked loop for a large report; only compose is in a thread",
-)
 async def test_a_reports_rows_are_converted_off_the_event_loop(
     dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
