@@ -18,7 +18,13 @@ symlinks lead outside, is refused and named. Files that cannot be deleted are sk
 counted `failed`; the job itself succeeds. Disk work runs in a worker thread, one batch at a
 time, so the event loop never waits on the disk; the query runs on a connection of its own with
 `statement_timeout`, each statement its own short transaction (no snapshot held for the length
-of a cleanup)."""
+of a cleanup).
+
+A job cancelled (its timeout, or a shutdown handing it back) while a worker thread is busy lets
+the cancellation through at once, after waiting at most for one unlink under way: the thread,
+which cannot be interrupted, unlinks nothing more and stops at its next file. So no file is
+deleted after the job has ended. In a query cleanup the rows of the files already deleted in
+that batch stay; the next run finds their files missing and deletes them."""
 
 from __future__ import annotations
 
@@ -27,13 +33,14 @@ import errno
 import fnmatch
 import os
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,6 +50,7 @@ from daemon.config import FileTaskConfig
 from handlers.sql import _coerce, bind, rows_touched
 
 NAMED = 20  # paths named per job: refused ones in the result, problems in the log
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class FileTasks:
     """The configured [file_tasks], and the database a query cleanup runs in."""
 
     tasks: dict[str, FileTaskConfig]
-    database_url: str
+    database_url: str = field(repr=False)  # may hold a password
 
 
 class Cleanup(BaseModel):
@@ -59,10 +67,39 @@ class Cleanup(BaseModel):
     dry_run: bool | None = Field(None, description="true: delete nothing (never turns one off)")
 
 
+class Gate:
+    """Lets a job's worker threads unlink only while the job runs. A cancelled job closes it
+    before its cancellation goes through, so no file is unlinked after the job has ended."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held by a thread for one check and unlink
+        self.closed = False  # read by the threads without the lock: stop at the next file
+
+    def unlink(self, path: str) -> bool:
+        """Unlink `path` (in a worker thread), unless the gate is closed: then False."""
+        with self._lock:
+            if self.closed:
+                return False
+            os.unlink(path)  # a symlink itself, never its target
+            return True
+
+    async def close(self) -> None:
+        """Close the gate, once an unlink under way (at most one) has finished. Polled, so the
+        event loop never blocks on the disk; cancelled again meanwhile, it keeps waiting."""
+        while not self._lock.acquire(blocking=False):
+            try:
+                await asyncio.sleep(0.002)
+            except asyncio.CancelledError:
+                continue  # one unlink is bounded; the caller re-raises its cancellation
+        self.closed = True
+        self._lock.release()
+
+
 @dataclass
 class Tally:
     """What a job did. Worker threads fill it in one batch at a time, and the event loop reads
-    it between batches (never both at once)."""
+    it between batches (never both at once). A cancelled job closes the gate and ends without
+    waiting for the thread, which may still count the file it was at when the job ended."""
 
     dry_run: bool
     deleted: int = 0
@@ -74,6 +111,7 @@ class Tally:
     sample: list[str] = field(default_factory=list)  # a dry run's first NAMED deletions
     problems: int = 0
     unlogged: list[str] = field(default_factory=list)  # the first NAMED, logged batch by batch
+    gate: Gate = field(default_factory=Gate, repr=False)
 
     def refuse(self, shown: str, why: str) -> None:
         self.failed += 1
@@ -162,8 +200,13 @@ async def cleanup(ctx: JobContext, run: Cleanup) -> dict[str, Any]:
 
 
 def real_directory(name: str, what: str, place: Path) -> str:
-    """The real path of the task's root or directory, which must exist."""
+    """The real path of the task's root or directory, which must exist and not be /."""
     real = os.path.realpath(place)
+    if real.strip("/") == "":  # e.g. a symlink to /: every file on the system would be inside
+        raise PermanentJobError(
+            f"task {name!r}: {what} {str(place)!r} resolves to {real}, the filesystem root; "
+            f"point {what} at a directory below it"
+        )
     if not os.path.isdir(real):
         raise PermanentJobError(
             f"task {name!r}: {what} {str(place)!r} does not exist or is not a directory"
@@ -196,7 +239,10 @@ def refusal(root_real: str, candidate: str) -> str | None:
 
 def remove(path: str, shown: str, root_real: str, tally: Tally) -> bool:
     """Unlink one file (in a worker thread): True when it is gone, deleted now or missing
-    already, so that its row may go too. A dry run looks instead of unlinking."""
+    already, so that its row may go too. A dry run looks instead of unlinking. Once the job
+    has ended (its gate closed), nothing is done and it is False."""
+    if tally.gate.closed:
+        return False
     why = refusal(root_real, path)
     if why is not None:
         tally.refuse(shown, why)
@@ -208,9 +254,10 @@ def remove(path: str, shown: str, root_real: str, tally: Tally) -> bool:
             tally.would_delete += 1
             if len(tally.sample) < NAMED:
                 tally.sample.append(shown)
-        else:
-            os.unlink(path)  # a symlink itself, never its target
+        elif tally.gate.unlink(path):
             tally.deleted += 1
+        else:
+            return False  # the job has ended
     except (FileNotFoundError, NotADirectoryError):  # gone, or a parent is no directory
         tally.missing += 1
     except OSError as exc:  # a directory, permission, a read-only or busy file system
@@ -227,9 +274,10 @@ def old_files(
     directory: str, pattern: str, cutoff: float, recursive: bool, tally: Tally
 ) -> Generator[str, None, None]:
     """Files and symlinks below `directory` named like `pattern` and modified (the link
-    itself, for a symlink) before `cutoff`. Symlinked directories are never entered."""
+    itself, for a symlink) before `cutoff`. Symlinked directories are never entered. Stops
+    when the job has ended (its gate closed)."""
     pending = [directory]
-    while pending:
+    while pending and not tally.gate.closed:
         current = pending.pop()
         try:
             listing = os.scandir(current)
@@ -241,6 +289,8 @@ def old_files(
             continue
         with listing:
             for entry in listing:
+                if tally.gate.closed:
+                    return
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         if recursive:
@@ -266,7 +316,20 @@ def sweep_batch(files: Iterator[str], size: int, root_real: str, tally: Tally) -
     batch = list(islice(files, size))
     for path in batch:
         remove(path, path, root_real, tally)
-    return len(batch) == size
+    return len(batch) == size and not tally.gate.closed
+
+
+async def in_thread(batch: asyncio.Future[T], tally: Tally) -> T:
+    """The result of `batch`, a worker thread's disk work. Cancelled meanwhile, the job closes
+    its gate (waiting at most for one unlink under way) and the cancellation goes through; the
+    thread, which cannot be interrupted, deletes nothing more and stops at its next file. The
+    shield keeps `batch` itself running, so that its end can still be seen (and an error it
+    raises is marked retrieved rather than logged as lost)."""
+    try:
+        return await asyncio.shield(batch)
+    except asyncio.CancelledError:
+        await tally.gate.close()
+        raise
 
 
 async def _sweep(
@@ -276,11 +339,22 @@ async def _sweep(
     root_real = await asyncio.to_thread(real_directory, name, "directory", directory)
     cutoff = time.time() - (task.older_than or 0.0)
     files = old_files(root_real, task.pattern, cutoff, task.recursive, tally)
+    batch: asyncio.Future[bool] | None = None
     try:
-        while await asyncio.to_thread(sweep_batch, files, task.batch_size, root_real, tally):
+        while True:
+            batch = asyncio.ensure_future(
+                asyncio.to_thread(sweep_batch, files, task.batch_size, root_real, tally)
+            )
+            if not await in_thread(batch, tally):
+                break
             tally.log_problems(ctx, name)
     finally:
-        files.close()
+        # The listing is closed where no thread is inside it: a cancelled job's thread may
+        # still be (a generator cannot be closed while it runs), so then once it has finished.
+        if batch is None or batch.done():
+            files.close()
+        else:
+            batch.add_done_callback(lambda _: files.close())
 
 
 # -- a query cleanup ---------------------------------------------------------------------------
@@ -293,6 +367,8 @@ def remove_rows(rows: list[asyncpg.Record], root_real: str, tally: Tally) -> lis
     """Unlink the files of a batch of rows (in a worker thread); the ids whose file is gone."""
     gone = []
     for row in rows:
+        if tally.gate.closed:  # the job has ended
+            break
         path = row["path"]
         if not isinstance(path, str) or not path:
             tally.refuse(f"(row id {row['id']!r}: no path)", "the query returned no path")
@@ -341,7 +417,9 @@ async def _query_cleanup(
             if not rows:
                 break
             batches += 1
-            gone = await asyncio.to_thread(remove_rows, rows, root_real, tally)
+            gone = await in_thread(
+                asyncio.ensure_future(asyncio.to_thread(remove_rows, rows, root_real, tally)), tally
+            )
             if gone and not tally.dry_run:
                 args = [gone if a is IDS else a for a in delete_args]
                 await _execute(name, "delete_statement", delete, args)

@@ -5,8 +5,15 @@ touch nothing, and clear failures."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import fnmatch
+import inspect
 import os
+import re
+import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +21,11 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
+import handlers.files
+from daemon import JobContext, PermanentJobError
 from daemon.config import FileTaskConfig
-from handlers.files import refusal
-from tests.conftest import DaemonFactory, finished
+from handlers.files import Cleanup, FileTasks, Gate, Tally, cleanup, real_directory, refusal, remove
+from tests.conftest import DaemonFactory, eventually, finished
 
 HOURS = 3600.0
 
@@ -299,6 +308,15 @@ def test_paths_must_stay_inside_the_root(tmp_path: Path) -> None:
         ({"directory": "", "older_than": 60}, "directory '.' must be an absolute path"),
         ({"directory": "tmp/uploads", "older_than": 60}, "must be an absolute path"),
         ({"directory": "/", "older_than": 60, "recursive": True}, "below the filesystem root"),
+        ({"directory": "//tmp/..", "older_than": 60}, "'//tmp/..' is the filesystem root"),
+        (
+            {"directory": "/srv/cache/../uploads", "older_than": 60},
+            r"directory '/srv/cache/../uploads' has a \.\. component: write the path without",
+        ),
+        (
+            {"query": "SELECT 1", "delete_statement": ":ids", "root": "/srv/../../srv"},
+            "root '/srv/../../srv' has a .. component",
+        ),
         ({"directory": "/tmp", "older_than": 60, "pattern": "a/*.tmp"}, "cannot contain /"),
         (
             {"query": "SELECT 1", "delete_statement": ":ids", "root": "/srv", "older_than": 60},
@@ -316,3 +334,168 @@ def test_a_task_names_what_it_may_delete_unambiguously(
     with pytest.raises(ValidationError, match=expected):
         FileTaskConfig.model_validate(fields)
     assert FileTaskConfig.model_validate({"directory": "/tmp", "older_than": "24h"}).older_than
+
+
+def test_a_directory_resolving_to_the_filesystem_root_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "uploads").symlink_to("/")
+    expected = f"directory '{tmp_path / 'uploads'}' resolves to /, the filesystem root"
+    with pytest.raises(PermanentJobError, match=re.escape(expected)):
+        real_directory("sweep", "directory", tmp_path / "uploads")
+    assert real_directory("sweep", "directory", tmp_path) == os.path.realpath(tmp_path)
+
+
+def test_the_database_url_is_not_in_a_repr() -> None:
+    assert "s3cret" not in repr(FileTasks({}, "postgresql://app:s3cret@db/app"))
+
+
+# -- cancellation ------------------------------------------------------------------------------
+
+
+async def _no_progress(job: int, attempt: int, progress: str) -> None:
+    return None
+
+
+def context(configured: FileTasks) -> JobContext:
+    return JobContext(
+        id=1,
+        queue="default",
+        kind="files.cleanup",
+        attempt=1,
+        max_attempts=3,
+        meta={},
+        run_at=dt.datetime.now(dt.UTC),
+        worker="test",
+        _progress_writer=_no_progress,
+        _db=None,
+        _resources={FileTasks: configured},
+    )
+
+
+class Hold:
+    """A place in a worker thread that waits, the first time it is reached, until released."""
+
+    def __init__(self) -> None:
+        self.reached, self.released, self.first = threading.Event(), threading.Event(), True
+
+    def __call__(self) -> None:
+        if self.first:
+            self.first = False
+            self.reached.set()
+            self.released.wait(30)
+
+
+async def cancelled_while_held(
+    job: asyncio.Task[Any], hold: Hold, thread_done: threading.Event
+) -> None:
+    """Cancel `job` while its thread waits at `hold`: the job ends cancelled at once, and the
+    thread, let go, then finishes."""
+    try:
+        assert await asyncio.to_thread(hold.reached.wait, 30)
+        job.cancel()
+        done, _ = await asyncio.wait({job}, timeout=10)
+        assert done and job.cancelled()
+    finally:
+        hold.released.set()
+    assert await asyncio.to_thread(thread_done.wait, 30)
+
+
+async def test_a_cancelled_sweep_deletes_nothing_after_it_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = [make(tmp_path / "scratch" / f"old{i}.tmp", age=2 * HOURS) for i in range(4)]
+    hold, thread_done, listings = Hold(), threading.Event(), []
+    real_files, real_batch = handlers.files.old_files, handlers.files.sweep_batch
+
+    class Matching:
+        @staticmethod
+        def fnmatchcase(name: str, pattern: str) -> bool:
+            hold()  # the first file: the thread is inside the listing when the job is cancelled
+            return fnmatch.fnmatchcase(name, pattern)
+
+    def files(*args: Any) -> Generator[str, None, None]:
+        listings.append(real_files(*args))
+        return listings[-1]
+
+    def batch(*args: Any) -> bool:
+        try:
+            return real_batch(*args)
+        finally:
+            thread_done.set()
+
+    monkeypatch.setattr("handlers.files.fnmatch", Matching)
+    monkeypatch.setattr(handlers.files, "old_files", files)
+    monkeypatch.setattr(handlers.files, "sweep_batch", batch)
+    task = FileTaskConfig(directory=tmp_path / "scratch", older_than=60, pattern="*.tmp")
+    configured = FileTasks({"sweep": task}, "postgresql://unused/x")
+    job = asyncio.create_task(cleanup(context(configured), Cleanup(task="sweep")))
+    await cancelled_while_held(job, hold, thread_done)
+    assert all(present(*old))  # the thread, let go after the job ended, unlinked nothing
+
+    async def closed() -> bool:  # the listing, once the thread has left it
+        return inspect.getgeneratorstate(listings[0]) == inspect.GEN_CLOSED
+
+    await eventually(closed)
+
+
+async def test_a_cancelled_query_cleanup_unlinks_nothing_after_it_has_ended(
+    uploads: asyncpg.Connection, dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, root = uploads, tmp_path / "uploads"
+    kept = [make(root / f"{i}.png") for i in range(3)]
+    for i in range(3):
+        await add(db, f"{i}.png")
+    hold, thread_done = Hold(), threading.Event()
+    real_refusal, real_rows = handlers.files.refusal, handlers.files.remove_rows
+
+    def refusing(root_real: str, candidate: str) -> str | None:
+        hold()  # the first file, just before its unlink
+        return real_refusal(root_real, candidate)
+
+    def rows(*args: Any) -> list[Any]:
+        try:
+            return real_rows(*args)
+        finally:
+            thread_done.set()
+
+    monkeypatch.setattr(handlers.files, "refusal", refusing)
+    monkeypatch.setattr(handlers.files, "remove_rows", rows)
+    task = FileTaskConfig.model_validate(
+        {
+            "query": "SELECT id, path FROM uploaded_files",
+            "delete_statement": "DELETE FROM uploaded_files WHERE id = ANY(:ids)",
+            "root": root,
+        }
+    )
+    job = asyncio.create_task(cleanup(context(FileTasks({"o": task}, dsn)), Cleanup(task="o")))
+    await cancelled_while_held(job, hold, thread_done)
+    assert all(present(*kept))
+    assert await db.fetchval("SELECT count(*) FROM uploaded_files") == 3
+
+
+async def test_a_closing_gate_waits_for_the_unlink_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [make(tmp_path / f"{i}.tmp") for i in range(2)]
+    hold, real_unlink = Hold(), os.unlink
+
+    def unlinking(path: str) -> None:
+        if path == str(files[0]):
+            hold()
+        real_unlink(path)
+
+    monkeypatch.setattr("handlers.files.os.unlink", unlinking)
+    gate = Gate()
+    under_way = asyncio.ensure_future(asyncio.to_thread(gate.unlink, str(files[0])))
+    assert await asyncio.to_thread(hold.reached.wait, 30)
+    closing = asyncio.create_task(gate.close())
+    await asyncio.sleep(0.05)
+    closing.cancel()  # cancelled again while it waits: it keeps waiting (one unlink is bounded)
+    await asyncio.sleep(0.05)
+    assert not closing.done() and not gate.closed
+    hold.released.set()
+    await asyncio.wait_for(closing, 10)
+    assert gate.closed and await under_way is True and not files[0].exists()
+    assert gate.unlink(str(files[1])) is False and files[1].exists()
+    tally = Tally(dry_run=False, gate=gate)
+    assert remove(str(files[1]), "1.tmp", str(tmp_path), tally) is False
+    assert (tally.deleted, tally.failed, files[1].exists()) == (0, 0, True)

@@ -66,12 +66,6 @@ def _old_file(path: Path) -> Path:
 # -- files.cleanup -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="files.cleanup: cancelling a sweep while a worker thread is inside the listing "
-    "generator closes that generator from the event loop: ValueError 'generator already "
-    "executing' replaces the CancelledError (no hand-back, a wrong error, an attempt used)",
-)
 async def test_a_sweep_cancelled_mid_batch_lets_the_cancellation_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,11 +100,6 @@ async def test_a_sweep_cancelled_mid_batch_lets_the_cancellation_through(
     assert job.cancelled(), f"the job raised {job.exception()!r} instead of being cancelled"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FileTaskConfig refuses directory = '/' but not a spelling that is / all the same "
-    "('/tmp/..'); real_directory() does not refuse a real path of / either",
-)
 @pytest.mark.parametrize(
     "fields",
     [
@@ -124,11 +113,6 @@ def test_a_task_cannot_spell_the_filesystem_root_another_way(fields: dict[str, A
         FileTaskConfig.model_validate(fields)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a directory (or root) that is a symlink to / is accepted: every file on the "
-    "system is then inside the 'root', and a sweep would delete in /",
-)
 async def test_a_directory_that_resolves_to_the_filesystem_root_is_refused(
     tmp_path: Path,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -299,11 +300,24 @@ class FileTaskConfig(Strict):
         for field in ("directory", "root"):
             # Relative would mean "from wherever the daemon was started", and an empty
             # "${UPLOADS_DIR:-}" would be "." itself: what is deleted must not drift.
+            # Nor may it be / spelled another way ("/tmp/..", "//"): every file would be inside.
             place: Path | None = getattr(self, field)
-            if place is not None and (not place.is_absolute() or place == Path(place.anchor)):
+            if place is None:
+                continue
+            if not place.is_absolute():
                 raise ValueError(
                     f"{field} {str(place)!r} must be an absolute path below the filesystem "
                     "root, e.g. /var/lib/app/uploads"
+                )
+            if os.path.normpath(place).strip("/") == "":
+                raise ValueError(
+                    f"{field} {str(place)!r} is the filesystem root (/); it must be a path "
+                    "below the filesystem root, e.g. /var/lib/app/uploads"
+                )
+            if ".." in place.parts:
+                raise ValueError(
+                    f"{field} {str(place)!r} has a .. component: write the path without .., "
+                    "e.g. /var/lib/app/uploads rather than /var/lib/app/cache/../uploads"
                 )
         if (self.directory is None) == (self.query is None):
             raise ValueError(
