@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from daemon import JobContext, PermanentJobError, Settings, handler, resource
 from daemon.config import CommandConfig
+from handlers.entries import configured_entry, with_declared_params
 
 Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
@@ -120,20 +121,9 @@ async def commands(settings: Settings) -> AsyncIterator[Commands]:
 )
 async def run_command(ctx: JobContext, req: RunCommand) -> dict[str, Any]:
     configured = ctx.resource(Commands).commands
-    command = configured.get(req.command)
-    if command is None:
-        known = ", ".join(sorted(configured)) or "none configured"
-        raise PermanentJobError(
-            f"command: {req.command!r} is not configured (known: {known}); see [commands]"
-        )
-    undeclared = sorted(set(req.params) - set(command.params))
-    if undeclared:
-        raise PermanentJobError(
-            f"params: command {req.command!r} has no parameter "
-            f"{', '.join(repr(p) for p in undeclared)}; a payload may only give values for "
-            f"declared ones: {', '.join(sorted(command.params)) or 'none'}"
-        )
-    env = command_env(ctx, command, {**command.params, **req.params}, os.environ)
+    command = configured_entry(configured, req.command, field="command", section="commands")
+    params = with_declared_params("command", req.command, command.params, req.params)
+    env = command_env(ctx, command, params, os.environ)
     return await CommandRun(ctx, req.command, command).run(env)
 
 

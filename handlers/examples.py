@@ -6,7 +6,8 @@ enqueues one per (user, product, restock). The email jobs are enqueued in the tr
 records the notices, so that a crash between the two can neither lose an email nor send it
 twice. Copy this shape for your own handlers: validate the payload with a model, take a
 connection from `ctx.db` for as long as the work needs it, do the work in one transaction,
-enqueue follow-up jobs on the same connection with `daemon.enqueue_many`. Loaded only when configured: handler_modules = ["handlers.examples"]."""
+enqueue follow-up jobs on the same connection with `daemon.enqueue_many`. Loaded only when
+configured: handler_modules = ["handlers.examples"]."""
 
 from __future__ import annotations
 

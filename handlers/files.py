@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import JobContext, PermanentJobError, Settings, handler, resource
 from daemon.config import FileTaskConfig
+from handlers.entries import configured_entry
 from handlers.sql import _coerce, bind, rows_touched
 
 NAMED = 20  # paths named per job: refused ones in the result, problems in the log
@@ -142,10 +143,7 @@ async def file_tasks(settings: Settings) -> AsyncIterator[FileTasks]:
 @handler("files.cleanup", payload=Cleanup)
 async def cleanup(ctx: JobContext, run: Cleanup) -> dict[str, Any]:
     configured = ctx.resource(FileTasks)
-    task = configured.tasks.get(run.task)
-    if task is None:
-        known = ", ".join(sorted(configured.tasks)) or "none configured"
-        raise PermanentJobError(f"no file task {run.task!r} (known: {known}); see [file_tasks]")
+    task = configured_entry(configured.tasks, run.task, field="task", section="file_tasks")
     if task.dry_run and run.dry_run is False:
         ctx.log.warning(
             "file task %s: dry_run = true in its configuration; a payload cannot turn it off",

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from daemon import JobContext, PermanentJobError, Settings, handler, resource
 from daemon.config import ReportConfig
 from handlers.email import Mailer, SendEmail
+from handlers.entries import configured_entry, with_declared_params
 from handlers.sql import bind
 
 # The email job of a report job carries its id here (in stoker.jobs.meta, then job_history's).
@@ -93,17 +94,8 @@ async def configured_reports(settings: Settings) -> AsyncIterator[Reports]:
 async def run_report(ctx: JobContext, run: RunReport) -> dict[str, Any]:
     reports = ctx.resource(Reports)
     configured = reports.reports
-    report = configured.get(run.report)
-    if report is None:
-        known = ", ".join(sorted(configured)) or "none configured"
-        raise PermanentJobError(f"no report {run.report!r} (known: {known}); see [reports]")
-    undeclared = sorted(set(run.params) - set(report.params))
-    if undeclared:
-        raise PermanentJobError(
-            f"report {run.report!r} has no parameter {', '.join(undeclared)}; a payload may only "
-            f"override declared ones: {', '.join(sorted(report.params)) or 'none'}"
-        )
-    values = {**report.params, **run.params}
+    report = configured_entry(configured, run.report, field="report", section="reports")
+    values = with_declared_params("report", run.report, report.params, run.params)
     query, args = bind(report.query, values)
     mailer = ctx.resource(Mailer)
     # The client waits a little longer than the server, so the server's timeout is what ends

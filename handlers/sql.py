@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import JobContext, PermanentJobError, Settings, handler, resource
 from daemon.config import SqlTaskConfig
+from handlers.entries import configured_entry, with_declared_params
 
 # `:name` but not the `::type` of a cast, nor inside what is not SQL code (see bind).
 PLACEHOLDER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
@@ -91,17 +92,11 @@ async def sql_tasks(settings: Settings) -> AsyncIterator[SqlTasks]:
 @handler("sql.batch", payload=RunTask)
 async def run_batches(ctx: JobContext, run: RunTask) -> dict[str, Any]:
     configured = ctx.resource(SqlTasks)
-    task = configured.tasks.get(run.task)
-    if task is None:
-        known = ", ".join(sorted(configured.tasks)) or "none configured"
-        raise PermanentJobError(f"no sql task {run.task!r} (known: {known}); see [sql_tasks]")
-    undeclared = sorted(set(run.params) - set(task.params))
-    if undeclared:
-        raise PermanentJobError(
-            f"task {run.task!r} has no parameter {', '.join(undeclared)}; a payload may only "
-            f"override declared ones: {', '.join(sorted(task.params)) or 'none'}"
-        )
-    values = {**task.params, **run.params, "batch_size": task.batch_size}
+    task = configured_entry(configured.tasks, run.task, field="task", section="sql_tasks")
+    values = {
+        **with_declared_params("sql task", run.task, task.params, run.params),
+        "batch_size": task.batch_size,
+    }
     statement, args = bind(task.statement, values)
     return await _run(ctx, run.task, task, statement, args, configured.database_url)
 

@@ -261,7 +261,7 @@ async def test_bad_tasks_and_payloads_fail_clearly_and_delete_nothing(
     row = await run(db, {"task": "nope"})
     assert row["state"] == "failed"
     assert row["last_error"] == (
-        "PermanentJobError: no file task 'nope' "
+        "PermanentJobError: task: 'nope' is not configured "
         "(known: careful, no_path, nowhere, scalar_ids); see [file_tasks]"
     )
     row = await run(db, {"task": "careful", "directory": "/"})

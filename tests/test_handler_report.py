@@ -249,13 +249,13 @@ async def test_params_override_and_an_empty_report_is_skipped(
     for payload, error in (
         (
             {"report": "low_stock_alert", "params": {"table": "users"}},
-            "PermanentJobError: report 'low_stock_alert' has no parameter table; a payload may "
-            "only override declared ones: threshold",
+            "PermanentJobError: params: report 'low_stock_alert' has no parameter 'table'; a "
+            "payload may only give values for declared ones: threshold",
         ),
         (
             {"report": "nope"},
-            "PermanentJobError: no report 'nope' (known: catalogue, daily_sales_report, "
-            "low_stock_alert); see [reports]",
+            "PermanentJobError: report: 'nope' is not configured (known: catalogue, "
+            "daily_sales_report, low_stock_alert); see [reports]",
         ),
         (
             {"report": "low_stock_alert", "query": "DELETE FROM products"},

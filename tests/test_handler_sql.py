@@ -64,7 +64,7 @@ async def test_payload_overrides_a_declared_parameter_only(
     await daemons.start(AUDIT_PURGE)
     row = await run(audit_logs, {"task": "audit_purge", "params": {"table": "users"}})
     assert row["state"] == "failed"
-    assert "task 'audit_purge' has no parameter table" in row["last_error"]
+    assert "params: sql task 'audit_purge' has no parameter 'table'" in row["last_error"]
     sneaky = {"task": "audit_purge", "statement": "DROP TABLE audit_logs"}
     row = await run(audit_logs, sneaky)
     assert row["state"] == "failed"
@@ -88,7 +88,8 @@ statement = "DELETE FROM no_such_table WHERE id < :batch_size"
     row = await run(db, {"task": "nope"})
     assert row["state"] == "failed"
     assert row["last_error"] == (
-        "PermanentJobError: no sql task 'nope' (known: audit_purge, broken); see [sql_tasks]"
+        "PermanentJobError: task: 'nope' is not configured (known: audit_purge, broken); "
+        "see [sql_tasks]"
     )
     row = await run(db, {"task": "broken"})
     assert row["state"] == "failed"
