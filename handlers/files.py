@@ -48,7 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from daemon import JobContext, PermanentJobError, Settings, handler, resource
 from daemon.config import FileTaskConfig
 from handlers.entries import configured_entry
-from handlers.sql import _coerce, bind, rows_touched
+from handlers.params import bind, coerce
+from handlers.sql import rows_touched
 
 NAMED = 20  # paths named per job: refused ones in the result, problems in the log
 T = TypeVar("T")
@@ -460,7 +461,8 @@ async def _prepare(
             )
     if what == "delete_statement" and IDS not in args:
         raise PermanentJobError(f"task {name!r}: delete_statement must use :ids in its SQL")
-    return prepared, [_coerce(name, v, t.name) for v, t in zip(args, types, strict=True)]
+    label = f"task {name!r}"
+    return prepared, [coerce(label, v, t.name) for v, t in zip(args, types, strict=True)]
 
 
 async def _execute(name: str, what: str, prepared: Any, args: list[Any]) -> list[asyncpg.Record]:

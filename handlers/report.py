@@ -29,7 +29,7 @@ from daemon import JobContext, PermanentJobError, Settings, handler, resource
 from daemon.config import ReportConfig
 from handlers.email import Mailer, SendEmail
 from handlers.entries import configured_entry, with_declared_params
-from handlers.sql import bind
+from handlers.params import bind, typed_args
 
 # The email job of a report job carries its id here (in stoker.jobs.meta, then job_history's).
 REPORT_JOB_KEY = "report_job_id"
@@ -176,13 +176,7 @@ async def _read(
     await conn.execute("SET LOCAL transaction_read_only = on", timeout=wait)
     try:
         statement = await conn.prepare(query, timeout=wait)
-        types = statement.get_parameters()
-        if len(types) != len(args):
-            raise PermanentJobError(
-                f"report {name!r}: the query has {len(types)} parameters but {len(args)} "
-                "placeholders were bound; write parameters only as :name"
-            )
-        args = [coerce(name, v, t.name) for v, t in zip(args, types, strict=True)]
+        args = typed_args(f"report {name!r}", statement.get_parameters(), args)
         columns = [attribute.name for attribute in statement.get_attributes()]
         doubled = sorted({c for c in columns if columns.count(c) > 1})
         if doubled:
@@ -312,48 +306,6 @@ def json_safe(value: Any, column: str) -> Any:
     if isinstance(value, Mapping | asyncpg.Record):  # jsonb (decoded), composite types
         return {str(key): json_safe(item, column) for key, item in value.items()}
     return str(value)  # ranges, geometric types, money...: their text form
-
-
-INTEGERS = {"int2", "int4", "int8", "oid"}
-FLOATS = {"float4", "float8"}
-TRUE = {"1", "true", "t", "yes", "y", "on"}
-FALSE = {"0", "false", "f", "no", "n", "off"}
-
-
-def coerce(report: str, value: Any, type_name: str) -> Any:
-    """Give PostgreSQL the type it asked for: values from the environment and from JSON
-    payloads arrive as text (a day as "2026-11-30", a number as "5")."""
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    try:
-        if type_name in INTEGERS:
-            return int(text)
-        if type_name in FLOATS:
-            return float(text)
-        if type_name == "numeric":
-            return Decimal(text)
-        if type_name == "bool":
-            if text.lower() not in TRUE | FALSE:
-                raise ValueError(text)
-            return text.lower() in TRUE
-        if type_name == "date":
-            return dt.date.fromisoformat(text)
-        if type_name == "timestamp":
-            return dt.datetime.fromisoformat(text)
-        if type_name == "timestamptz":
-            moment = dt.datetime.fromisoformat(text)
-            if moment.tzinfo is None:  # whose midnight? say it
-                raise PermanentJobError(
-                    f"report {report!r}: parameter value {value!r} has no time zone; "
-                    "write e.g. 2026-11-30T18:00:00+00:00"
-                )
-            return moment
-    except (ValueError, ArithmeticError) as exc:
-        raise PermanentJobError(
-            f"report {report!r}: parameter value {value!r} is not a valid {type_name}"
-        ) from exc
-    return value
 
 
 __all__ = ["Reports", "RunReport", "json_safe", "run_report"]

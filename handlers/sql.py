@@ -10,12 +10,10 @@ tables for long."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -24,18 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from daemon import JobContext, PermanentJobError, Settings, handler, resource
 from daemon.config import SqlTaskConfig
 from handlers.entries import configured_entry, with_declared_params
-
-# `:name` but not the `::type` of a cast, nor inside what is not SQL code (see bind).
-PLACEHOLDER = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
-NOT_CODE = re.compile(
-    r"--[^\n]*"  # line comment
-    r"|/\*.*?\*/"  # block comment
-    r"|\$([A-Za-z_]\w*|)\$.*?\$\1\$"  # dollar-quoted string
-    r"|[Ee]'(?:[^'\\]|\\.|'')*'"  # E'' string with backslash escapes
-    r"|'(?:[^']|'')*'"  # string
-    r"|\"(?:[^\"]|\"\")*\"",  # quoted identifier
-    re.DOTALL,
-)
+from handlers.params import bind, typed_args
 
 
 @dataclass(frozen=True)
@@ -50,31 +37,6 @@ class RunTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: str = Field(min_length=1)
     params: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-
-
-def bind(statement: str, values: dict[str, Any]) -> tuple[str, list[Any]]:
-    """Turn `:name` placeholders into `$n` and the matching list of values."""
-    order: list[str] = []
-
-    def number(match: re.Match[str]) -> str:
-        name = match[1]
-        if name not in values:
-            raise PermanentJobError(
-                f"the statement uses :{name}, which is not a declared parameter "
-                f"(declare it under params, or use one of: {', '.join(sorted(values))})"
-            )
-        if name not in order:
-            order.append(name)
-        return f"${order.index(name) + 1}"
-
-    parts: list[str] = []
-    last = 0
-    for quoted in NOT_CODE.finditer(statement):  # leave strings and comments alone
-        parts.append(PLACEHOLDER.sub(number, statement[last : quoted.start()]))
-        parts.append(quoted[0])
-        last = quoted.end()
-    parts.append(PLACEHOLDER.sub(number, statement[last:]))
-    return "".join(parts), [values[name] for name in order]
 
 
 def rows_touched(status: str) -> int:
@@ -124,13 +86,7 @@ async def _run(
             prepared = await conn.prepare(statement)
         except (asyncpg.SyntaxOrAccessError, asyncpg.DataError) as exc:
             raise PermanentJobError(f"task {name!r}: {type(exc).__name__}: {exc}") from exc
-        types = prepared.get_parameters()
-        if len(types) != len(args):
-            raise PermanentJobError(
-                f"task {name!r}: the statement has {len(types)} parameters but {len(args)} "
-                "placeholders were bound; write parameters only as :name"
-            )
-        args = [_coerce(name, v, t.name) for v, t in zip(args, types, strict=True)]
+        args = typed_args(f"task {name!r}", prepared.get_parameters(), args)
         while task.max_batches is None or batches < task.max_batches:
             try:
                 await prepared.fetch(*args)
@@ -150,25 +106,3 @@ async def _run(
     elapsed = time.monotonic() - started
     ctx.log.info("sql task %s: %d rows in %d batches, %.1fs", name, total, batches, elapsed)
     return {"task": name, "rows": total, "batches": batches, "seconds": round(elapsed, 3)}
-
-
-INTEGERS = {"int2", "int4", "int8", "oid"}
-FLOATS = {"float4", "float8"}
-
-
-def _coerce(task: str, value: Any, type_name: str) -> Any:
-    """Values from the environment arrive as text: give PostgreSQL the type it asked for."""
-    if not isinstance(value, str):
-        return value
-    try:
-        if type_name in INTEGERS:
-            return int(value)
-        if type_name in FLOATS or type_name == "numeric":
-            return float(value) if type_name in FLOATS else Decimal(value)
-        if type_name == "bool":
-            return value.strip().lower() in ("1", "true", "yes", "on")
-    except (ValueError, ArithmeticError) as exc:
-        raise PermanentJobError(
-            f"task {task!r}: parameter value {value!r} is not a valid {type_name}"
-        ) from exc
-    return value

@@ -26,7 +26,8 @@ from daemon.config import EmailConfig, ReportConfig
 from daemon.errors import PermanentJobError
 from daemon.store.db import init_connection
 from handlers.email import Mailer
-from handlers.report import LOCK, Reports, RunReport, coerce, json_safe, run_report
+from handlers.params import coerce
+from handlers.report import LOCK, Reports, RunReport, json_safe, run_report
 from tests.conftest import REPO, DaemonFactory, eventually, finished
 
 TEMPLATES = REPO / "deploy" / "templates"

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from daemon.errors import PermanentJobError
-from handlers.sql import bind
+from handlers.params import bind
 from tests.conftest import DaemonFactory, finished
 
 AUDIT_PURGE = """
