@@ -231,21 +231,20 @@ class DaemonFactory:
         return env
 
     async def start(self, body: str, *, wait_ready: bool = True, **env: str) -> DaemonProcess:
-        index = len(self.started)
-        config = self.write_config(body, f"stoker-{index}.toml")
-        log_path = self.tmp / f"daemon-{index}.log"
+        config = self.write_config(body, f"stoker-{len(self.started)}.toml")
+        return await self.start_files([config], wait_ready=wait_ready, **env)
+
+    async def start_files(
+        self, configs: list[Path], *, wait_ready: bool = True, **env: str
+    ) -> DaemonProcess:
+        """`stoker --config A --config B ... run`: the files layered as given."""
+        log_path = self.tmp / f"daemon-{len(self.started)}.log"
+        argv = [sys.executable, "-m", "daemon"]
+        for config in configs:
+            argv += ["--config", str(config)]
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "daemon",
-                    "--config",
-                    str(config),
-                    "run",
-                    "--log-format",
-                    "json",
-                ],
+                [*argv, "run", "--log-format", "json"],
                 cwd=REPO,
                 env=self.env(**env),
                 stdout=log_file,

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import asyncpg
 import pytest
 
 from daemon.config import Settings, load_settings
-from tests.conftest import REPO, eventually
+from tests.conftest import REPO, DaemonFactory, eventually
 
 CATALOGUE = REPO / "deploy" / "stoker.toml"
 DEMO = REPO / "deploy" / "demo.toml"
@@ -134,66 +133,18 @@ async def demo_db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-class CatalogueDaemon:
-    """`stoker --config deploy/stoker.toml --config deploy/demo.toml [--config extra] run`,
-    stopped by its PID at teardown."""
-
-    def __init__(self, dsn: str, tmp: Path) -> None:
-        self.dsn, self.tmp = dsn, tmp
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = tmp / "daemon.log"
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("STOKER_", "WISHLIST"))}
-        env.update(
-            DATABASE_URL=self.dsn,
-            DEMO_DIR=str(self.tmp / "demo"),
-            PYTHONPATH=str(REPO),
-            STOKER_HTTP__PORT="0",
-            STOKER_EMAIL__OUTBOX=str(self.tmp / "outbox"),
-        )
-        return env
-
-    def make_files(self) -> None:
-        subprocess.run(
-            [sys.executable, "deploy/demo/make_files.py", str(self.tmp / "demo")],
-            cwd=REPO,
-            env=self.env(),
-            check=True,
-            timeout=60,
-        )
-
-    def start(self, extra: str) -> None:
-        layer = self.tmp / "test-layer.toml"
-        layer.write_text(extra)
-        argv = [sys.executable, "-m", "daemon"]
-        for path in (CATALOGUE, DEMO, layer):
-            argv += ["--config", str(path)]
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [*argv, "run", "--log-format", "json"],
-                cwd=REPO,
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+def demo_environment(tmp: Path) -> dict[str, str]:
+    return {"DEMO_DIR": str(tmp / "demo"), "STOKER_EMAIL__OUTBOX": str(tmp / "outbox")}
 
 
-@pytest.fixture
-def catalogue_daemon(dsn: str, tmp_path: Path) -> Iterator[CatalogueDaemon]:
-    daemon = CatalogueDaemon(dsn, tmp_path)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+def make_demo_files(daemons: DaemonFactory) -> None:
+    subprocess.run(
+        [sys.executable, "deploy/demo/make_files.py", str(daemons.tmp / "demo")],
+        cwd=REPO,
+        env=daemons.env(**demo_environment(daemons.tmp)),
+        check=True,
+        timeout=60,
+    )
 
 
 async def all_done(db: asyncpg.Connection, ids: list[int], timeout: float = 60) -> dict[int, Any]:
@@ -210,14 +161,18 @@ async def all_done(db: asyncpg.Connection, ids: list[int], timeout: float = 60) 
 
 async def test_every_catalogue_job_does_its_work_on_the_demo_tables(
     demo_db: asyncpg.Connection,
-    catalogue_daemon: CatalogueDaemon,
+    daemons: DaemonFactory,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
     db = demo_db
-    catalogue_daemon.make_files()
+    make_demo_files(daemons)
     settings = catalogue(True, monkeypatch, tmp_path / "demo")
-    catalogue_daemon.start("run_scheduler = false\n")  # the test runs each job itself, once
+    layer = tmp_path / "test-layer.toml"
+    layer.write_text("run_scheduler = false\n")  # the test runs each job itself, once
+    daemon = await daemons.start_files(
+        [CATALOGUE, DEMO, layer], wait_ready=False, **demo_environment(tmp_path)
+    )
     ids: dict[str, int] = {}
     for name in SEED_JOBS:
         schedule = settings.schedules[name]
@@ -226,7 +181,7 @@ async def test_every_catalogue_job_does_its_work_on_the_demo_tables(
         )
     rows = await all_done(db, list(ids.values()), timeout=90)
     failed = {n: rows[i]["last_error"] for n, i in ids.items() if rows[i]["state"] != "succeeded"}
-    assert not failed, f"{failed}\n{catalogue_daemon.log()[-3000:]}"
+    assert not failed, f"{failed}\n{daemon.log()[-3000:]}"
 
     def result(name: str) -> dict[str, Any]:
         value: dict[str, Any] = rows[ids[name]]["result"]
@@ -279,5 +234,5 @@ async def test_every_catalogue_job_does_its_work_on_the_demo_tables(
     for report in ("low_stock_alert", "daily_sales_report"):
         email_job = result(report)["email_job_id"]
         assert email_job is not None, result(report)
-    stdout = catalogue_daemon.log()
+    stdout = daemon.log()
     assert "stale payments rechecked" in stdout  # the command's output, in the daemon's log

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import socket
 import ssl
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -18,54 +17,15 @@ import trustme
 from aiosmtpd.controller import Controller
 
 from tests.conftest import REPO, DaemonFactory, eventually, finished
+from tests.mailserver import Inbox, free_port, smtp_server
 
 TEMPLATES = REPO / "deploy" / "templates"
 
 
-class Inbox:
-    """An SMTP server's behaviour, scripted by the test: each DATA answers with the next reply."""
-
-    def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
-        self.attempted_ids: list[str] = []  # Message-ID of every DATA, accepted or not
-        self.replies: list[str] = []
-        self.refuse_rcpt: set[str] = set()
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any
-    ) -> str:
-        if address in self.refuse_rcpt:
-            return "550 5.1.1 no such mailbox here"
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        reply = self.replies.pop(0) if self.replies else "250 OK"
-        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        self.attempted_ids.append(str(parsed["Message-ID"]))
-        if reply.startswith("250"):
-            self.messages.append(parsed)
-        return reply
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def smtp() -> Iterator[tuple[Inbox, int]]:
-    inbox = Inbox()
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield inbox, port
-    finally:
-        controller.stop()
+    with smtp_server() as server:
+        yield server
 
 
 async def send(db: asyncpg.Connection, payload: dict[str, Any], **cols: Any) -> int:

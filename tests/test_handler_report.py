@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import email
-import email.policy
-import socket
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
-from email.message import EmailMessage
 from typing import Any
 
 import asyncpg
 import pytest
-from aiosmtpd.controller import Controller
 
 from daemon import JobContext
 from daemon.config import EmailConfig, ReportConfig
@@ -29,39 +24,15 @@ from handlers.email import Mailer
 from handlers.params import coerce
 from handlers.report import LOCK, Reports, RunReport, json_safe, run_report
 from tests.conftest import REPO, DaemonFactory, eventually, finished
+from tests.mailserver import Inbox, smtp_server
 
 TEMPLATES = REPO / "deploy" / "templates"
 
 
-class Inbox:
-    """An SMTP server that keeps every message it is given."""
-
-    def __init__(self) -> None:
-        self.messages: list[EmailMessage] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        self.messages.append(parsed)
-        return "250 OK"
-
-    def message(self, email_job_id: int) -> EmailMessage | None:
-        wanted = f"<stoker-job-{email_job_id}@stoker.local>"
-        return next((m for m in self.messages if m["Message-ID"] == wanted), None)
-
-
 @pytest.fixture
 def inbox() -> Iterator[tuple[Inbox, int]]:
-    box = Inbox()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    controller = Controller(box, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        yield box, port
-    finally:
-        controller.stop()
+    with smtp_server() as server:
+        yield server
 
 
 def config(port: int, extra: str = "") -> str:
