@@ -95,6 +95,8 @@ class ScheduleConfig(Strict):
     )
     overlap: Literal["skip", "allow"] = "skip"
     description: str = ""
+    # Called (GET) after each successful run: an outside monitor notices when runs stop.
+    ping_url: str | None = Field(None, pattern=r"^https?://", repr=False)
 
     @model_validator(mode="after")
     def _valid_cron(self) -> ScheduleConfig:

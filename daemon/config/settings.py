@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from daemon.config.alerts import AlertsConfig
 from daemon.config.builtins import (
     CommandConfig,
     EmailConfig,
@@ -73,6 +74,10 @@ class Settings(BaseSettings):
     commands: dict[str, CommandConfig] = Field(default_factory=dict)
     reports: dict[str, ReportConfig] = Field(default_factory=dict)
     file_tasks: dict[str, FileTaskConfig] = Field(default_factory=dict)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    ledger_retention_days: float = Field(
+        90.0, gt=0, description="the run ledger keeps every schedule's runs this long"
+    )
     # [handlers.NAME]: your own handlers' settings, each validated by the model its resource
     # factory declares (daemon.handler_config) when the daemon starts.
     handlers: dict[str, dict[str, Any]] = Field(default_factory=dict)
