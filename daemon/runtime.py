@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from datetime import datetime
+from functools import partial
 
 import asyncpg
 from aiohttp import web
@@ -274,7 +275,7 @@ class Runtime:
                         db,
                         retention_seconds=s.history_retention_days * 86_400,
                         stopping=self.stopping,
-                        also=[prune_ticks],
+                        also=[partial(prune_ticks, keep_days=s.ledger_retention_days)],
                     ),
                     name="stoker-purge",
                 ),

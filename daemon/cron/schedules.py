@@ -281,7 +281,8 @@ async def trigger(conn: asyncpg.Connection, schedule: Schedule) -> int:
     return job_id
 
 
-async def prune_ticks(conn: asyncpg.Connection | asyncpg.Pool, keep_days: float = 3) -> int:
+async def prune_ticks(conn: asyncpg.Connection | asyncpg.Pool, keep_days: float = 90) -> int:
+    """Drop ledger rows (and their fences) older than keep_days: ledger_retention_days."""
     status = await conn.execute(
         queries.PRUNE_TICKS,
         keep_days,
