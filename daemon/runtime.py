@@ -328,7 +328,11 @@ class Runtime:
                 tg.create_task(loop_lag_probe(self.health, self.finished), name="stoker-lag"),
                 tg.create_task(
                     sample_database(
-                        self.health, self.metrics, self.finished, s.http.depth_sample_interval
+                        self.health,
+                        self.metrics,
+                        self.finished,
+                        s.http.depth_sample_interval,
+                        schedules=s.schedules,
                     ),
                     name="stoker-sampler",
                 ),

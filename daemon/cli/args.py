@@ -235,6 +235,14 @@ def build_parser() -> Parser:
     add.add_argument("--description", type=utf8, default="")
     rm = ssub.add_parser("remove", help="delete a schedule from stoker.schedules")
     rm.add_argument("name", type=utf8)
+    hist = ssub.add_parser(
+        "history", help="a schedule's run ledger, newest first: every tick and run by hand"
+    )
+    hist.add_argument("name", type=utf8)
+    hist.add_argument("--limit", type=positive_int, default=50, help="how many (default 50)")
+    hist.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="one JSON object per line"
+    )
     trig = sub.add_parser("trigger", help="enqueue a schedule's job now (not counted as a tick)")
     trig.add_argument("name", type=utf8)
     return parser

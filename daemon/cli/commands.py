@@ -231,6 +231,8 @@ def cmd_schedules(
                 raise StokerError(f"no schedule named {args.name!r} in stoker.schedules")
             print(f"removed schedule {args.name}")
             return 0
+        if args.schedules_command == "history":
+            return await schedules_history(conn, settings, args)
         rows = await schedules.schedule_status(conn, settings.schedules)
         if args.json:
             for row in rows:
@@ -249,6 +251,9 @@ def cmd_schedules(
                 "-" if r["last_duration_s"] is None else f"{r['last_duration_s']:.1f}s",
                 r["fired"],
                 r["skipped"],
+                _when(r["last_success"]),
+                r["consecutive_failures"],
+                ",".join(f for f in ("late", "missed") if r[f]) or "-",
                 _when(r["next_tick"]),
             ]
             for r in rows
@@ -266,6 +271,9 @@ def cmd_schedules(
                     "TOOK",
                     "FIRED",
                     "SKIPPED",
+                    "LAST OK (UTC)",
+                    "FAILS",
+                    "FLAGS",
                     "NEXT TICK (UTC)",
                 ],
                 table,
@@ -274,6 +282,51 @@ def cmd_schedules(
         return 0
 
     return work
+
+
+def _known(exc: NotFound) -> StokerError:
+    known = ", ".join(exc.fields["known"]) or "none"
+    return StokerError(f"{exc} (known: {known})")
+
+
+async def schedules_history(
+    conn: asyncpg.Connection, settings: Settings, args: argparse.Namespace
+) -> int:
+    try:
+        runs = await schedules.schedule_history(conn, settings.schedules, args.name, args.limit)
+    except NotFound as exc:
+        raise _known(exc) from None
+    if args.json:
+        for run in runs:
+            print(json.dumps(_iso(run), default=str))
+        return 0
+    table = []
+    for r in runs:
+        note = r["reason"] or ""
+        if r["error"]:
+            note = f"{note}; error: {r['error']}" if note else f"error: {r['error']}"
+        table.append(
+            [
+                _when(r["tick"]),
+                r["status"],
+                r["job_id"] or "-",
+                r["state"] or "-",
+                _when(r["started_at"]),
+                "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
+                " ".join(note.split())[:100],
+            ]
+        )
+    print(
+        _table(
+            ["TICK (UTC)", "STATUS", "JOB", "STATE", "STARTED (UTC)", "TOOK", "REASON / ERROR"],
+            table,
+        )
+    )
+    return 0
+
+
+def _iso(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
 
 
 async def schedules_add(conn: asyncpg.Connection, args: argparse.Namespace) -> int:
@@ -309,10 +362,9 @@ def cmd_trigger(
 ) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
         try:
-            job_id = await schedules.trigger_schedule(conn, settings.schedules, args.name)
+            job_id = await schedules.trigger_schedule(conn, settings.schedules, args.name, by="cli")
         except NotFound as exc:
-            known = ", ".join(exc.fields["known"]) or "none"
-            raise StokerError(f"{exc} (known: {known})") from None
+            raise _known(exc) from None
         print(job_id)
         return 0
 

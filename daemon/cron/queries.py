@@ -31,10 +31,11 @@ FINGERPRINT = """
 SELECT count(*), max(updated_at), sum(xmin::text::bigint) FROM stoker.schedules
 """
 
+# Ticks $2 of schedule $1 that will never fire, outcome $3, each with its reason ($4).
 RECORD_SKIPPED = """
 WITH new AS (
-    INSERT INTO stoker.schedule_ticks (schedule, tick, outcome)
-    SELECT $1, t, $3 FROM unnest($2::timestamptz[]) AS t
+    INSERT INTO stoker.schedule_ticks (schedule, tick, outcome, reason)
+    SELECT $1, t, $3, r FROM unnest($2::timestamptz[], $4::text[]) AS u(t, r)
     ON CONFLICT DO NOTHING RETURNING 1)
 SELECT count(*) FROM new
 """
@@ -52,21 +53,32 @@ ON CONFLICT (name) DO UPDATE SET
 """
 
 # The fence: one row per (schedule, tick) ever. A tick whose row exists was handled, by this
-# process or another that believed it led.
+# process or another that believed it led. $3: fired late by a catch-up, $4 saying how late.
 CLAIM_TICK = """
-INSERT INTO stoker.schedule_ticks (schedule, tick, outcome)
-VALUES ($1, $2, 'fired') ON CONFLICT DO NOTHING RETURNING true
+INSERT INTO stoker.schedule_ticks (schedule, tick, outcome, caught_up, reason)
+VALUES ($1, $2, 'fired', $3, $4) ON CONFLICT DO NOTHING RETURNING true
 """
 
 PREVIOUS_RUN_GOING = """
-SELECT j.id FROM stoker.schedule_state s
+SELECT j.id, j.state::text AS state FROM stoker.schedule_state s
  JOIN stoker.jobs j ON j.id = s.last_job_id
 WHERE s.name = $1 AND j.state IN ('queued', 'active')
 """
 
+# The job still running is named in the reason, not kept in job_id: job_id is the row's own
+# job, whose end the ledger trigger copies into the row.
 TICK_SKIPPED_OVERLAP = """
-UPDATE stoker.schedule_ticks SET outcome = 'skipped_overlap', job_id = $3
+UPDATE stoker.schedule_ticks SET outcome = 'skipped_overlap', caught_up = false, reason = $3
 WHERE schedule = $1 AND tick = $2
+"""
+
+NOW = "SELECT now()"
+
+# A run by hand: a ledger row at the moment it was asked for ($2, never a whole second, so it
+# never takes the place of a tick), which no fence of a tick ever meets.
+RECORD_MANUAL = """
+INSERT INTO stoker.schedule_ticks (schedule, tick, outcome, job_id, reason)
+VALUES ($1, $2, 'manual', $3, $4) ON CONFLICT DO NOTHING RETURNING true
 """
 
 TICK_JOB = """
@@ -95,7 +107,8 @@ DELETE FROM stoker.schedule_ticks WHERE created_at < now() - make_interval(days 
 
 STATUS = """
 SELECT s.*, j.state::text AS job_state, j.started_at, j.finished_at,
-     (SELECT t.tick FROM stoker.schedule_ticks t WHERE t.schedule = s.name
+     (SELECT t.tick FROM stoker.schedule_ticks t
+       WHERE t.schedule = s.name AND t.outcome <> 'manual'
        ORDER BY t.tick DESC LIMIT 1) AS recorded_tick
 FROM stoker.schedule_state s
 LEFT JOIN stoker.all_jobs j ON j.id = s.last_job_id
@@ -104,16 +117,117 @@ LEFT JOIN stoker.all_jobs j ON j.id = s.last_job_id
 SAVE_SCHEDULE = """
 INSERT INTO stoker.schedules (name, cron, timezone, kind, queue, payload, meta,
                               enabled, catch_up, max_catch_up, overlap, description,
-                              skip_grace)
+                              skip_grace, ping_url)
 VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7::text::jsonb, $8, $9, $10, $11, $12,
-        $13)
+        $13, $14)
 ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, timezone = excluded.timezone,
     kind = excluded.kind, queue = excluded.queue, payload = excluded.payload,
     meta = excluded.meta, enabled = excluded.enabled, catch_up = excluded.catch_up,
     max_catch_up = excluded.max_catch_up, overlap = excluded.overlap,
-    description = excluded.description, skip_grace = excluded.skip_grace
+    description = excluded.description, skip_grace = excluded.skip_grace,
+    ping_url = excluded.ping_url
 """
 
 DELETE_SCHEDULE = """
 DELETE FROM stoker.schedules WHERE name = $1
+"""
+
+# -- the run ledger: reading it ----------------------------------------------------------------
+
+# A ledger row's run as it stands: a run (fired or by hand) is read from its job while the job
+# is in stoker.jobs (queued, active, or a finished outcome parked there), else from what the
+# ledger trigger copied when it finished, else (rows from before the ledger kept it) from
+# stoker.job_history. Skipped and missed rows have no run: their job_id, if an old row has
+# one, was the job that was still running.
+_RUN_JOINS = """
+  LEFT JOIN stoker.jobs j
+         ON t.outcome IN ('fired', 'manual') AND j.id = t.job_id
+  LEFT JOIN stoker.job_history h
+         ON t.outcome IN ('fired', 'manual') AND t.state IS NULL AND j.id IS NULL
+        AND h.id = t.job_id"""
+_RUN = "t.outcome IN ('fired', 'manual')"
+_STATE = f"CASE WHEN {_RUN} THEN coalesce(j.state::text, t.state, h.state::text) END"
+_STARTED = (
+    f"CASE WHEN NOT {_RUN} THEN NULL WHEN j.id IS NOT NULL THEN j.started_at "
+    "ELSE coalesce(t.started_at, h.started_at) END"
+)
+_FINISHED = (
+    f"CASE WHEN NOT {_RUN} THEN NULL "
+    "WHEN j.id IS NOT NULL THEN CASE WHEN j.state IN ('succeeded', 'failed') THEN j.updated_at END "
+    "ELSE coalesce(t.finished_at, h.finished_at) END"
+)
+_ERROR = (
+    f"CASE WHEN NOT {_RUN} THEN NULL WHEN j.id IS NOT NULL THEN left(j.last_error, 2000) "
+    "ELSE coalesce(t.error, left(h.last_error, 2000)) END"
+)
+_RESULT = (
+    f"CASE WHEN NOT {_RUN} THEN NULL WHEN j.id IS NOT NULL THEN NULL "
+    "ELSE coalesce(t.result, CASE WHEN length(h.result::text) <= 2000 THEN h.result END) END"
+)
+
+# One schedule's ledger, newest first: $2 a tick to page from (exclusive), $3 how many.
+# Served by schedule_ticks_schedule_tick_idx.
+HISTORY = f"""
+SELECT t.tick, t.outcome, t.caught_up, t.reason,
+       CASE WHEN {_RUN} THEN t.job_id END AS job_id,
+       {_STATE} AS state, {_STARTED} AS started_at, {_FINISHED} AS finished_at,
+       {_ERROR} AS error, {_RESULT} AS result
+  FROM stoker.schedule_ticks t
+  {_RUN_JOINS}
+ WHERE t.schedule = $1 AND ($2::timestamptz IS NULL OR t.tick < $2)
+ ORDER BY t.tick DESC
+ LIMIT $3
+"""
+
+HAS_LEDGER = """
+SELECT EXISTS (SELECT 1 FROM stoker.schedule_ticks WHERE schedule = $1)
+"""
+
+# How many runs back the health of a schedule looks for its last success: a bound on what one
+# sample reads for a schedule that has failed for a long time.
+HEALTH_WINDOW = 10_000
+
+# Each schedule's health in one statement, for `stoker schedules`, the admin API and the
+# metrics sampler: the last success, the failures since, the newest row's outcome, and the
+# newest fired tick with its job. Every lookup walks (schedule, tick DESC) from the newest row
+# and stops early: at the first success, the first row, the first fired tick. $1 the schedules
+# asked for; with $2 also every row of stoker.schedules not among them (with its timetable).
+HEALTH = f"""
+WITH s AS (
+    SELECT n.name, NULL::text AS cron, NULL::text AS timezone, NULL::boolean AS enabled,
+           NULL::timestamptz AS timetable_changed_at
+      FROM unnest($1::text[]) AS n(name)
+    UNION ALL
+    SELECT d.name, d.cron, d.timezone, d.enabled,
+           coalesce(d.timetable_changed_at, d.created_at)
+      FROM stoker.schedules d
+     WHERE $2 AND d.name <> ALL($1::text[])
+)
+SELECT s.*, now() AS now, st.last_tick AS cursor, st.timetable AS saved_timetable,
+       ok.tick AS success_tick, ok.finished_at AS last_success,
+       (SELECT count(*) FROM (
+            SELECT {_STATE} AS state FROM stoker.schedule_ticks t {_RUN_JOINS}
+             WHERE t.schedule = s.name AND {_RUN}
+               AND t.tick > coalesce(ok.tick, '-infinity')
+             ORDER BY t.tick DESC LIMIT {HEALTH_WINDOW}) f
+         WHERE f.state = 'failed') AS consecutive_failures,
+       newest.outcome AS newest_outcome,
+       fired.tick AS fired_tick, fired.state AS fired_state, fired.started_at AS fired_started_at
+  FROM s
+  LEFT JOIN stoker.schedule_state st ON st.name = s.name
+  LEFT JOIN LATERAL (
+      SELECT w.tick, w.finished_at FROM (
+          SELECT t.tick, {_STATE} AS state, {_FINISHED} AS finished_at
+            FROM stoker.schedule_ticks t {_RUN_JOINS}
+           WHERE t.schedule = s.name AND {_RUN}
+           ORDER BY t.tick DESC LIMIT {HEALTH_WINDOW}) w
+       WHERE w.state = 'succeeded' LIMIT 1) ok ON true
+  LEFT JOIN LATERAL (
+      SELECT t.outcome FROM stoker.schedule_ticks t
+       WHERE t.schedule = s.name ORDER BY t.tick DESC LIMIT 1) newest ON true
+  LEFT JOIN LATERAL (
+      SELECT t.tick, j.state::text AS state, j.started_at
+        FROM stoker.schedule_ticks t LEFT JOIN stoker.jobs j ON j.id = t.job_id
+       WHERE t.schedule = s.name AND t.outcome = 'fired'
+       ORDER BY t.tick DESC LIMIT 1) fired ON true
 """

@@ -1,9 +1,11 @@
 """Schedules from the configuration and from `stoker.schedules`, their state, firing a tick,
-manual triggers and status. Used by the scheduler, the CLI and (later) the HTTP API."""
+manual triggers, the run ledger and status. Used by the scheduler, daemon/operate (the CLI and
+the admin API) and the metrics sampler."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,6 +28,13 @@ SkipReason = Literal["skipped_overlap", "skipped_catch_up"]
 # A leader back after weeks must not write millions of rows for an every-second schedule: of the
 # ticks one catch-up passes over, the newest this many are recorded (all are counted in the log).
 MAX_RECORDED_SKIPS = 1000
+# A tick fired more than this many seconds after it was due is recorded as caught up (as is
+# every tick fired by a pass that found more than one tick of its schedule due): the leader
+# wakes for a tick within milliseconds, so later than this means nobody fired it in time.
+CAUGHT_UP_AFTER = 1.0
+# A schedule is late when its newest fired tick's job has not started this many seconds after
+# the tick, or when its next tick is this overdue and no leader has handled it.
+LATE_AFTER = 60.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,8 @@ class Schedule:
     skip_grace: float = 60.0
     # db schedules: no tick from before this fires (cron or zone edited, or enabled again).
     timetable_changed_at: datetime | None = None
+    # called after each successful run (daemon/alerts); part of equality, so an edit reloads
+    ping_url: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, name: str, cfg: ScheduleConfig) -> Schedule:
@@ -63,6 +74,7 @@ class Schedule:
             overlap=cfg.overlap,
             description=cfg.description,
             skip_grace=cfg.skip_grace,
+            ping_url=cfg.ping_url,
         )
 
     @classmethod
@@ -83,12 +95,13 @@ class Schedule:
             updated_at=row["updated_at"],
             skip_grace=row["skip_grace"],
             timetable_changed_at=row["timetable_changed_at"] or row["created_at"],
+            ping_url=row.get("ping_url"),
         )
 
     @property
     def timetable(self) -> str:
         """What decides which ticks are due; when it changes, the cursor starts afresh."""
-        return f"{self.spec.expr}|{self.spec.timezone}|{'on' if self.enabled else 'off'}"
+        return timetable(self.spec.expr, self.spec.timezone, self.enabled)
 
     def plan(self, cursor: datetime, now: datetime) -> tuple[list[datetime], list[datetime]]:
         """Of the ticks after `cursor` up to `now`: those to fire, as the catch-up policy says,
@@ -106,6 +119,27 @@ class Schedule:
         if self.spec.next_after(cursor) > before:
             return due, []
         return due, self.spec.latest_ticks(cursor, before, MAX_RECORDED_SKIPS)
+
+    def missed_reason(self, tick: datetime, now: datetime, due: list[datetime]) -> str:
+        """Why a tick the catch-up `plan` passed over at `now` never fires (`due`: the ticks
+        that pass fires), for its ledger row."""
+        late = (now - tick).total_seconds()
+        why = f"missed: no leader fired it in time ({late:.1f}s late); "
+        if self.catch_up == "skip" and not due:
+            return why + (
+                f"catch_up = skip fires no tick more than skip_grace = {self.skip_grace:g}s late"
+            )
+        if self.catch_up == "all":
+            return why + (
+                f"catch_up = all fires only the newest max_catch_up = {self.max_catch_up} "
+                "missed ticks"
+            )
+        newest = f" ({due[-1].isoformat()})" if due else ""
+        return why + f"catch_up = {self.catch_up} fires only the newest missed tick{newest}"
+
+
+def timetable(expr: str, timezone: str, enabled: bool) -> str:
+    return f"{expr}|{timezone}|{'on' if enabled else 'off'}"
 
 
 # bool before int: True is an int too.
@@ -180,16 +214,27 @@ async def schedules_fingerprint(conn: asyncpg.Connection) -> tuple[object, ...]:
 
 
 async def skip_ticks(
-    conn: asyncpg.Connection, schedule: Schedule, ticks: list[datetime], reason: SkipReason
+    conn: asyncpg.Connection,
+    schedule: Schedule,
+    ticks: list[datetime],
+    reason: SkipReason,
+    reasons: list[str] | None = None,
 ) -> int:
-    """Record ticks that will never fire, and move the cursor past them; returns how many
-    were not recorded before (a tick another leader already handled keeps its record)."""
+    """Record ticks that will never fire, each with its reason for the ledger (`reasons`, else
+    one said here), and move the cursor past them; returns how many were not recorded before
+    (a tick another leader already handled keeps its record)."""
     async with conn.transaction():
+        if reasons is None:
+            why = "missed: no leader fired it in time"
+            if reason == "skipped_overlap":
+                why = overlap_reason(await conn.fetchrow(queries.PREVIOUS_RUN_GOING, schedule.name))
+            reasons = [why] * len(ticks)
         recorded: int = await conn.fetchval(
             queries.RECORD_SKIPPED,
             schedule.name,
             ticks,
             reason,
+            reasons,
         )
         await conn.execute(
             queries.COUNT_SKIPPED,
@@ -200,28 +245,50 @@ async def skip_ticks(
     return recorded
 
 
+def overlap_reason(running: asyncpg.Record | None) -> str:
+    if running is None:
+        return "skipped: the previous run was still going when its catch-up batch began"
+    return (
+        f"skipped: the previous run, job {running['id']}, was still {running['state']} "
+        "(overlap = skip)"
+    )
+
+
 def tick_key(name: str, tick: datetime) -> str:
     return f"cron:{name}:{tick.astimezone(UTC).isoformat()}"
 
 
 async def fire(
-    conn: asyncpg.Connection, schedule: Schedule, tick: datetime, *, first_of_batch: bool = True
+    conn: asyncpg.Connection,
+    schedule: Schedule,
+    tick: datetime,
+    *,
+    first_of_batch: bool = True,
+    now: datetime | None = None,
+    catching_up: bool = False,
 ) -> FireResult:
     """Enqueue the job of one tick, at most once ever (the tick row is the fence).
 
     With overlap "skip" the tick is skipped while the previous run is still queued or active.
     Catch-up fires several ticks in one batch: only the first is checked, so the batch does not
-    skip its own jobs (a skipped first tick makes the caller skip the rest)."""
+    skip its own jobs (a skipped first tick makes the caller skip the rest).
+
+    `now` is the pass's time: a tick fired more than CAUGHT_UP_AFTER after it was due, or by a
+    pass that found several ticks due (`catching_up`), is recorded as caught up."""
+    late = 0.0 if now is None else max(0.0, (now - tick).total_seconds())
+    caught_up = now is not None and (catching_up or late > CAUGHT_UP_AFTER)
     async with conn.transaction():
         won = await conn.fetchval(
             queries.CLAIM_TICK,
             schedule.name,
             tick,
+            caught_up,
+            f"caught up: fired {late:.1f}s late" if caught_up else None,
         )
         if not won:
             return "duplicate"
         if schedule.overlap == "skip" and first_of_batch:
-            running = await conn.fetchval(
+            running = await conn.fetchrow(
                 queries.PREVIOUS_RUN_GOING,
                 schedule.name,
             )
@@ -230,7 +297,7 @@ async def fire(
                     queries.TICK_SKIPPED_OVERLAP,
                     schedule.name,
                     tick,
-                    running,
+                    overlap_reason(running),
                 )
                 await conn.execute(queries.COUNT_SKIPPED, schedule.name, tick, 1)
                 return "skipped"
@@ -268,8 +335,11 @@ async def _enqueue(
     return job_id
 
 
-async def trigger(conn: asyncpg.Connection, schedule: Schedule) -> int:
-    """Enqueue a run now, outside the schedule: not a tick, so the cursor does not move."""
+async def trigger(conn: asyncpg.Connection, schedule: Schedule, by: str = "cli") -> int:
+    """Enqueue a run now, outside the schedule: not a tick, so the cursor does not move. The
+    ledger records it (outcome 'manual', reason "by hand: <by>") at the database's now(),
+    moved off a whole second: ticks fall on whole seconds, so a run by hand never holds the
+    fence of a tick."""
     async with conn.transaction():
         meta = {**schedule.meta, "schedule": schedule.name, "trigger": "manual"}
         job_id = await _enqueue(conn, schedule, meta, None)
@@ -278,6 +348,14 @@ async def trigger(conn: asyncpg.Connection, schedule: Schedule) -> int:
             schedule.name,
             job_id,
         )
+        at: datetime = await conn.fetchval(queries.NOW)
+        for _ in range(1000):  # another run by hand in the same microsecond: the next one
+            if at.microsecond == 0:
+                at += timedelta(microseconds=1)
+            why = f"by hand: {by}"
+            if await conn.fetchval(queries.RECORD_MANUAL, schedule.name, at, job_id, why):
+                break
+            at += timedelta(microseconds=1)
     return job_id
 
 
@@ -296,9 +374,11 @@ async def status(
     """One row per schedule: what `stoker schedules` and the admin API show."""
     schedules = await load_schedules(conn, configured)
     state = {r["name"]: r for r in await conn.fetch(queries.STATUS)}
+    healths = await health(conn, schedules)
     rows = []
     for name, sched in sorted(schedules.items()):
         st = state.get(name)
+        well = healths[name]
         duration = None
         if st and st["started_at"] and st["finished_at"]:
             duration = (st["finished_at"] - st["started_at"]).total_seconds()
@@ -319,9 +399,145 @@ async def status(
                 "skipped": st["skipped"] if st else 0,
                 "next_tick": _next(sched, now),
                 "description": sched.description,
+                "last_success": well.last_success,
+                "consecutive_failures": well.consecutive_failures,
+                "late": well.late,
+                "missed": well.missed,
             }
         )
     return rows
+
+
+# -- the run ledger ----------------------------------------------------------------------------
+
+# A ledger row's outcome as a person reads it; a fired row that was caught up is "caught_up".
+RUN_STATUS = {
+    "fired": "fired",
+    "skipped_overlap": "skipped",
+    "skipped_catch_up": "missed",
+    "manual": "manual",
+}
+
+
+async def ledger(
+    conn: asyncpg.Connection, name: str, *, limit: int, before: datetime | None = None
+) -> list[dict[str, Any]]:
+    """A schedule's ledger, newest first: one entry per tick (and per run by hand) with its
+    job's state, start, finish, duration and error; `before` a tick, for the next page."""
+    rows = await conn.fetch(queries.HISTORY, name, before, limit)
+    return [ledger_entry(r) for r in rows]
+
+
+def ledger_entry(row: asyncpg.Record) -> dict[str, Any]:
+    status = RUN_STATUS.get(row["outcome"], row["outcome"])
+    if status == "fired" and row["caught_up"]:
+        status = "caught_up"
+    started, finished = row["started_at"], row["finished_at"]
+    return {
+        "tick": row["tick"],
+        "status": status,
+        "reason": row["reason"],
+        "job_id": row["job_id"],
+        "state": row["state"],
+        "started_at": started,
+        "finished_at": finished,
+        "duration_s": (finished - started).total_seconds() if started and finished else None,
+        "error": row["error"],
+    }
+
+
+async def has_ledger(conn: asyncpg.Connection, name: str) -> bool:
+    found: bool = await conn.fetchval(queries.HAS_LEDGER, name)
+    return found
+
+
+# -- health: last success, failures in a row, late, missed ---------------------------------------
+
+
+@dataclass(frozen=True)
+class Health:
+    last_success: datetime | None  # when the newest succeeded run finished
+    consecutive_failures: int  # runs failed for good since then, newest first
+    late: bool  # a fired tick's job not started LATE_AFTER after it, or a tick that overdue
+    missed: bool  # the newest ledger row is a tick the catch-up policy passed over
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A schedule's health as the metrics sampler reads it, for every schedule at once."""
+
+    name: str
+    source: Literal["config", "db"]
+    enabled: bool
+    health: Health
+
+
+async def health(conn: asyncpg.Connection, schedules: dict[str, Schedule]) -> dict[str, Health]:
+    """The health of each of `schedules`, in one statement."""
+    rows = await conn.fetch(queries.HEALTH, list(schedules), False)
+    return {r["name"]: _judge(r, schedules[r["name"]]) for r in rows}
+
+
+async def sample_health(
+    conn: asyncpg.Connection | asyncpg.Pool, configured: dict[str, Schedule]
+) -> list[Sampled]:
+    """The health of the configured schedules and of every row of stoker.schedules (a
+    configured one wins a name), in one statement: what the metrics sampler reads."""
+    rows = await conn.fetch(queries.HEALTH, list(configured), True, timeout=10)
+    found = []
+    for r in rows:
+        sched = configured.get(r["name"])
+        if sched is None:
+            spec = _spec(r["cron"], r["timezone"])
+            if spec is None:
+                continue  # ignored by the leader too, with an error in its log
+            sched = Schedule(
+                name=r["name"],
+                source="db",
+                spec=spec,
+                kind="",
+                queue="",
+                enabled=r["enabled"],
+                timetable_changed_at=r["timetable_changed_at"],
+            )
+        found.append(Sampled(sched.name, sched.source, sched.enabled, _judge(r, sched)))
+    return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec(expr: str, timezone: str) -> CronSpec | None:
+    try:
+        return CronSpec(expr, timezone)
+    except ValueError:
+        return None
+
+
+def _judge(row: asyncpg.Record, schedule: Schedule) -> Health:
+    now: datetime = row["now"]
+    late = False
+    fired_tick = row["fired_tick"]
+    if fired_tick is not None and row["fired_state"] == "queued" and not row["fired_started_at"]:
+        late = (now - fired_tick).total_seconds() > LATE_AFTER
+    cursor = row["cursor"]
+    if schedule.timetable_changed_at is not None:
+        cursor = max(cursor or schedule.timetable_changed_at, schedule.timetable_changed_at)
+    if (
+        not late
+        and schedule.enabled
+        and cursor is not None
+        and row["saved_timetable"] in (None, schedule.timetable)
+    ):
+        try:
+            due = schedule.spec.next_after(cursor)
+        except ValueError:
+            due = None
+        late = due is not None and (now - due).total_seconds() > LATE_AFTER
+    return Health(
+        last_success=row["last_success"],
+        consecutive_failures=row["consecutive_failures"],
+        late=late,
+        missed=row["newest_outcome"] == "skipped_catch_up",
+    )
 
 
 def _next(schedule: Schedule, now: datetime) -> datetime | None:
@@ -349,6 +565,7 @@ async def save_schedule(
     overlap: str = "skip",
     description: str = "",
     skip_grace: float = 60.0,
+    ping_url: str | None = None,
 ) -> None:
     """Create or replace a user schedule in stoker.schedules; running daemons pick it up at once.
 
@@ -367,6 +584,7 @@ async def save_schedule(
         overlap=overlap,
         description=description,
         skip_grace=skip_grace,
+        ping_url=ping_url,
     )
     if not SCHEDULE_NAME.match(name):
         raise ValueError(f"schedule name {name!r} is not valid: use lowercase a-z 0-9 _ . : -")
@@ -385,6 +603,7 @@ async def save_schedule(
         cfg.overlap,
         cfg.description,
         cfg.skip_grace,
+        cfg.ping_url,
     )
 
 

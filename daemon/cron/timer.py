@@ -153,12 +153,22 @@ class Scheduler:
         name = schedule.name
         due, passed = schedule.plan(self.cursors[name], now)
         if passed:
-            await self._skip(conn, schedule, passed, "skipped_catch_up")
+            reasons = [schedule.missed_reason(t, now, due) for t in passed]
+            await self._skip(conn, schedule, passed, "skipped_catch_up", reasons)
+        # More than one tick due at once: nobody fired them in time, this pass catches up.
+        catching_up = len(due) + len(passed) > 1
         for i, tick in enumerate(due):
             if not self._leader.is_leader:
                 return
             async with self._leader.lock:
-                result = await fire(conn, schedule, tick, first_of_batch=i == 0)
+                result = await fire(
+                    conn,
+                    schedule,
+                    tick,
+                    first_of_batch=i == 0,
+                    now=now,
+                    catching_up=catching_up,
+                )
             self._count(schedule, tick, result)
             self.cursors[name] = tick
             if result == "skipped":
@@ -174,9 +184,10 @@ class Scheduler:
         schedule: Schedule,
         ticks: list[datetime],
         reason: SkipReason,
+        reasons: list[str] | None = None,
     ) -> None:
         async with self._leader.lock:
-            recorded = await skip_ticks(conn, schedule, ticks, reason)
+            recorded = await skip_ticks(conn, schedule, ticks, reason, reasons)
         self.cursors[schedule.name] = ticks[-1]
         if not recorded:
             return  # another leader recorded them already

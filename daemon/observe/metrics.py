@@ -53,6 +53,8 @@ class Snapshot:
     skipped_by_reason: Callable[[], dict[str, int]] = dict
     depth: dict[tuple[str, str], int] = field(default_factory=dict)  # (queue, state) -> jobs
     oldest_due: dict[str, float] = field(default_factory=dict)  # queue -> seconds
+    # schedule label -> (last success epoch or None, consecutive failures, late) (sampled)
+    schedule_health: dict[str, tuple[float | None, int, bool]] = field(default_factory=dict)
 
 
 class _Histogram:
@@ -217,6 +219,31 @@ class _StateCollector(Collector):
                 last.add_metric([name], last_tick)
         yield fired
         yield last
+        last_ok = GaugeMetricFamily(
+            "stoker_schedule_last_success_timestamp_seconds",
+            "When the newest succeeded run of the schedule finished (sampled; absent until one "
+            "has).",
+            labels=["schedule"],
+        )
+        failures = GaugeMetricFamily(
+            "stoker_schedule_consecutive_failures",
+            "Runs of the schedule failed for good since its last success (sampled).",
+            labels=["schedule"],
+        )
+        late = GaugeMetricFamily(
+            "stoker_schedule_late",
+            "1 if the schedule's newest fired tick has not started a minute after it was due, "
+            "or its next tick is a minute overdue (sampled).",
+            labels=["schedule"],
+        )
+        for name, (success, n_failed, is_late) in sorted(s.schedule_health.items()):
+            if success is not None:
+                last_ok.add_metric([name], success)
+            failures.add_metric([name], n_failed)
+            late.add_metric([name], int(is_late))
+        yield last_ok
+        yield failures
+        yield late
         skipped = CounterMetricFamily(
             "stoker_schedule_ticks_skipped",
             "Ticks not fired, by reason (skipped_overlap: the previous run still going; "

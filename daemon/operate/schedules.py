@@ -1,12 +1,14 @@
-"""Schedules as an operator sees them: their state, who leads, and a run now."""
+"""Schedules as an operator sees them: their state and health, who leads, a run now, and the
+run ledger (every tick and run by hand, newest first)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from daemon.config import ScheduleConfig
+from daemon.config import SCHEDULE_NAME, ScheduleConfig
 from daemon.cron import queries as cron_queries
 from daemon.cron import schedules
 from daemon.cron.leader import APPLICATION_PREFIX
@@ -16,8 +18,9 @@ from daemon.operate.errors import NotFound
 async def schedule_status(
     conn: asyncpg.Connection, configured: dict[str, ScheduleConfig]
 ) -> list[dict[str, Any]]:
-    """One row per schedule, next ticks counted from the database's clock."""
-    now = await conn.fetchval("SELECT now()")
+    """One row per schedule, next ticks counted from the database's clock; with its health:
+    last_success, consecutive_failures, late and missed."""
+    now = await conn.fetchval(cron_queries.NOW)
     return await schedules.status(conn, configured, now)
 
 
@@ -28,10 +31,39 @@ async def leader(conn: asyncpg.Connection) -> str | None:
 
 
 async def trigger_schedule(
-    conn: asyncpg.Connection, configured: dict[str, ScheduleConfig], name: str
+    conn: asyncpg.Connection, configured: dict[str, ScheduleConfig], name: str, by: str = "cli"
 ) -> int:
-    """Enqueue the schedule's job now, outside its timetable; the new job's id."""
+    """Enqueue the schedule's job now, outside its timetable; the new job's id. The ledger
+    records the run as 'manual', "by hand: <by>" (cli, api, ...)."""
     found = await schedules.load_schedules(conn, configured)
     if name not in found:
         raise NotFound(f"no schedule named {name!r}", name=name, known=sorted(found))
-    return await schedules.trigger(conn, found[name])
+    return await schedules.trigger(conn, found[name], by)
+
+
+async def schedule_history(
+    conn: asyncpg.Connection,
+    configured: dict[str, ScheduleConfig],
+    name: str,
+    limit: int,
+    before_tick: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """The schedule's run ledger, newest first, at most `limit` entries with a tick before
+    `before_tick` (the next page): tick, status (fired, caught_up, skipped, missed, manual),
+    reason, job_id, state, started_at, finished_at, duration_s, error. A schedule removed
+    since keeps its ledger until it is pruned, so its name is still known here."""
+    found = await schedules.load_schedules(conn, configured)
+    known = name in found or (
+        bool(SCHEDULE_NAME.match(name)) and await schedules.has_ledger(conn, name)
+    )
+    if not known:
+        raise NotFound(f"no schedule named {name!r}", name=name, known=sorted(found))
+    return await schedules.ledger(conn, name, limit=limit, before=before_tick)
+
+
+async def schedule_health(
+    db: asyncpg.Pool | asyncpg.Connection, configured: dict[str, schedules.Schedule]
+) -> list[schedules.Sampled]:
+    """Every schedule's health (configured ones, and every row of stoker.schedules), in one
+    statement: what the metrics sampler reads every few seconds."""
+    return await schedules.sample_health(db, configured)

@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -39,6 +39,8 @@ from daemon.web.admin_models import (
     QueueList,
     QueuePaused,
     Retried,
+    RunPage,
+    RunsQuery,
     ScheduleList,
 )
 from daemon.web.auth import CHALLENGE, REFUSALS, caller
@@ -178,14 +180,7 @@ class Api:
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         """Jobs, newest first; page with next_before."""
-        repeated = sorted({k for k in request.query if len(request.query.getall(k)) > 1})
-        if repeated:
-            fields = [{"loc": f"query.{k}", "msg": "given more than once"} for k in repeated]
-            raise ApiError(422, "invalid request", fields=fields)
-        try:
-            q = JobsQuery.model_validate(dict(request.query))
-        except ValidationError as exc:
-            raise _invalid("query", exc) from None
+        q = _query(request, JobsQuery)
         async with self.conn() as conn:
             rows = await jobs.list_jobs(
                 conn,
@@ -248,12 +243,41 @@ class Api:
         """Enqueue a schedule's job now (not a tick: the timetable is unchanged)."""
         name = request.match_info["name"]
         async with self.conn() as conn:
-            job_id = await schedules.trigger_schedule(conn, self.settings.schedules, name)
+            job_id = await schedules.trigger_schedule(
+                conn, self.settings.schedules, name, by="api (admin token)"
+            )
         return _json({"id": job_id}, 201)
+
+    async def schedule_runs(self, request: web.Request) -> web.Response:
+        """A schedule's run ledger, newest first; page with next_before."""
+        q = _query(request, RunsQuery)
+        name = request.match_info["name"]
+        async with self.conn() as conn:
+            runs = await schedules.schedule_history(
+                conn, self.settings.schedules, name, q.limit + 1, q.before
+            )
+        more = len(runs) > q.limit
+        page = runs[: q.limit]
+        # In UTC with a Z: a "+00:00" pasted unescaped into a query string would be a space.
+        after = None
+        if more:
+            after = page[-1]["tick"].astimezone(UTC).isoformat().replace("+00:00", "Z")
+        return _json({"runs": page, "next_before": after})
 
     async def openapi(self, request: web.Request) -> web.Response:
         """This document."""
         return _json(self.spec)
+
+
+def _query(request: web.Request, model: type[M]) -> M:
+    repeated = sorted({k for k in request.query if len(request.query.getall(k)) > 1})
+    if repeated:
+        fields = [{"loc": f"query.{k}", "msg": "given more than once"} for k in repeated]
+        raise ApiError(422, "invalid request", fields=fields)
+    try:
+        return model.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise _invalid("query", exc) from None
 
 
 def _job_id(request: web.Request) -> int:
@@ -288,6 +312,7 @@ ROUTES = (
     Route("POST /queues/{name}/resume", "resume_queue", QueuePaused),
     Route("GET /schedules", "list_schedules", ScheduleList),
     Route("POST /schedules/{name}/trigger", "trigger_schedule", Created, 201, errors=(404,)),
+    Route("GET /schedules/{name}/runs", "schedule_runs", RunPage, query=RunsQuery, errors=(404,)),
     Route("GET /openapi.json", "openapi", None),
 )
 

@@ -3,10 +3,11 @@ schemas /openapi.json publishes for what goes out."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 from daemon.config import QUEUE_NAME
 from daemon.operate.jobs import State
@@ -135,9 +136,50 @@ class ScheduleInfo(BaseModel):
     next_tick: datetime | None
     description: str
 
+    last_success: datetime | None = Field(description="when the newest succeeded run finished")
+    consecutive_failures: int = Field(description="runs failed for good since the last success")
+    late: bool = Field(
+        description="the newest fired tick's job has not started a minute after its tick, or "
+        "the next tick is a minute overdue and no leader has handled it"
+    )
+    missed: bool = Field(description="the newest tick was passed over by the catch-up policy")
+
 
 class ScheduleList(BaseModel):
     schedules: list[ScheduleInfo]
+
+
+def _plus_sign(value: Any) -> Any:
+    # A "+01:00" written unescaped into a query string arrives as " 01:00".
+    if isinstance(value, str):
+        return re.sub(r" (\d\d(?::?\d\d)?)$", r"+\1", value)
+    return value
+
+
+class RunsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # lax: query values arrive as text
+
+    limit: int = Field(50, ge=1, le=500)
+    before: Annotated[AwareDatetime, BeforeValidator(_plus_sign)] | None = Field(
+        None, description="only runs with an earlier tick (ISO 8601 with a zone): next_before"
+    )
+
+
+class Run(BaseModel):
+    tick: datetime = Field(description="the tick; for a run by hand, when it was asked for")
+    status: Literal["fired", "caught_up", "skipped", "missed", "manual"]
+    reason: str | None
+    job_id: int | None
+    state: State | None = Field(description="the job's state: queued, active, or how it ended")
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_s: float | None
+    error: str | None
+
+
+class RunPage(BaseModel):
+    runs: list[Run]
+    next_before: datetime | None = Field(description="pass as ?before= for the next page")
 
 
 class FieldError(BaseModel):

@@ -20,9 +20,11 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from daemon.config import HttpConfig
+from daemon.config import HttpConfig, ScheduleConfig
+from daemon.cron.schedules import Sampled, Schedule
 from daemon.events import wait_any
 from daemon.observe.metrics import OTHER, Metrics
+from daemon.operate import schedules as operate_schedules
 from daemon.store import queries
 from daemon.store.db import DB_ERRORS
 from daemon.store.migrations import load_migrations
@@ -35,6 +37,8 @@ DB_CHECK_TTL = 0.5  # seconds a database check result is reused
 DB_CHECK_TIMEOUT = 2.0
 METRICS_TTL = 0.25  # seconds a rendered /metrics page is served again
 API_PREFIX = "/api/v1"
+SAMPLE_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ValueError)
+DB_SCHEDULES = "(db)"  # the metric label all schedules of stoker.schedules share
 NOT_CHECKED = "not checked yet"
 
 
@@ -64,10 +68,18 @@ async def loop_lag_probe(state: HealthState, stopping: asyncio.Event) -> None:
 
 
 async def sample_database(
-    state: HealthState, metrics: Metrics, stopping: asyncio.Event, interval: float
+    state: HealthState,
+    metrics: Metrics,
+    stopping: asyncio.Event,
+    interval: float,
+    schedules: dict[str, ScheduleConfig] | None = None,
 ) -> None:
-    """Queue depth, oldest due job and migration state, read on a timer, never per scrape."""
+    """Queue depth, oldest due job, migration state and, given the configured `schedules`,
+    each schedule's health; read on a timer, never per scrape."""
     known = {m.name for m in load_migrations()}
+    configured = None
+    if schedules is not None:
+        configured = {n: Schedule.from_config(n, cfg) for n, cfg in schedules.items()}
     while not stopping.is_set():
         db = state.db
         if db is not None:
@@ -91,7 +103,31 @@ async def sample_database(
                 state.migrations_current = known <= applied
             except DB_ERRORS as exc:
                 log.debug("metrics sample failed: %s", exc)
+            if configured is not None:
+                try:
+                    sampled = await operate_schedules.schedule_health(db, configured)
+                    metrics.snapshot.schedule_health = schedule_gauges(sampled)
+                except SAMPLE_ERRORS as exc:
+                    log.debug("schedule health sample failed: %s", exc)
         await wait_any(stopping, seconds=interval)
+
+
+def schedule_gauges(sampled: list[Sampled]) -> dict[str, tuple[float | None, int, bool]]:
+    """Per enabled schedule: (last success epoch, consecutive failures, late). Schedules of
+    stoker.schedules share the label "(db)": the most failures of any, late if any is; no last
+    success, as their cadences differ."""
+    gauges: dict[str, tuple[float | None, int, bool]] = {}
+    for s in sampled:
+        if not s.enabled:
+            continue
+        h = s.health
+        if s.source == "config":
+            success = h.last_success.timestamp() if h.last_success else None
+            gauges[s.name] = (success, h.consecutive_failures, h.late)
+        else:
+            _, failed, late = gauges.get(DB_SCHEDULES, (None, 0, False))
+            gauges[DB_SCHEDULES] = (None, max(failed, h.consecutive_failures), late or h.late)
+    return gauges
 
 
 async def _check_database(state: HealthState) -> str | None:
