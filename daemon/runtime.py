@@ -12,6 +12,7 @@ from functools import partial
 import asyncpg
 from aiohttp import web
 
+from daemon.alerts.evaluator import Evaluator, serve_alert_queue
 from daemon.config import Settings
 from daemon.cron.leader import Leader
 from daemon.cron.schedules import prune_ticks
@@ -43,6 +44,7 @@ class StartupError(StokerError):
 
 class Runtime:
     def __init__(self, settings: Settings, registry: Registry = REGISTRY) -> None:
+        serve_alert_queue(settings)  # alert messages and pings: a queue of their own
         self.settings = settings
         self.registry = registry
         self.stopping = asyncio.Event()
@@ -58,6 +60,7 @@ class Runtime:
         self.db: asyncpg.Pool | None = None
         self.leader: Leader | None = None
         self.scheduler: Scheduler | None = None
+        self.alerts: Evaluator | None = None
         self.metrics = Metrics(settings.queues, registry.kinds())
         self.health = HealthState(draining=self.stopping.is_set)
         self.notifier = Notifier()
@@ -308,6 +311,15 @@ class Runtime:
                 )
                 background.append(tg.create_task(self.leader.run(), name="stoker-leader"))
                 background.append(tg.create_task(self.scheduler.run(), name="stoker-scheduler"))
+                self.alerts = Evaluator(
+                    s.alerts,
+                    db=db,
+                    leader=self.leader,
+                    stopping=self.stopping,
+                    configured=s.schedules,
+                    queues=list(s.queues),
+                )
+                background.append(tg.create_task(self.alerts.run(), name="stoker-alerts"))
             if not s.poll_only:
                 self.listener = Listener(
                     s.listen_dsn or s.database_url,

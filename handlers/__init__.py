@@ -3,6 +3,6 @@ They use only daemon's public API."""
 
 from __future__ import annotations
 
-from handlers import basic, command, email, files, http, report, sql
+from handlers import alerts, basic, command, email, files, http, report, sql
 
-__all__ = ["basic", "command", "email", "files", "http", "report", "sql"]
+__all__ = ["alerts", "basic", "command", "email", "files", "http", "report", "sql"]
