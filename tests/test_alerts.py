@@ -633,3 +633,36 @@ def test_rules_name_destinations_that_exist_and_the_thresholds_their_event_needs
     assert settings.alerts.rules["slow"].max_duration == 300
     assert "sekrit" not in repr(settings) and "hmac-key" not in repr(settings.alerts)
     assert "sekrit" not in str(settings.model_dump())
+
+
+async def test_ticks_passed_over_by_the_catch_up_policy_are_reported_missed_once(
+    daemons: DaemonFactory, db: asyncpg.Connection, hook: Hook
+) -> None:
+    rules = """
+        [schedules.yearly]
+        cron = "0 0 1 1 *"
+        kind = "test.record"
+
+        [alerts.rules.late]
+        event = "schedule_late"
+        destinations = ["hook"]
+        grace = 2
+    """
+    daemon = await daemons.start(config(hook, rules, digest=600))
+    await evaluating(daemon)
+    await _quiet(1.0)  # a pass or two: the rule's cursor is set
+    # What a leader records after an outage under catch_up = "skip": ticks it will not fire.
+    await db.execute(
+        "INSERT INTO stoker.schedule_ticks (schedule, tick, outcome, reason) VALUES "
+        "('yearly', '2025-01-01T00:00:00Z', 'skipped_catch_up', 'test'), "
+        "('yearly', '2026-01-01T00:00:00Z', 'skipped_catch_up', 'test')"
+    )
+
+    async def missed() -> list[dict[str, Any]]:
+        return [d for d in docs(hook) if d["event"] == "schedule_missed"]
+
+    [doc] = await eventually(missed, timeout=5)
+    assert doc["schedule"] == "yearly" and doc["count"] == 2
+    assert "missed 2 ticks" in doc["text"] and "catch-up" in doc["text"]
+    await _quiet(1.5)
+    assert len(await missed()) == 1
