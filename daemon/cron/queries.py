@@ -65,10 +65,11 @@ SELECT j.id, j.state::text AS state FROM stoker.schedule_state s
 WHERE s.name = $1 AND j.state IN ('queued', 'active')
 """
 
-# The job still running is named in the reason, not kept in job_id: job_id is the row's own
-# job, whose end the ledger trigger copies into the row.
+# job_id: the run still going ($3), named in the reason ($4) too. The ledger trigger copies that
+# job's end into this row as well; readers take a run's end only from fired and manual rows.
 TICK_SKIPPED_OVERLAP = """
-UPDATE stoker.schedule_ticks SET outcome = 'skipped_overlap', caught_up = false, reason = $3
+UPDATE stoker.schedule_ticks SET outcome = 'skipped_overlap', caught_up = false, job_id = $3,
+    reason = $4
 WHERE schedule = $1 AND tick = $2
 """
 
@@ -183,15 +184,27 @@ HAS_LEDGER = """
 SELECT EXISTS (SELECT 1 FROM stoker.schedule_ticks WHERE schedule = $1)
 """
 
-# How many runs back the health of a schedule looks for its last success: a bound on what one
-# sample reads for a schedule that has failed for a long time.
+# How many ledger rows back the health of a schedule looks for its last success: a bound on
+# what one sample reads for a schedule that has failed for a long time.
 HEALTH_WINDOW = 10_000
+
+# One ledger row of schedule s: the newest ($cond empty), or the newest before walk.tick.
+_STEP = f"""
+SELECT t.tick, t.outcome, {_STATE} AS state, {_FINISHED} AS finished_at
+  FROM (SELECT * FROM stoker.schedule_ticks t
+         WHERE t.schedule = s.name {{cond}} ORDER BY t.tick DESC LIMIT 1) t
+  {_RUN_JOINS}"""
+
+# HEALTH's estimated cost grows with the number of schedules past PostgreSQL's jit_above_cost,
+# while it runs in milliseconds: compiling it (tens of milliseconds) would cost more than it.
+NO_JIT = "SET LOCAL jit = off"
 
 # Each schedule's health in one statement, for `stoker schedules`, the admin API and the
 # metrics sampler: the last success, the failures since, the newest row's outcome, and the
-# newest fired tick with its job. Every lookup walks (schedule, tick DESC) from the newest row
-# and stops early: at the first success, the first row, the first fired tick. $1 the schedules
-# asked for; with $2 also every row of stoker.schedules not among them (with its timetable).
+# newest fired tick with its job. The ledger is walked from the newest row one index probe at a
+# time (a recursive walk, so no plan can read a schedule's whole ledger and sort it) and the walk
+# stops at the first success, or HEALTH_WINDOW rows back. $1 the schedules asked for; with $2
+# also every row of stoker.schedules not among them (with its timetable).
 HEALTH = f"""
 WITH s AS (
     SELECT n.name, NULL::text AS cron, NULL::text AS timezone, NULL::boolean AS enabled,
@@ -204,27 +217,23 @@ WITH s AS (
      WHERE $2 AND d.name <> ALL($1::text[])
 )
 SELECT s.*, now() AS now, st.last_tick AS cursor, st.timetable AS saved_timetable,
-       ok.tick AS success_tick, ok.finished_at AS last_success,
-       (SELECT count(*) FROM (
-            SELECT {_STATE} AS state FROM stoker.schedule_ticks t {_RUN_JOINS}
-             WHERE t.schedule = s.name AND {_RUN}
-               AND t.tick > coalesce(ok.tick, '-infinity')
-             ORDER BY t.tick DESC LIMIT {HEALTH_WINDOW}) f
-         WHERE f.state = 'failed') AS consecutive_failures,
-       newest.outcome AS newest_outcome,
+       walked.last_success, coalesce(walked.failures, 0) AS consecutive_failures,
+       walked.newest_outcome,
        fired.tick AS fired_tick, fired.state AS fired_state, fired.started_at AS fired_started_at
   FROM s
   LEFT JOIN stoker.schedule_state st ON st.name = s.name
   LEFT JOIN LATERAL (
-      SELECT w.tick, w.finished_at FROM (
-          SELECT t.tick, {_STATE} AS state, {_FINISHED} AS finished_at
-            FROM stoker.schedule_ticks t {_RUN_JOINS}
-           WHERE t.schedule = s.name AND {_RUN}
-           ORDER BY t.tick DESC LIMIT {HEALTH_WINDOW}) w
-       WHERE w.state = 'succeeded' LIMIT 1) ok ON true
-  LEFT JOIN LATERAL (
-      SELECT t.outcome FROM stoker.schedule_ticks t
-       WHERE t.schedule = s.name ORDER BY t.tick DESC LIMIT 1) newest ON true
+      WITH RECURSIVE walk AS (
+          SELECT first.*, 1 AS depth FROM ({_STEP.format(cond="")}) first
+          UNION ALL
+          SELECT next.*, walk.depth + 1 FROM walk CROSS JOIN LATERAL (
+              {_STEP.format(cond="AND t.tick < walk.tick")}) next
+           WHERE walk.state IS DISTINCT FROM 'succeeded' AND walk.depth < {HEALTH_WINDOW}
+      )
+      SELECT max(finished_at) FILTER (WHERE state = 'succeeded') AS last_success,
+             count(*) FILTER (WHERE state = 'failed') AS failures,
+             (array_agg(outcome ORDER BY tick DESC))[1] AS newest_outcome
+        FROM walk) walked ON true
   LEFT JOIN LATERAL (
       SELECT t.tick, j.state::text AS state, j.started_at
         FROM stoker.schedule_ticks t LEFT JOIN stoker.jobs j ON j.id = t.job_id

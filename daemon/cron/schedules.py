@@ -297,6 +297,7 @@ async def fire(
                     queries.TICK_SKIPPED_OVERLAP,
                     schedule.name,
                     tick,
+                    running["id"],
                     overlap_reason(running),
                 )
                 await conn.execute(queries.COUNT_SKIPPED, schedule.name, tick, 1)
@@ -474,8 +475,17 @@ class Sampled:
 
 async def health(conn: asyncpg.Connection, schedules: dict[str, Schedule]) -> dict[str, Health]:
     """The health of each of `schedules`, in one statement."""
-    rows = await conn.fetch(queries.HEALTH, list(schedules), False)
+    rows = await _health_rows(conn, list(schedules), with_db=False)
     return {r["name"]: _judge(r, schedules[r["name"]]) for r in rows}
+
+
+async def _health_rows(
+    conn: asyncpg.Connection, names: list[str], *, with_db: bool
+) -> list[asyncpg.Record]:
+    async with conn.transaction():
+        await conn.execute(queries.NO_JIT)
+        rows: list[asyncpg.Record] = await conn.fetch(queries.HEALTH, names, with_db, timeout=10)
+    return rows
 
 
 async def sample_health(
@@ -483,7 +493,11 @@ async def sample_health(
 ) -> list[Sampled]:
     """The health of the configured schedules and of every row of stoker.schedules (a
     configured one wins a name), in one statement: what the metrics sampler reads."""
-    rows = await conn.fetch(queries.HEALTH, list(configured), True, timeout=10)
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as held:
+            rows = await _health_rows(held, list(configured), with_db=True)
+    else:
+        rows = await _health_rows(conn, list(configured), with_db=True)
     found = []
     for r in rows:
         sched = configured.get(r["name"])
@@ -512,6 +526,16 @@ def _spec(expr: str, timezone: str) -> CronSpec | None:
         return None
 
 
+@functools.lru_cache(maxsize=16384)
+def _due_after(spec: CronSpec, cursor: datetime) -> datetime | None:
+    """The tick after a schedule's place: the same until the leader handles a tick, so the
+    sampler computes it once, not every few seconds for every schedule."""
+    try:
+        return spec.next_after(cursor)
+    except ValueError:
+        return None
+
+
 def _judge(row: asyncpg.Record, schedule: Schedule) -> Health:
     now: datetime = row["now"]
     late = False
@@ -521,16 +545,15 @@ def _judge(row: asyncpg.Record, schedule: Schedule) -> Health:
     cursor = row["cursor"]
     if schedule.timetable_changed_at is not None:
         cursor = max(cursor or schedule.timetable_changed_at, schedule.timetable_changed_at)
+    # next_after(cursor) > cursor: a cursor less than LATE_AFTER old cannot be overdue.
     if (
         not late
         and schedule.enabled
         and cursor is not None
         and row["saved_timetable"] in (None, schedule.timetable)
+        and (now - cursor).total_seconds() > LATE_AFTER
     ):
-        try:
-            due = schedule.spec.next_after(cursor)
-        except ValueError:
-            due = None
+        due = _due_after(schedule.spec, cursor)
         late = due is not None and (now - due).total_seconds() > LATE_AFTER
     return Health(
         last_success=row["last_success"],
