@@ -20,9 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import daemon
 from daemon.config import ScheduleConfig, Settings
-from daemon.cron.schedules import Schedule, fire, trigger
+from daemon.cron.schedules import Health, Sampled, Schedule, fire, trigger
 from daemon.operate import schedules as operate
 from daemon.store import queries
+from daemon.web.server import schedule_gauges
 from tests.conftest import DaemonFactory, DaemonProcess, eventually, stoker_cli, write_outcome
 from tests.test_admin_api import Api, api, clean_env, settings  # noqa: F401 (fixtures)
 from tests.test_cron_correctness import scheduler, set_cursor, utc
@@ -514,3 +515,21 @@ async def test_the_runs_api_pages_like_the_jobs_list(
         assert (await api.call("GET", path)).status == 404, path
     spec = (await api.call("GET", "/openapi.json")).body
     assert "/schedules/{name}/runs" in spec["paths"]
+
+
+def test_db_schedules_share_one_label_holding_the_worst_of_them() -> None:
+    at = datetime.fromisoformat("2026-11-23T02:00:05+00:00")
+    sampled = [
+        Sampled("nightly", "config", True, Health(at, 0, False, False)),
+        Sampled("broken", "config", True, Health(None, 4, True, False)),
+        Sampled("off", "config", False, Health(None, 9, True, True)),
+        Sampled("org_1.daily", "db", True, Health(at, 2, False, False)),
+        Sampled("org_2.daily", "db", True, Health(None, 5, False, True)),
+        Sampled("org_3.daily", "db", True, Health(at, 0, True, False)),
+        Sampled("org_4.daily", "db", False, Health(None, 50, True, False)),
+    ]
+    assert schedule_gauges(sampled) == {
+        "nightly": (at.timestamp(), 0, False),
+        "broken": (None, 4, True),
+        "(db)": (None, 5, True),
+    }
