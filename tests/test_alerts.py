@@ -539,7 +539,6 @@ async def test_operators_list_incidents_and_send_a_test_message(
         await operate_alerts.send_test(db, settings.alerts, "nowhere")
 
 
-@pytest.mark.skip(reason="wired by the lead")
 def test_cli_alerts_lists_and_tests(daemons: DaemonFactory, dsn: str) -> None:
     from tests.conftest import stoker_cli
 

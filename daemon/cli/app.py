@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+from daemon.cli.alerts import cmd_alerts
 from daemon.cli.args import EXIT_USAGE, UsageError, build_parser
 from daemon.cli.commands import (
     cmd_enqueue,
@@ -45,6 +46,8 @@ def dispatch(settings: Settings, args: argparse.Namespace) -> int:
         work = cmd_schedules(settings, args)
     elif args.command == "trigger":
         work = cmd_trigger(settings, args)
+    elif args.command == "alerts":
+        work = cmd_alerts(settings, args)
     else:
         work = {
             "list": cmd_jobs_list,

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+from daemon.cli.alerts import add_alerts_parser
 from daemon.config import QUEUE_NAME
 from daemon.errors import StokerError
 from daemon.operate.jobs import STATES
@@ -245,6 +246,7 @@ def build_parser() -> Parser:
     )
     trig = sub.add_parser("trigger", help="enqueue a schedule's job now (not counted as a tick)")
     trig.add_argument("name", type=utf8)
+    add_alerts_parser(sub)
     return parser
 
 
