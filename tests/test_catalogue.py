@@ -236,3 +236,28 @@ async def test_every_catalogue_job_does_its_work_on_the_demo_tables(
         assert email_job is not None, result(report)
     stdout = daemon.log()
     assert "stale payments rechecked" in stdout  # the command's output, in the daemon's log
+
+
+def test_the_catalogues_commented_alerts_are_valid_when_uncommented(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    text = CATALOGUE.read_text()
+    block = text[text.index("# [alerts]\n") :]
+    uncommented = "\n".join(
+        line[2:] if line.startswith("# ") else "" for line in block.splitlines()
+    )
+    layer = tmp_path / "alerts.toml"
+    layer.write_text(uncommented)
+    clean_environment(monkeypatch, tmp_path)
+    monkeypatch.setenv("SLACK_ALERTS_WEBHOOK_URL", "https://hooks.slack.com/services/T/B/x")
+    settings = load_settings([CATALOGUE, layer])
+    assert set(settings.alerts.rules) == {
+        "failed_for_good",
+        "retention_failing",
+        "late_or_missed",
+        "too_slow",
+        "email_backlog",
+    }
+    assert set(settings.alerts.rules["retention_failing"].schedules or []) <= set(
+        settings.schedules
+    )
