@@ -69,12 +69,21 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # systemd-analyze checks deploy/stoker.service in the tests; without it that one test skips.
+# Chromium (Debian's package) runs the dashboard's browser tests, driven by Playwright through
+# its executable_path: no browser is ever downloaded.
 test-tools:
 	@command -v systemd-analyze >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing systemd (for systemd-analyze verify)"; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null \
 				|| echo "could not install systemd: the unit-file test will be skipped"; \
+		fi; }
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium (for the dashboard's browser tests)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "the dashboard's browser tests need Chromium: install Debian's chromium package"; exit 1; \
 		fi; }
 
 test: install postgres-binaries test-tools lint

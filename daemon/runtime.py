@@ -190,7 +190,9 @@ class Runtime:
         self._wire_metrics(db, completer)
         self.health.db = db
         if s.http.enabled:
-            app = build_app(s.http, self.health, self.metrics, self._admin_app(db))
+            app = build_app(
+                s.http, self.health, self.metrics, self._admin_app(db), self._dashboard_app(db)
+            )
             self.http = HttpServer(app, s.http)
             try:
                 await self.http.start()
@@ -224,6 +226,13 @@ class Runtime:
             token=token,
             max_body_bytes=self.settings.http.max_body_bytes,
         )
+
+    def _dashboard_app(self, db: asyncpg.Pool) -> web.Application | None:
+        if not self.settings.http.admin_token:
+            return None  # the dashboard is off without a token, like the admin API
+        from daemon.web.dashboard import create_dashboard_app
+
+        return create_dashboard_app(db=db, settings=self.settings)
 
     def _wire_metrics(self, db: asyncpg.Pool, completer: Completer) -> None:
         snap = self.metrics.snapshot

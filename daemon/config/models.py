@@ -124,7 +124,7 @@ class HttpConfig(Strict):
         description="bearer token for /api/v1, 16 characters or more; the admin API is off without",
     )
 
-    @field_validator("admin_token_secret")
+    @field_validator("admin_token_secret", "viewer_token_secret")
     @classmethod
     def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < 16:
@@ -134,6 +134,23 @@ class HttpConfig(Strict):
     @property
     def admin_token(self) -> str | None:
         secret = self.admin_token_secret
+        return None if secret is None else secret.get_secret_value()
+
+    viewer_token_secret: SecretStr | None = Field(
+        None,
+        alias="viewer_token",
+        description="a dashboard token that can look but not act, 16 characters or more",
+    )
+
+    @model_validator(mode="after")
+    def _tokens_differ(self) -> HttpConfig:
+        if self.viewer_token is not None and self.viewer_token == self.admin_token:
+            raise ValueError("viewer_token must differ from admin_token (it would act as admin)")
+        return self
+
+    @property
+    def viewer_token(self) -> str | None:
+        secret = self.viewer_token_secret
         return None if secret is None else secret.get_secret_value()
 
     max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)

@@ -190,6 +190,7 @@ def build_app(
     state: HealthState,
     metrics: Metrics,
     admin: web.Application | None = None,
+    dashboard: web.Application | None = None,
 ) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes)
     governor = Governor(config.max_requests_per_second, config.max_queued_requests)
@@ -256,6 +257,13 @@ def build_app(
     app.router.add_get("/metrics", scrape)
     if admin is not None:
         app.add_subapp("/api/v1", admin)
+    if dashboard is not None:
+
+        async def to_dashboard(_request: web.Request) -> web.Response:
+            raise web.HTTPPermanentRedirect("/dashboard/")
+
+        app.router.add_get("/dashboard", to_dashboard)
+        app.add_subapp("/dashboard", dashboard)
     app.middlewares.append(_json_errors)
     app.middlewares.append(governed)
     return app
@@ -265,7 +273,10 @@ def build_app(
 async def _json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every error is JSON: an unknown path or method too, never an HTML page."""
+    """Every error is JSON: an unknown path or method too, never an HTML page (but on the
+    dashboard's pages, which answer people in HTML)."""
+    if request.path.startswith("/dashboard/"):
+        return await handler(request)
     try:
         return await handler(request)
     except web.HTTPException as exc:
