@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEV_PG := .stoker/pg
 
-.PHONY: install run test test-tools lint format db-start db-stop bench bench-peers bench-profile postgres-binaries clean
+.PHONY: install run test test-tools lint format db-start db-stop bench bench-peers bench-profile postgres-binaries clean screenshots
 
 install: $(STAMP)
 
@@ -88,6 +88,10 @@ test-tools:
 
 test: install postgres-binaries test-tools lint
 	$(BIN)/pytest
+
+# The dashboard's pages at 1280x800 and 390x844, taken by its browser tests (README links them).
+screenshots: install postgres-binaries test-tools
+	STOKER_SCREENSHOTS=$(CURDIR)/docs/screenshots $(BIN)/pytest -q tests/test_dashboard.py tests/test_dashboard_*.py
 
 bench: install postgres-binaries
 	$(BIN)/python -m bench

@@ -322,3 +322,13 @@ async def write_outcome(
         worker,
     )
     return rows
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Debian's Chromium, driven by Playwright (tests/browser.py): its process group is killed
+    by PID when the test ends."""
+    from tests.browser import chromium
+
+    async with chromium() as launched:
+        yield launched

@@ -5,28 +5,18 @@ a Content-Security-Policy without inline scripts."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
-import pytest
 from playwright.async_api import Browser
 
 from tests.browser import (
     ADMIN_TOKEN,
     DASHBOARD_CONFIG,
     VIEWER_TOKEN,
-    chromium,
     http_port,
     screenshot,
     sign_in,
 )
 from tests.conftest import DaemonFactory
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as launched:
-        yield launched
 
 
 async def start(daemons: DaemonFactory, extra: str = "") -> str:
