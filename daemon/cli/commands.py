@@ -253,7 +253,7 @@ def cmd_schedules(
                 r["skipped"],
                 _when(r["last_success"]),
                 r["consecutive_failures"],
-                ",".join(f for f in ("late", "missed") if r[f]) or "-",
+                ",".join(f for f in ("paused", "late", "missed") if r[f]) or "-",
                 _when(r["next_tick"]),
             ]
             for r in rows

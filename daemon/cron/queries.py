@@ -16,7 +16,7 @@ SELECT * FROM stoker.schedules ORDER BY name
 """
 
 CURSORS = """
-SELECT name, last_tick, timetable FROM stoker.schedule_state
+SELECT name, last_tick, timetable, paused_at FROM stoker.schedule_state
 """
 
 SAVE_CURSOR = """
@@ -27,9 +27,45 @@ ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
     updated_at = now()
 """
 
+# Also which schedules are paused, and since when (one row per schedule in schedule_state): a
+# pause or resume whose NOTIFY did not arrive is noticed by the next comparison.
 FINGERPRINT = """
-SELECT count(*), max(updated_at), sum(xmin::text::bigint) FROM stoker.schedules
+SELECT count(*), max(updated_at), sum(xmin::text::bigint),
+       (SELECT string_agg(p.name || '@' || p.paused_at::text, ',' ORDER BY p.name)
+          FROM stoker.schedule_state p WHERE p.paused_at IS NOT NULL) AS paused
+  FROM stoker.schedules
 """
+
+# Whether schedule $1 is paused, in the transaction that fires one of its ticks: the row lock
+# orders a fire and a pause, so that no tick is fired after a pause commits, by any leader.
+PAUSED_FOR_FIRE = """
+SELECT paused_at IS NOT NULL FROM stoker.schedule_state WHERE name = $1 FOR NO KEY UPDATE
+"""
+
+# Pause schedule $1 ($2 by whom); the moment is taken after the row lock, so that every tick
+# fired before it is older. Returns the moment (the first pause's, if it was paused already).
+PAUSE = """
+INSERT INTO stoker.schedule_state (name, paused_at, paused_by)
+VALUES ($1, clock_timestamp(), $2)
+ON CONFLICT (name) DO UPDATE SET
+    paused_at = coalesce(stoker.schedule_state.paused_at, clock_timestamp()),
+    paused_by = CASE WHEN stoker.schedule_state.paused_at IS NULL THEN excluded.paused_by
+                     ELSE stoker.schedule_state.paused_by END,
+    updated_at = now()
+RETURNING paused_at
+"""
+
+# Resume schedule $1: its cursor moves to now, so that no tick from while it was paused fires
+# (like enabling it again); true if it was paused.
+RESUME = """
+UPDATE stoker.schedule_state SET paused_at = NULL, paused_by = NULL,
+       last_tick = greatest(last_tick, clock_timestamp()), updated_at = now()
+ WHERE name = $1 AND paused_at IS NOT NULL
+RETURNING true
+"""
+
+NOTIFY_SCHEDULES = "SELECT pg_notify('stoker_schedules', '')"
+
 
 # Ticks $2 of schedule $1 that will never fire, outcome $3, each with its reason ($4).
 RECORD_SKIPPED = """
@@ -217,6 +253,7 @@ WITH s AS (
      WHERE $2 AND d.name <> ALL($1::text[])
 )
 SELECT s.*, now() AS now, st.last_tick AS cursor, st.timetable AS saved_timetable,
+       st.paused_at,
        walked.last_success, coalesce(walked.failures, 0) AS consecutive_failures,
        walked.newest_outcome,
        fired.tick AS fired_tick, fired.state AS fired_state, fired.started_at AS fired_started_at
@@ -239,4 +276,20 @@ SELECT s.*, now() AS now, st.last_tick AS cursor, st.timetable AS saved_timetabl
         FROM stoker.schedule_ticks t LEFT JOIN stoker.jobs j ON j.id = t.job_id
        WHERE t.schedule = s.name AND t.outcome = 'fired'
        ORDER BY t.tick DESC LIMIT 1) fired ON true
+"""
+
+# The newest $2 ledger rows of each schedule in $1, newest first: one probe of
+# schedule_ticks_schedule_tick_idx per schedule (a LATERAL ... LIMIT), never a whole ledger;
+# each run's state from its job as in HISTORY.
+RECENT = f"""
+SELECT s.name AS schedule, t.tick, t.outcome, t.caught_up, t.reason,
+       CASE WHEN {_RUN} THEN t.job_id END AS job_id,
+       {_STATE} AS state, {_STARTED} AS started_at, {_FINISHED} AS finished_at,
+       {_ERROR} AS error, {_RESULT} AS result
+  FROM unnest($1::text[]) AS s(name)
+ CROSS JOIN LATERAL (
+       SELECT * FROM stoker.schedule_ticks t
+        WHERE t.schedule = s.name ORDER BY t.tick DESC LIMIT $2) t
+  {_RUN_JOINS}
+ ORDER BY s.name, t.tick DESC
 """

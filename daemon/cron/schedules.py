@@ -22,7 +22,7 @@ from daemon.store.db import as_json_text
 
 log = logging.getLogger("stoker.schedules")
 
-FireResult = Literal["fired", "skipped", "duplicate"]
+FireResult = Literal["fired", "skipped", "duplicate", "paused"]
 SkipReason = Literal["skipped_overlap", "skipped_catch_up"]
 
 # A leader back after weeks must not write millions of rows for an every-second schedule: of the
@@ -188,11 +188,12 @@ async def load_schedules(
 class SavedCursor(NamedTuple):
     last_tick: datetime | None  # the last tick handled: fired or skipped
     timetable: str | None  # Schedule.timetable it was kept for; None: not recorded yet
+    paused_at: datetime | None = None  # paused by an operator since then: fires nothing
 
 
 async def load_cursors(conn: asyncpg.Connection) -> dict[str, SavedCursor]:
     rows = await conn.fetch(queries.CURSORS)
-    return {r["name"]: SavedCursor(r["last_tick"], r["timetable"]) for r in rows}
+    return {r["name"]: SavedCursor(r["last_tick"], r["timetable"], r["paused_at"]) for r in rows}
 
 
 async def save_cursor(
@@ -274,10 +275,16 @@ async def fire(
     skip its own jobs (a skipped first tick makes the caller skip the rest).
 
     `now` is the pass's time: a tick fired more than CAUGHT_UP_AFTER after it was due, or by a
-    pass that found several ticks due (`catching_up`), is recorded as caught up."""
+    pass that found several ticks due (`catching_up`), is recorded as caught up.
+
+    A paused schedule fires nothing ("paused", nothing recorded): checked under the lock of
+    its state row, so that a pause committed before this transaction is always seen, even by
+    a leader that has not reloaded since."""
     late = 0.0 if now is None else max(0.0, (now - tick).total_seconds())
     caught_up = now is not None and (catching_up or late > CAUGHT_UP_AFTER)
     async with conn.transaction():
+        if await conn.fetchval(queries.PAUSED_FOR_FIRE, schedule.name):
+            return "paused"
         won = await conn.fetchval(
             queries.CLAIM_TICK,
             schedule.name,
@@ -398,12 +405,15 @@ async def status(
                 "last_duration_s": duration,
                 "fired": st["fired"] if st else 0,
                 "skipped": st["skipped"] if st else 0,
-                "next_tick": _next(sched, now),
+                "next_tick": None if st and st["paused_at"] else _next(sched, now),
                 "description": sched.description,
                 "last_success": well.last_success,
                 "consecutive_failures": well.consecutive_failures,
                 "late": well.late,
                 "missed": well.missed,
+                "paused": bool(st and st["paused_at"]),
+                "paused_at": st["paused_at"] if st else None,
+                "paused_by": st["paused_by"] if st else None,
             }
         )
     return rows
@@ -445,6 +455,37 @@ def ledger_entry(row: asyncpg.Record) -> dict[str, Any]:
         "duration_s": (finished - started).total_seconds() if started and finished else None,
         "error": row["error"],
     }
+
+
+async def recent_runs(
+    conn: asyncpg.Connection, names: list[str], per: int = 30
+) -> dict[str, list[dict[str, Any]]]:
+    """The newest `per` ledger entries of each schedule (as `ledger` gives them), newest first,
+    in one statement of one index probe per schedule."""
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for row in await conn.fetch(queries.RECENT, names, per):
+        found[row["schedule"]].append(ledger_entry(row))
+    return found
+
+
+async def pause(conn: asyncpg.Connection, name: str, by: str) -> datetime:
+    """Pause a schedule for every daemon: the leader fires none of its ticks from now on (and
+    notices at once, by NOTIFY, or at its next comparison). Returns since when it is paused
+    (the first pause's moment if it already was)."""
+    async with conn.transaction():
+        since: datetime = await conn.fetchval(queries.PAUSE, name, by)
+        await conn.execute(queries.NOTIFY_SCHEDULES)
+    return since
+
+
+async def resume(conn: asyncpg.Connection, name: str) -> bool:
+    """Resume a paused schedule: it starts afresh from now (no tick from while it was paused
+    fires, whatever its catch-up policy). False if it was not paused."""
+    async with conn.transaction():
+        resumed = bool(await conn.fetchval(queries.RESUME, name))
+        if resumed:
+            await conn.execute(queries.NOTIFY_SCHEDULES)
+    return resumed
 
 
 async def has_ledger(conn: asyncpg.Connection, name: str) -> bool:
@@ -549,6 +590,7 @@ def _judge(row: asyncpg.Record, schedule: Schedule) -> Health:
     if (
         not late
         and schedule.enabled
+        and row["paused_at"] is None
         and cursor is not None
         and row["saved_timetable"] in (None, schedule.timetable)
         and (now - cursor).total_seconds() > LATE_AFTER

@@ -72,6 +72,7 @@ class Scheduler:
         self.stats: dict[str, tuple[int, int, float | None]] = {}
         self.schedules: dict[str, Schedule] = {}
         self.broken: dict[str, str] = {}  # name -> why it is set aside
+        self.paused: dict[str, datetime] = {}  # name -> paused by an operator since then
 
     def schedules_changed(self) -> None:
         self._changed.set()
@@ -127,7 +128,7 @@ class Scheduler:
             async with self._leader.lock:
                 await self._reload(conn, now)
         for name, schedule in self.schedules.items():
-            if not schedule.enabled or name in self.broken:
+            if not schedule.enabled or name in self.broken or name in self.paused:
                 continue
             try:
                 await self._fire_due(conn, schedule, now)
@@ -169,6 +170,13 @@ class Scheduler:
                     now=now,
                     catching_up=catching_up,
                 )
+            if result == "paused":
+                # Paused since the last reload: the cursor stays (a resume moves it on), and
+                # the next pass reloads to learn it.
+                self.paused[name] = now
+                self._changed.set()
+                log.info("schedule %s is paused: tick %s not fired", name, tick.isoformat())
+                return
             self._count(schedule, tick, result)
             self.cursors[name] = tick
             if result == "skipped":
@@ -211,9 +219,15 @@ class Scheduler:
         fingerprint = await schedules_fingerprint(conn)
         schedules = await load_schedules(conn, self._configured)
         saved = await load_cursors(conn)
+        paused = {n: c.paused_at for n, c in saved.items() if c.paused_at is not None}
         for name, schedule in schedules.items():
-            if name in self.cursors and schedule == self.schedules.get(name):
+            if (
+                name in self.cursors
+                and schedule == self.schedules.get(name)
+                and paused.get(name) == self.paused.get(name)
+            ):
                 continue
+            # New, changed, paused or resumed: a resume moved the saved cursor to its moment.
             self.cursors[name] = await self._start_cursor(conn, schedule, saved.get(name), now)
             if schedule.queue not in self._served:
                 log.info(
@@ -226,12 +240,19 @@ class Scheduler:
         for name in list(self.broken):
             if schedules.get(name) != self.schedules.get(name):
                 del self.broken[name]  # changed: give it another chance
+        for name in set(paused) - set(self.paused):
+            log.info("schedule %s is paused: it fires nothing until resumed", name)
+        for name in set(self.paused) - set(paused):
+            if name in schedules:
+                log.info("schedule %s resumed: it fires from %s", name, self.cursors[name])
         self.schedules = schedules
+        self.paused = {n: at for n, at in paused.items() if n in schedules}
         self._fingerprint = fingerprint
         log.info(
-            "leading %d schedules (%d enabled)",
+            "leading %d schedules (%d enabled), %d paused",
             len(schedules),
             sum(s.enabled for s in schedules.values()),
+            len(self.paused),
         )
 
     async def _start_cursor(
@@ -292,7 +313,7 @@ class Scheduler:
         upcoming = [
             s.spec.next_after(max(self.cursors[n], now - timedelta(seconds=1)))
             for n, s in self.schedules.items()
-            if s.enabled and n not in self.broken
+            if s.enabled and n not in self.broken and n not in self.paused
         ]
         delay = MAX_SLEEP
         if upcoming:

@@ -35,10 +35,44 @@ async def trigger_schedule(
 ) -> int:
     """Enqueue the schedule's job now, outside its timetable; the new job's id. The ledger
     records the run as 'manual', "by hand: <by>" (cli, api, ...)."""
+    found = await _known(conn, configured, name)
+    return await schedules.trigger(conn, found[name], by)
+
+
+async def _known(
+    conn: asyncpg.Connection, configured: dict[str, ScheduleConfig], name: str
+) -> dict[str, schedules.Schedule]:
     found = await schedules.load_schedules(conn, configured)
     if name not in found:
         raise NotFound(f"no schedule named {name!r}", name=name, known=sorted(found))
-    return await schedules.trigger(conn, found[name], by)
+    return found
+
+
+async def pause_schedule(
+    conn: asyncpg.Connection, configured: dict[str, ScheduleConfig], name: str, by: str
+) -> datetime:
+    """Pause a schedule (config or db alike) for every daemon: no tick of it fires until it is
+    resumed; runs by hand still can. Stored in stoker.schedule_state with `by` (who); the
+    moment it was paused since (unchanged when it already was)."""
+    await _known(conn, configured, name)
+    return await schedules.pause(conn, name, by)
+
+
+async def resume_schedule(
+    conn: asyncpg.Connection, configured: dict[str, ScheduleConfig], name: str
+) -> bool:
+    """Resume a paused schedule: it starts afresh from now, firing no tick from while it was
+    paused. False if it was not paused."""
+    await _known(conn, configured, name)
+    return await schedules.resume(conn, name)
+
+
+async def recent_runs(
+    conn: asyncpg.Connection, names: list[str], per: int = 30
+) -> dict[str, list[dict[str, Any]]]:
+    """The newest `per` ledger entries of each named schedule, newest first (the dashboard's
+    strips), in one statement bounded by `per` rows a schedule."""
+    return await schedules.recent_runs(conn, names, per)
 
 
 async def schedule_history(

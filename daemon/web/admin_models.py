@@ -143,6 +143,11 @@ class ScheduleInfo(BaseModel):
         "the next tick is a minute overdue and no leader has handled it"
     )
     missed: bool = Field(description="the newest tick was passed over by the catch-up policy")
+    paused: bool = Field(
+        default=False, description="paused by an operator: no tick fires until resumed"
+    )
+    paused_at: datetime | None = Field(default=None, description="when it was paused")
+    paused_by: str | None = Field(default=None, description="who paused it (dashboard, ...)")
 
 
 class ScheduleList(BaseModel):
