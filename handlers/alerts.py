@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,8 @@ log = logging.getLogger("stoker.alerts")
 EXCERPT_CHARS = 200
 DISCORD_LIMIT = 2000
 PING_TIMEOUT = 10.0
+# What a client leaves unencoded in a URL (RFC 3986's reserved and unreserved characters).
+URL_SAFE = ":/?#[]@!$&'()*+,;=-._~%"
 
 
 class DeliveryError(Exception):
@@ -130,11 +132,19 @@ class AlertSender:
 
 
 def _hide(text: str, url: str) -> str:
-    """A URL, its path and its query never appear in what a job keeps or logs."""
+    """A URL, its path and its query never appear in what a job keeps or logs: neither as
+    written, nor decoded (a server echoing the URL it received), nor encoded as a client does."""
     parts = urlsplit(url)
-    for secret in sorted({url, parts.path, parts.query}, key=len, reverse=True):
+    shown = origin(url)
+    forms: dict[str, str] = {}
+    for value, hidden in ((parts.query, "/..."), (parts.path, "/..."), (url, shown)):
+        decoded = unquote(value)
+        encoded = (quote(value, safe=URL_SAFE), quote(decoded, safe=URL_SAFE))
+        for form in (value, decoded, unquote_plus(value), *encoded):
+            forms[form] = hidden
+    for secret in sorted(forms, key=len, reverse=True):
         if len(secret) > 1:
-            text = text.replace(secret, "/..." if secret != url else origin(url))
+            text = text.replace(secret, forms[secret])
     return text
 
 

@@ -4,6 +4,7 @@ Discord and a generic webhook, aiosmtpd for email. Short thresholds throughout (
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -13,16 +14,26 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
+from daemon.alerts import queries as alert_queries
+from daemon.alerts.evaluator import Evaluator
+from daemon.alerts.incidents import RuleRun
+from daemon.alerts.rules import EVALUATORS, Context
 from daemon.config import ConfigError, load_settings
+from daemon.config.alerts import AlertDestination, AlertRule, AlertsConfig
+from daemon.cron.leader import Leader
 from daemon.operate import alerts as operate_alerts
 from daemon.operate.errors import NotFound
 from daemon.operate.queues import set_paused
-from tests.conftest import DaemonFactory, DaemonProcess, eventually, finished
+from daemon.store import queries as store_queries
+from daemon.store.db import init_connection
+from handlers.alerts import _hide
+from tests.conftest import DaemonFactory, DaemonProcess, eventually, finished, write_outcome
 from tests.mailserver import Inbox, smtp_server
 from tests.test_handler_http import Hook, Reply, serve_hook
 
@@ -728,3 +739,86 @@ async def test_a_destination_refusing_the_message_fails_its_job_at_once_naming_i
     assert len([seen for seen in hook.seen if seen.path.startswith("/slack/")]) == 1
     incidents = await db.fetchval("SELECT count(*) FROM stoker.alert_incidents")
     assert incidents == 1
+
+
+# -- evaluated directly, one pass at a time --------------------------------------------------
+
+
+def _one_hook(**rules: AlertRule) -> AlertsConfig:
+    hook = AlertDestination(type="webhook", url=SecretStr("http://127.0.0.1:9/hook/SECRET"))
+    return AlertsConfig(destinations={"hook": hook}, rules=rules)
+
+
+async def _evaluate(db: asyncpg.Connection, cfg: AlertsConfig, name: str) -> None:
+    """One evaluation of rule `name` now, as Evaluator._evaluate does it."""
+    rule = cfg.rules[name]
+    async with db.transaction():
+        now = await db.fetchval("SELECT now()")
+        run = await RuleRun.load(db, now, name, rule, cfg)
+        await EVALUATORS[rule.event](run, Context({}, ["default"], now))
+        await run.digest("occurrences")
+        await run.save_cursor()
+
+
+async def _fail_for_good(db: asyncpg.Connection, kind: str) -> None:
+    job_id = await enqueue(db, kind, {})
+    [claimed] = await db.fetch(store_queries.CLAIM, "default", 1, "w1", 30.0)
+    assert claimed["id"] == job_id
+    await write_outcome(db, job_id, attempt=1, outcome="failed", worker="w1", error="boom")
+
+
+class _Leading:
+    is_leader = True
+
+
+async def test_a_users_own_alert_kinds_alert_but_the_alerts_own_jobs_do_not(
+    db: asyncpg.Connection,
+) -> None:
+    cfg = _one_hook(failures=AlertRule(event="job_failed", destinations=["hook"]))
+    await _evaluate(db, cfg, "failures")  # a new rule: failures from now on
+    await _fail_for_good(db, "alert.sync")  # a kind of the user's own, named alert.*
+    await _fail_for_good(db, "alert.deliver")  # the alerts' own kinds, on any queue
+    await _fail_for_good(db, "schedule.ping")
+    await _evaluate(db, cfg, "failures")
+    rows = await db.fetch("SELECT subject, count FROM stoker.alert_incidents")
+    assert [(r["subject"], r["count"]) for r in rows] == [("alert.sync", 1)]
+
+
+async def test_incidents_of_a_rule_removed_or_renamed_are_closed_without_a_message(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    for rule, subject in (("renamed", "report.build"), ("kept", "email.send")):
+        await db.fetchrow(alert_queries.OPEN_INCIDENT, rule, "job_failed", subject, 1, "{}", "{}")
+    cfg = _one_hook(kept=AlertRule(event="job_failed", destinations=["hook"]))
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=init_connection)
+    try:
+        evaluator = Evaluator(
+            cfg,
+            db=pool,
+            leader=cast(Leader, _Leading()),
+            stopping=asyncio.Event(),
+            configured={},
+            queues=["default"],
+        )
+        await evaluator.run_pass()
+    finally:
+        await pool.close()
+    rows = await db.fetch("SELECT rule, closed_at FROM stoker.alert_incidents ORDER BY rule")
+    assert [(r["rule"], r["closed_at"] is not None) for r in rows] == [
+        ("kept", False),
+        ("renamed", True),
+    ]
+    assert await db.fetchval("SELECT count(*) FROM stoker.jobs WHERE kind = 'alert.deliver'") == 0
+
+
+def test_a_destination_url_is_hidden_in_every_form_a_server_may_echo_it() -> None:
+    url = "https://hooks.example.com/services/T0%2FAB/x%20y?token=s%2Bcret%3D1"
+    echoed = (
+        "404 for https://hooks.example.com/services/T0/AB/x y?token=s+cret=1; "
+        "path /services/T0%2FAB/x%20y, /services/T0/AB/x y; query token=s+cret=1, "
+        "token=s%2Bcret%3D1"
+    )
+    hidden = _hide(echoed, url)
+    for secret in ("T0", "AB", "x y", "x%20y", "cret", "token"):
+        assert secret not in hidden, hidden
+    assert "https://hooks.example.com/..." in hidden

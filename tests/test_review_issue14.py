@@ -95,12 +95,6 @@ NO_SCHEDULES = Context({}, ["default"], datetime.fromtimestamp(0).astimezone())
 # -- job_failed: a parked failure is counted again and again -------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="job_failed reads parked failed jobs by updated_at: every refused move to history "
-    "(PARKED_REFUSED bumps updated_at) and the final move (a new finished_at) count the same "
-    "job again once it has left the rule's 10 s `seen` window",
-)
 async def test_a_parked_failure_is_counted_once(db: asyncpg.Connection) -> None:
     config = alerts_config(failures=AlertRule(event="job_failed", destinations=["hook"]))
     d = await db_now(db)
@@ -127,11 +121,6 @@ async def test_a_parked_failure_is_counted_once(db: asyncpg.Connection) -> None:
     assert incident["count"] == 1, f"one job failed once, counted {incident['count']} times"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a parked failed job counted while parked is counted again when the maintenance "
-    "moves it on to history (a new finished_at, outside the `seen` window)",
-)
 async def test_a_parked_failure_moved_on_to_history_is_not_counted_again(
     db: asyncpg.Connection,
 ) -> None:
@@ -156,12 +145,6 @@ async def test_a_parked_failure_moved_on_to_history_is_not_counted_again(
 # -- job_failed: a success in the same pass as the failure is forgotten ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the success is read only by the next pass, from the advanced cursor (now - 10 s): "
-    "with passes more than 10 s apart (evaluate_interval up to 600 s, or a slow pass) a kind "
-    "that failed and then succeeded between two passes never recovers",
-)
 async def test_a_kind_that_succeeds_after_its_failure_recovers(db: asyncpg.Connection) -> None:
     config = alerts_config(failures=AlertRule(event="job_failed", destinations=["hook"]))
     d = await db_now(db)
@@ -182,11 +165,6 @@ async def test_a_kind_that_succeeds_after_its_failure_recovers(db: asyncpg.Conne
 # -- job_failed: recovery ignores the rule's queue filter ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SUCCEEDED_SINCE ignores the rule's `queues`: a success of the kind on another "
-    "queue closes the incident of the watched queue, whose jobs still fail",
-)
 async def test_recovery_counts_only_successes_the_rule_watches(db: asyncpg.Connection) -> None:
     rule = AlertRule(event="job_failed", destinations=["hook"], queues=["billing"])
     config = alerts_config(billing=rule)
@@ -216,12 +194,6 @@ async def fire_hourly_two_hours_ago(db: asyncpg.Connection) -> tuple[Context, in
     return Context({"hourly": info}, ["default"], now), job_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LATE_RUNS measures a queued, never-attempted job from its tick: a run that started "
-    "and failed two hours ago and was just put back by `stoker jobs retry` (attempts 0, queued) "
-    "is reported late ('has not started 2 hours after its tick')",
-)
 async def test_a_run_retried_by_hand_is_not_late(db: asyncpg.Connection) -> None:
     config = alerts_config(late=AlertRule(event="schedule_late", destinations=["hook"], grace=60))
     ctx, job_id = await fire_hourly_two_hours_ago(db)
@@ -235,12 +207,6 @@ async def test_a_run_retried_by_hand_is_not_late(db: asyncpg.Connection) -> None
 # -- schedule_failing: a retried run that succeeds does not recover the incident ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="schedule_failing closes only on a succeeded run with a tick newer than the one it "
-    "counted: the failed run retried by hand (`stoker jobs retry`) succeeds on the same ledger "
-    "row, so the incident stays open although consecutive_failures is 0 on /metrics",
-)
 async def test_a_failed_run_retried_to_success_recovers_the_schedule(
     db: asyncpg.Connection,
 ) -> None:
@@ -292,12 +258,6 @@ class _Leading:
     is_leader = True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Evaluator._schedules builds a CronSpec for every row of stoker.schedules on every "
-    "pass (every 2 s), even with no rule at all: ~95 us each, 190 ms of the leader's event loop "
-    "per pass at 2,000 db schedules; nothing is cached (the health sampler caches _spec)",
-)
 async def test_passes_over_unchanged_schedules_do_not_parse_them_again(
     dsn: str, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:

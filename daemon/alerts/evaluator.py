@@ -33,6 +33,8 @@ PING_KIND = "schedule.ping"
 PING_ATTEMPTS = 3
 KEEP_CLOSED_DAYS = 30
 PRUNE_EVERY = 3600.0
+# The events whose rules read the schedules.
+SCHEDULE_EVENTS = frozenset({"schedule_failing", "schedule_late", "schedule_slow"})
 
 
 def alert_queue(settings: Settings) -> QueueConfig | None:
@@ -78,6 +80,13 @@ class Evaluator:
         self._lead_since: datetime | None = None
         self._next_prune = 0.0
         self._warned: set[str] = set()
+        # stoker.schedules as last read, read again only when its fingerprint changes; parsed
+        # cron expressions by (cron, timezone), None for one that does not parse.
+        self._fingerprint: tuple[object, ...] | None = None
+        self._rows: list[asyncpg.Record] = []
+        self._specs: dict[tuple[str, str], CronSpec | None] = {}
+        self._infos: dict[str, ScheduleInfo] | None = None
+        self._needs_schedules = any(r.event in SCHEDULE_EVENTS for r in config.rules.values())
         self.passes = 0
         self.messages = 0
 
@@ -105,7 +114,10 @@ class Evaluator:
                     len(self.config.rules),
                     self.config.evaluate_interval,
                 )
-            ctx = Context(await self._schedules(conn), self._queues, self._lead_since)
+            # Incidents of rules removed or renamed since: closed, without a message.
+            await conn.execute(queries.CLOSE_ORPHANS, list(self.config.rules))
+            pinged = await self._read_schedules(conn)
+            ctx = Context(self._schedule_infos(), self._queues, self._lead_since)
             for name, rule in self.config.rules.items():
                 if not self._leader.is_leader or self._stopping.is_set():
                     return
@@ -115,7 +127,7 @@ class Evaluator:
                     raise
                 except Exception:
                     log.exception("alerts: rule %s could not be evaluated", name)
-            await self._ping(conn, ctx)
+            await self._ping(conn, pinged)
             if time.monotonic() >= self._next_prune:
                 self._next_prune = time.monotonic() + PRUNE_EVERY
                 await conn.execute(queries.PRUNE_INCIDENTS, KEEP_CLOSED_DAYS)
@@ -140,26 +152,58 @@ class Evaluator:
                 doc["text"],
             )
 
-    async def _schedules(self, conn: asyncpg.Connection) -> dict[str, ScheduleInfo]:
+    async def _read_schedules(self, conn: asyncpg.Connection) -> list[str]:
+        """Read stoker.schedules again when it changed; return the schedules with a ping_url."""
+        fingerprint = tuple(await conn.fetchrow(queries.SCHEDULES_FINGERPRINT))
+        if fingerprint != self._fingerprint:
+            self._rows = list(await conn.fetch(queries.DB_SCHEDULES))
+            self._fingerprint = fingerprint
+            self._infos = None
+        urls = {r["name"]: r["ping_url"] for r in self._rows}
+        urls.update((name, cfg.ping_url) for name, cfg in self._configured.items())
+        return sorted(name for name, url in urls.items() if url)
+
+    def _schedule_infos(self) -> dict[str, ScheduleInfo]:
+        """The schedules the rules watch, their cron expressions parsed once (none when no rule
+        watches schedules)."""
+        if not self._needs_schedules:
+            return {}
+        if self._infos is not None:
+            return self._infos
+        specs: dict[tuple[str, str], CronSpec | None] = {}
         found: dict[str, ScheduleInfo] = {}
-        for row in await conn.fetch(queries.DB_SCHEDULES):
-            try:
-                spec = CronSpec(row["cron"], row["timezone"])
-            except ValueError:
+        for row in self._rows:
+            spec = self._spec(specs, row["cron"], row["timezone"])
+            if spec is None:
                 continue  # the leader's log names it
             found[row["name"]] = ScheduleInfo(
                 row["name"], spec, row["queue"], row["enabled"], row["ping_url"], row["started"]
             )
         for name, cfg in self._configured.items():  # the configuration wins
-            found[name] = ScheduleInfo(
-                name, CronSpec(cfg.cron, cfg.timezone), cfg.queue, cfg.enabled, cfg.ping_url, None
-            )
+            spec = self._spec(specs, cfg.cron, cfg.timezone)
+            if spec is not None:
+                found[name] = ScheduleInfo(name, spec, cfg.queue, cfg.enabled, cfg.ping_url, None)
+        self._specs = specs  # only the expressions in use: the cache stays as big as the list
+        self._infos = found
         return found
 
-    async def _ping(self, conn: asyncpg.Connection, ctx: Context) -> None:
+    def _spec(
+        self, specs: dict[tuple[str, str], CronSpec | None], cron: str, timezone: str
+    ) -> CronSpec | None:
+        key = (cron, timezone)
+        if key not in specs:
+            if key in self._specs:
+                specs[key] = self._specs[key]
+            else:
+                try:
+                    specs[key] = CronSpec(cron, timezone)
+                except ValueError:
+                    specs[key] = None
+        return specs[key]
+
+    async def _ping(self, conn: asyncpg.Connection, pinged: list[str]) -> None:
         """A `schedule.ping` job for each schedule run with a ping_url that succeeded since the
         last pass; the URL itself stays in the configuration, never in a job."""
-        pinged = [name for name, info in ctx.schedules.items() if info.ping_url]
         if not pinged:
             return
         if self.config.queue not in self._queues and PING_RULE not in self._warned:

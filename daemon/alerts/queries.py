@@ -59,29 +59,46 @@ SELECT stoker.enqueue(queue => $1, kind => $2, payload => $3::text::jsonb,
 
 # -- job_failed --------------------------------------------------------------------------------
 # Jobs failed for good since $1 (finished_at, read through history's BRIN index), and failed
-# jobs parked in stoker.jobs, never the alert queue's own jobs ($2) nor alert.* / schedule.ping.
+# jobs parked in stoker.jobs (`parked`: read by updated_at, which the maintenance bumps each time
+# history refuses them again, so the rule keeps their ids), never the alert queue's own jobs
+# ($2) nor the kinds of the alerts' messages and pings ($3).
 FAILED_SINCE = """
-SELECT id, queue, kind, attempts, last_error, finished_at
+SELECT id, queue, kind, attempts, last_error, finished_at, false AS parked
   FROM stoker.job_history
- WHERE finished_at > $1 AND state = 'failed' AND queue <> $2
-   AND kind NOT LIKE 'alert.%' AND kind <> 'schedule.ping'
+ WHERE finished_at > $1 AND state = 'failed' AND queue <> $2 AND kind <> ALL($3::text[])
 UNION ALL
-SELECT id, queue, kind, attempts, last_error, updated_at
+SELECT id, queue, kind, attempts, last_error, updated_at, true
   FROM stoker.jobs
- WHERE state = 'failed' AND updated_at > $1 AND queue <> $2
-   AND kind NOT LIKE 'alert.%' AND kind <> 'schedule.ping'
+ WHERE state = 'failed' AND updated_at > $1 AND queue <> $2 AND kind <> ALL($3::text[])
 ORDER BY finished_at, id
 """
 
-# Of the kinds $2, those with a job that succeeded after $1: the incident's kind works again.
+# Of the parked failures counted ($1), those no longer parked: moved on to history (with the
+# finished_at history gave them), or gone (retried, deleted; finished_at null).
+PARKED_GONE = """
+SELECT p.id, h.finished_at
+  FROM unnest($1::bigint[]) AS p(id)
+  LEFT JOIN stoker.job_history h ON h.id = p.id
+ WHERE NOT EXISTS (SELECT 1 FROM stoker.jobs j WHERE j.id = p.id AND j.state = 'failed')
+"""
+
+# Of the kinds $2, the newest job that succeeded after $1 on the queues $3 (all when empty) but
+# the alert queue ($4): the incident's kind works again.
 SUCCEEDED_SINCE = """
-SELECT kind, min(id) AS job_id, max(finished_at) AS at
+SELECT DISTINCT ON (kind) kind, id AS job_id, finished_at AS at
   FROM stoker.job_history
  WHERE finished_at > $1 AND state = 'succeeded' AND kind = ANY($2::text[])
- GROUP BY kind
+   AND (cardinality($3::text[]) = 0 OR queue = ANY($3::text[])) AND queue <> $4
+ ORDER BY kind, finished_at DESC, id DESC
 """
 
 # -- schedules -----------------------------------------------------------------------------------
+# Changes whenever a row of stoker.schedules is inserted, updated or deleted (xmin catches a
+# transaction that commits after a newer updated_at was seen): the list is read again only then.
+SCHEDULES_FINGERPRINT = """
+SELECT count(*), max(updated_at), sum(xmin::text::bigint) FROM stoker.schedules
+"""
+
 DB_SCHEDULES = """
 SELECT name, cron, timezone, queue, enabled, ping_url,
        coalesce(timetable_changed_at, created_at) AS started
@@ -108,7 +125,9 @@ SELECT s.name AS schedule, r.tick, r.job_id, r.state, r.error, r.finished_at
 
 # Runs not started yet: jobs still queued (never attempted) of each schedule's newest $2 ticks up
 # to now() - $3 seconds (a tick skipped as overlapping names the run it waited for), and of its
-# last fired job; with the tick that fired each, and whether its queue is paused.
+# last fired job; with the tick that fired each, whether its queue is paused, and when the run was
+# due: its tick, or later when it was put back to run (`stoker jobs retry`, a job handed back at
+# shutdown), so that a run is late only $3 seconds after it could start.
 LATE_RUNS = """
 WITH candidates AS (
     SELECT s.name AS schedule, r.job_id
@@ -121,13 +140,14 @@ WITH candidates AS (
     UNION
     SELECT name, last_job_id FROM stoker.schedule_state
      WHERE name = ANY($1::text[]) AND last_job_id IS NOT NULL)
-SELECT c.schedule, f.tick, c.job_id, j.queue, coalesce(q.paused, false) AS paused
+SELECT c.schedule, f.tick, greatest(f.tick, j.run_at) AS due, c.job_id, j.queue,
+       coalesce(q.paused, false) AS paused
   FROM candidates c
   JOIN stoker.jobs j ON j.id = c.job_id AND j.state = 'queued' AND j.attempts = 0
   JOIN stoker.schedule_ticks f ON f.job_id = c.job_id AND f.schedule = c.schedule
                               AND f.outcome IN ('fired', 'manual')
-                              AND f.tick <= now() - make_interval(secs => $3)
   LEFT JOIN stoker.queues q ON q.name = j.queue
+ WHERE greatest(f.tick, j.run_at) <= now() - make_interval(secs => $3)
  ORDER BY c.schedule, f.tick
 """
 
@@ -185,6 +205,12 @@ SELECT id, rule, event, subject, opened_at, closed_at, count, reported, last_mes
  WHERE closed_at IS NULL OR $1
  ORDER BY closed_at IS NULL DESC, opened_at DESC
  LIMIT $2
+"""
+
+# Incidents of rules no longer configured (removed, renamed): closed without a message.
+CLOSE_ORPHANS = """
+UPDATE stoker.alert_incidents SET closed_at = now()
+ WHERE closed_at IS NULL AND rule <> ALL($1::text[])
 """
 
 JOB_OUTCOME = """

@@ -3,14 +3,18 @@ evaluation of a rule (RuleRun) to open, count and close its incidents in.
 
 - job_failed: jobs failed for good, read by finished_at since the rule's cursor (with a margin
   for transactions that commit a little after their now(), and the ids already counted within
-  it), grouped by kind. Recovery: a job of that kind succeeds after the last failure, or no
-  failure for `recover_after` (default an hour: a kind that stopped running at all).
+  it; failed jobs parked in stoker.jobs are counted once, by id, until they reach history),
+  grouped by kind. Recovery: a job of that kind, on a queue the rule watches, succeeds after the
+  last failure, or no failure for `recover_after` (default an hour: a kind that stopped running
+  at all).
 - schedule_failing: a schedule's newest `alert_after_failures` finished runs all failed (the
-  run ledger, newest first). Recovery: its newest finished run succeeded.
-- schedule_late: a run's job still waits, never attempted, `grace` after its tick (a paused
-  queue, no daemon serving it, a deep backlog) -> schedule_late; ticks passed over by the
-  catch-up policy, or due by more than `grace` and not handled by the leader at all ->
-  schedule_missed. Recovery: nothing late, and the schedule's newest run has started.
+  run ledger, newest first). Recovery: its newest finished run succeeded (a later tick's, or the
+  failed run retried by hand).
+- schedule_late: a run's job still waits, never attempted, `grace` after its tick, or after it
+  was put back to run when later (a paused queue, no daemon serving it, a deep backlog) ->
+  schedule_late; ticks passed over by the catch-up policy, or due by more than `grace` and not
+  handled by the leader at all -> schedule_missed. Recovery: nothing late, and the schedule's
+  newest run has started.
 - schedule_slow: a schedule's run still active past `max_duration`, once per run. Recovery:
   that run ended.
 - queue_backlog: a queue's oldest due job has waited longer than `max_wait`. Recovery: it is
@@ -24,12 +28,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from daemon.alerts import queries
-from daemon.alerts.incidents import Incident, RuleRun, first_line, span, utc
+from daemon.alerts.incidents import DELIVER_KIND, Incident, RuleRun, first_line, span, utc
 from daemon.cron.cronspec import CronSpec
 
 # Outcomes are written by transactions that may commit a little after their now(): reads by
 # time look this far back again, and skip what they counted already.
 OVERLAP = timedelta(seconds=10)
+# The alerts' own jobs (besides the alert queue's): never alerted about, or they would alert about
+# themselves.
+OWN_KINDS = (DELIVER_KIND, "schedule.ping")
 # How many of a schedule's newest ticks the late check looks through.
 LATE_LOOKBACK = 50
 
@@ -70,56 +77,83 @@ def _selected(run: RuleRun, ctx: Context, *, enabled_only: bool = True) -> list[
 async def job_failed(run: RuleRun, ctx: Context) -> None:
     since = _when(run.cursor.get("since"))
     seen: dict[str, str] = dict(run.cursor.get("seen") or {})
+    parked: set[int] = set(run.cursor.get("parked") or [])
     next_since = run.now - OVERLAP
     if since is None:  # a new rule: failures from now on
-        run.cursor = {"since": run.now.isoformat(), "seen": {}}
+        run.cursor = {"since": run.now.isoformat(), "seen": {}, "parked": []}
         return
-    rows = await run.conn.fetch(queries.FAILED_SINCE, since, run.config.queue)
+    rows = await run.conn.fetch(queries.FAILED_SINCE, since, run.config.queue, list(OWN_KINDS))
     queues, kinds = set(run.rule.queues), set(run.rule.kinds)
-    fresh = [
-        r
-        for r in rows
-        if str(r["id"]) not in seen
-        and (not queues or r["queue"] in queues)
-        and (not kinds or r["kind"] in kinds)
-    ]
-    for r in fresh:
-        seen[str(r["id"])] = r["finished_at"].isoformat()
+    fresh = []
+    for r in rows:
+        if str(r["id"]) in seen or r["id"] in parked:
+            continue  # counted already (a parked one is read again until it leaves stoker.jobs)
+        if (queues and r["queue"] not in queues) or (kinds and r["kind"] not in kinds):
+            continue
+        fresh.append(r)
+        if r["parked"]:
+            parked.add(r["id"])
+        else:
+            seen[str(r["id"])] = r["finished_at"].isoformat()
+    if parked:
+        # Parked failures moved on to history are read there once more (a new finished_at):
+        # `seen` skips them from now on; those gone otherwise (retried, deleted) are let go.
+        for r in await run.conn.fetch(queries.PARKED_GONE, sorted(parked)):
+            parked.discard(r["id"])
+            if r["finished_at"] is not None:
+                seen[str(r["id"])] = r["finished_at"].isoformat()
     by_kind: dict[str, list[Any]] = {}
     for r in fresh:
         by_kind.setdefault(r["kind"], []).append(r)
+    # Recovery of the incidents open before this pass (a success after the last failure, else a
+    # quiet period), read from this pass's `since`, or from the `since` of the pass that last
+    # counted failures of the kind: a success between that pass and this one is not forgotten.
+    open_kinds = list(run.incidents)
     for kind, failures in by_kind.items():
-        await _count_failures(run, kind, failures)
-    # Recovery: a success after the last failure, else a quiet period.
-    open_kinds = [k for k in run.incidents if k not in by_kind]
+        await _count_failures(run, kind, failures, since)
     if open_kinds:
-        succeeded = {
-            r["kind"]: r for r in await run.conn.fetch(queries.SUCCEEDED_SINCE, since, open_kinds)
-        }
-        for kind in open_kinds:
-            incident = run.incidents[kind]
-            last = _when(incident.cursor.get("last_failure_at")) or incident.opened_at
-            ok = succeeded.get(kind)
-            if ok is not None and ok["at"] > last:
-                await run.close(
-                    incident,
-                    f"{kind} works again: job {ok['job_id']} succeeded, after "
-                    f"{incident.count} failure{'s' if incident.count != 1 else ''} for good "
-                    f"since {utc(incident.opened_at)}",
-                )
-            elif (run.now - last).total_seconds() >= run.rule.quiet:
-                await run.close(
-                    incident,
-                    f"no job of {kind} has failed for {span(run.rule.quiet)}; closing the "
-                    f"incident after {incident.count} failures",
-                )
+        await _recover(run, open_kinds, since, set(by_kind))
     run.cursor = {
         "since": max(since, next_since).isoformat(),
         "seen": {k: v for k, v in seen.items() if datetime.fromisoformat(v) > next_since},
+        "parked": sorted(parked),
     }
 
 
-async def _count_failures(run: RuleRun, kind: str, failures: list[Any]) -> None:
+async def _recover(
+    run: RuleRun, open_kinds: list[str], since: datetime, failed_now: set[str]
+) -> None:
+    marks = [_when(run.incidents[k].cursor.get("successes_from")) for k in open_kinds]
+    start = min([since, *(m for m in marks if m is not None)])
+    succeeded = {
+        r["kind"]: r
+        for r in await run.conn.fetch(
+            queries.SUCCEEDED_SINCE, start, open_kinds, list(run.rule.queues), run.config.queue
+        )
+    }
+    for kind in open_kinds:
+        incident = run.incidents[kind]
+        last = _when(incident.cursor.get("last_failure_at")) or incident.opened_at
+        ok = succeeded.get(kind)
+        if ok is not None and ok["at"] > last:
+            await run.close(
+                incident,
+                f"{kind} works again: job {ok['job_id']} succeeded, after "
+                f"{incident.count} failure{'s' if incident.count != 1 else ''} for good "
+                f"since {utc(incident.opened_at)}",
+            )
+        elif (run.now - last).total_seconds() >= run.rule.quiet:
+            await run.close(
+                incident,
+                f"no job of {kind} has failed for {span(run.rule.quiet)}; closing the "
+                f"incident after {incident.count} failures",
+            )
+        elif kind not in failed_now and "successes_from" in incident.cursor:
+            del incident.cursor["successes_from"]  # read once more from there: enough
+            incident.touched = True
+
+
+async def _count_failures(run: RuleRun, kind: str, failures: list[Any], since: datetime) -> None:
     last = failures[-1]
     details = {
         "kind": kind,
@@ -134,7 +168,7 @@ async def _count_failures(run: RuleRun, kind: str, failures: list[Any]) -> None:
     incident = run.incidents.get(kind)
     if incident is not None:
         run.add(incident, len(failures), **details)
-        incident.cursor["last_failure_at"] = last_at
+        incident.cursor.update(last_failure_at=last_at, successes_from=since.isoformat())
         return
     first = failures[0]
     details.update(
@@ -155,7 +189,7 @@ async def _count_failures(run: RuleRun, kind: str, failures: list[Any]) -> None:
         kind,
         text,
         count=len(failures),
-        cursor={"last_failure_at": last_at},
+        cursor={"last_failure_at": last_at, "successes_from": since.isoformat()},
         details=details,
     )
 
@@ -197,9 +231,11 @@ async def schedule_failing(run: RuleRun, ctx: Context) -> None:
         seen = _when(incident.cursor.get("tick")) or incident.opened_at
         later = [r for r in recent if r["tick"] > seen]
         failed = [r for r in later if r["state"] == "failed"]
-        if newest["state"] == "succeeded" and newest["tick"] > seen:
+        # The newest run succeeded: a later tick's, or the failed run itself retried by hand
+        # (`stoker jobs retry`: the same ledger row, a tick already counted).
+        if newest["state"] == "succeeded":
             incident.count += len(failed)
-            incident.cursor["tick"] = newest["tick"].isoformat()
+            incident.cursor["tick"] = max(seen, newest["tick"]).isoformat()
             await run.close(
                 incident,
                 f"schedule {name} succeeded again (job {newest['job_id']}, tick "
@@ -238,7 +274,7 @@ async def schedule_late(run: RuleRun, ctx: Context) -> None:
         if name in late:
             r = late[name]
             if incident is None:
-                waited = (run.now - r["tick"]).total_seconds()
+                waited = (run.now - r["due"]).total_seconds()
                 why = (
                     f"; queue {r['queue']} is paused"
                     if r["paused"]
@@ -248,8 +284,9 @@ async def schedule_late(run: RuleRun, ctx: Context) -> None:
                     "schedule_late",
                     name,
                     f"schedule {name} is late: the run of tick {utc(r['tick'])} (job "
-                    f"{r['job_id']}) has not started {span(waited)} after its tick "
-                    f"(grace {span(grace)}){why}",
+                    f"{r['job_id']}) has not started {span(waited)} after "
+                    + ("its tick" if r["due"] == r["tick"] else f"it was due ({utc(r['due'])})")
+                    + f" (grace {span(grace)}){why}",
                     cursor={"job_id": r["job_id"], "tick": r["tick"].isoformat()},
                     details={
                         "schedule": name,
