@@ -13,6 +13,8 @@ Scenarios (default: all):
     scale      drain rate with 10,000 vs 1,000,000 queued; claim time with an empty history
                vs 10,000,000 finished jobs, and with 1,000,000 jobs scheduled for later
     memory     resident memory of an idle daemon, and its peak while draining 1,000,000 jobs
+    dashboard  every dashboard page's server time (median, p95) with 1,000,000 jobs queued and
+               10,000,000 in history (--scale-jobs, --history; bench/dashboard.py)
 
 Every figure is the median of --runs runs (min-max beside it), runs of different systems
 interleaved so that drift in the machine hits all alike. See bench/README.md.
@@ -30,9 +32,10 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from bench import ceiling, peers, stoker
+from bench import dashboard as dashboard_bench
 from bench.common import Row, fresh_database, pct, print_table, server_dsn
 
-SCENARIOS = ("drain", "latency", "producers", "scale", "memory")
+SCENARIOS = ("drain", "latency", "producers", "scale", "memory", "dashboard")
 
 
 def progress(row: Row) -> None:
@@ -273,6 +276,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 rows += await scale(admin, args, rss)
             elif name == "memory":
                 rows += await memory(admin, args, rss)
+            elif name == "dashboard":
+                rows += await dashboard_bench.dashboard(
+                    admin, args.scale_jobs, args.history, args.dashboard_requests
+                )
     finally:
         if cluster is not None:
             cluster.stop()
@@ -308,6 +315,9 @@ def main() -> None:
     parser.add_argument("--producer-seconds", type=int, default=8)
     parser.add_argument("--scale-jobs", type=int, default=1_000_000)
     parser.add_argument("--history", type=int, default=10_000_000, help="history rows for scale")
+    parser.add_argument(
+        "--dashboard-requests", type=int, default=50, help="requests per dashboard page"
+    )
     parser.add_argument(
         "--procrastinate-jobs",
         type=int,

@@ -27,6 +27,7 @@ from daemon.engine.resources import Resources
 from daemon.errors import StokerError
 from daemon.observe.metrics import Metrics
 from daemon.observe.systemd import Notifier
+from daemon.operate import throughput, workers
 from daemon.store import queries
 from daemon.store.clock import DbClock
 from daemon.store.db import CONNECT_ERRORS, DB_ERRORS, create_pool, describe_failure
@@ -65,6 +66,7 @@ class Runtime:
         self.health = HealthState(draining=self.stopping.is_set)
         self.notifier = Notifier()
         self.http: HttpServer | None = None
+        self.me = workers.Worker(settings.worker_id, list(settings.queues))
         self._announced = False
 
     # -- wiring ----------------------------------------------------------------------------
@@ -189,6 +191,10 @@ class Runtime:
         await self.clock.sync(db)
         self._wire_metrics(db, completer)
         self.health.db = db
+        try:
+            await workers.register(db, self.me)
+        except DB_ERRORS as exc:
+            log.warning("cannot write this daemon into stoker.workers: %s", exc)
         if s.http.enabled:
             app = build_app(
                 s.http, self.health, self.metrics, self._admin_app(db), self._dashboard_app(db)
@@ -232,7 +238,9 @@ class Runtime:
             return None  # the dashboard is off without a token, like the admin API
         from daemon.web.dashboard import create_dashboard_app
 
-        return create_dashboard_app(db=db, settings=self.settings)
+        return create_dashboard_app(
+            db=db, settings=self.settings, sample=lambda: self.health.queue_sample
+        )
 
     def _wire_metrics(self, db: asyncpg.Pool, completer: Completer) -> None:
         snap = self.metrics.snapshot
@@ -270,6 +278,7 @@ class Runtime:
                         lease_seconds=s.lease_seconds,
                         running_ids=self._running_ids,
                         stopping=self.finished,
+                        on_beat=partial(workers.seen, db, self.me),
                     ),
                     name="stoker-heartbeat",
                 ),
@@ -287,7 +296,10 @@ class Runtime:
                         db,
                         retention_seconds=s.history_retention_days * 86_400,
                         stopping=self.stopping,
-                        also=[partial(prune_ticks, keep_days=s.ledger_retention_days)],
+                        also=[
+                            partial(prune_ticks, keep_days=s.ledger_retention_days),
+                            workers.prune,
+                        ],
                     ),
                     name="stoker-purge",
                 ),
@@ -329,6 +341,15 @@ class Runtime:
                     queues=list(s.queues),
                 )
                 background.append(tg.create_task(self.alerts.run(), name="stoker-alerts"))
+                leader = self.leader
+                background.append(
+                    tg.create_task(
+                        throughput.record_loop(
+                            db, is_leader=lambda: leader.is_leader, stopping=self.stopping
+                        ),
+                        name="stoker-throughput",
+                    )
+                )
             if not s.poll_only:
                 self.listener = Listener(
                     s.listen_dsn or s.database_url,
@@ -382,6 +403,8 @@ class Runtime:
                 await db.execute(queries.UNREGISTER_WORKER, s.worker_id)
             self.finished.set()
             await asyncio.gather(*background)
+            with contextlib.suppress(*DB_ERRORS):
+                await workers.unregister(db, s.worker_id)  # after the last heartbeat
 
 
 def loop_time() -> float:

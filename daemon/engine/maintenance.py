@@ -37,10 +37,17 @@ async def heartbeat_loop(
     lease_seconds: float,
     running_ids: Callable[[], list[int]],
     stopping: asyncio.Event,
+    on_beat: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Renew the lease of every job this process holds, at a third of the lease."""
+    """Renew the lease of every job this process holds, at a third of the lease; each beat
+    also runs `on_beat` (the daemons registry's "still here")."""
     interval = lease_seconds / 3
     while not await _sleep(stopping, interval):
+        if on_beat is not None:
+            try:
+                await on_beat()
+            except DB_ERRORS as exc:
+                log.debug("heartbeat: %s", exc)
         ids = running_ids()
         if not ids:
             continue

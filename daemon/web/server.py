@@ -25,6 +25,7 @@ from daemon.cron.schedules import Sampled, Schedule
 from daemon.events import wait_any
 from daemon.observe.metrics import OTHER, Metrics
 from daemon.operate import schedules as operate_schedules
+from daemon.operate.throughput import QueueSample
 from daemon.store import queries
 from daemon.store.db import DB_ERRORS
 from daemon.store.migrations import load_migrations
@@ -55,6 +56,7 @@ class HealthState:
     db_checked_at: float = 0.0
     db_error: str | None = NOT_CHECKED
     db_check: asyncio.Future[str | None] | None = None
+    queue_sample: QueueSample | None = None  # the latest, for the dashboard
 
 
 async def loop_lag_probe(state: HealthState, stopping: asyncio.Event) -> None:
@@ -100,6 +102,7 @@ async def sample_database(
                     oldest.setdefault(queue, 0.0)
                 metrics.snapshot.depth = depth
                 metrics.snapshot.oldest_due = oldest
+                state.queue_sample = QueueSample.from_rows(rows)
                 state.migrations_current = known <= applied
             except DB_ERRORS as exc:
                 log.debug("metrics sample failed: %s", exc)

@@ -8,13 +8,16 @@ Content-Security-Policy that allows no inline script."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 from aiohttp import web
 
 from daemon.config import Settings
+from daemon.operate.throughput import QueueSample
 from daemon.web.dashboard.pages import routes as page_routes
+from daemon.web.dashboard.queues import SAMPLE
 from daemon.web.dashboard.render import DB, RENDERER, SESSIONS, SETTINGS, Renderer
 from daemon.web.dashboard.security import guard, security_headers
 from daemon.web.dashboard.session import Sessions
@@ -22,7 +25,13 @@ from daemon.web.dashboard.session import Sessions
 STATIC = Path(__file__).parent / "static"
 
 
-def create_dashboard_app(*, db: asyncpg.Pool, settings: Settings) -> web.Application:
+def create_dashboard_app(
+    *,
+    db: asyncpg.Pool,
+    settings: Settings,
+    sample: Callable[[], QueueSample | None] = lambda: None,
+) -> web.Application:
+    """`sample`: the latest queue depth sample of this process (its metrics sampler's)."""
     token = settings.http.admin_token
     if not token:
         raise ValueError("the dashboard needs an admin token")
@@ -31,6 +40,7 @@ def create_dashboard_app(*, db: asyncpg.Pool, settings: Settings) -> web.Applica
     )
     app[DB] = db
     app[SETTINGS] = settings
+    app[SAMPLE] = sample
     app[SESSIONS] = Sessions(token, settings.http.viewer_token)
     app[RENDERER] = Renderer()
     app.router.add_routes(page_routes())

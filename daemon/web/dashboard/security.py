@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,6 +39,7 @@ CSRF_HEADER = "X-CSRF-Token"
 
 @web.middleware
 async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
     try:
         response = await handler(request)
     except web.HTTPException as exc:
@@ -49,6 +51,8 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
         if name == "Cache-Control" and request.path.startswith("/dashboard/static/"):
             continue  # versioned files: let the browser keep them
         response.headers.setdefault(name, value)
+    # The server's time for this request (what bench/dashboard.py measures), in milliseconds.
+    response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
     return response
 
 
