@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import asyncpg
@@ -83,3 +84,227 @@ async def cancel_job(conn: asyncpg.Connection, job_id: int) -> None:
     else:
         why = f"job {job_id} is already {state}"
     raise Conflict(why, id=job_id, state=state)
+
+
+# -- the dashboard's search: filters, bounded reads, bulk actions -----------------------------
+
+# A page of a filtered list reads at most this many of the newest rows (from `before`), live and
+# history together, in id order through an index; the filters no index serves (queue, kind, a
+# meta key, error text) are applied to those rows only. A page that finds fewer matches than it
+# shows continues from the oldest row it read: every page costs the same, however large the
+# tables, and nothing ever counts them.
+SCAN_ROWS = 20_000
+# A bulk action over a whole filter touches at most this many jobs, found by at most
+# BULK_SCAN_PAGES reads of SCAN_ROWS rows, and acts on them in batches of BULK_BATCH.
+BULK_MAX = 1_000
+BULK_SCAN_PAGES = 5
+BULK_BATCH = 100
+
+LIVE_STATES = frozenset({"queued", "active", "succeeded", "failed"})  # parked outcomes too
+HISTORY_STATES = frozenset({"succeeded", "failed", "cancelled"})
+NEWEST = 2**63 - 1
+
+_SCAN_COLUMNS = "id, queue, kind, meta, last_error"
+LIST_COLUMNS = """id, queue, kind, meta, state::text AS state, run_at, attempts, max_attempts,
+worker, left(last_error, 300) AS last_error, progress, created_at, started_at, finished_at"""
+
+_MATCH = """
+matched AS (
+    SELECT id FROM scanned
+     WHERE ($3::text IS NULL OR queue = $3)
+       AND ($4::text IS NULL OR kind = $4)
+       AND ($5::text IS NULL OR CASE WHEN $6::text = '' THEN meta ? $5 ELSE meta ->> $5 = $6 END)
+       AND ($7::text IS NULL OR last_error ILIKE $7)
+     ORDER BY id DESC
+     LIMIT $8
+)
+SELECT (SELECT count(*) FROM scanned) AS scanned, (SELECT min(id) FROM scanned) AS floor,
+       ARRAY(SELECT id FROM matched ORDER BY id DESC) AS ids
+"""
+
+_ROWS = f"""
+SELECT {LIST_COLUMNS} FROM stoker.all_jobs WHERE id = ANY($1::bigint[]) ORDER BY id DESC
+"""
+
+_CANCEL_JOBS = """
+WITH gone AS (
+    DELETE FROM stoker.jobs WHERE id = ANY($1::bigint[]) AND state = 'queued' RETURNING *
+)
+INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state, run_at, attempts,
+                                max_attempts, unique_key, worker, last_error, errors, result,
+                                progress, created_at, started_at)
+SELECT id, queue, kind, payload, meta, priority, 'cancelled', run_at, attempts, max_attempts,
+       unique_key, worker, 'cancelled by an operator', errors, result, progress, created_at,
+       started_at
+  FROM gone
+RETURNING id, queue
+"""
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What the jobs list is narrowed to; each None (or empty) means any."""
+
+    states: tuple[State, ...] = ()
+    queue: str | None = None
+    kind: str | None = None
+    meta_key: str | None = None
+    meta_value: str | None = None
+    error: str | None = None
+
+    @property
+    def bounded(self) -> bool:
+        """Whether a filter no index serves is set: then a page reads SCAN_ROWS rows."""
+        return bool(self.queue or self.kind or self.meta_key or self.error)
+
+    def narrowed(self, states: Sequence[State]) -> JobFilter:
+        """The same filter, keeping only `states` (of its own, or all of them when it has
+        none)."""
+        keep = tuple(s for s in (self.states or STATES) if s in states)
+        return JobFilter(keep, self.queue, self.kind, self.meta_key, self.meta_value, self.error)
+
+
+@dataclass(frozen=True)
+class JobPage:
+    jobs: list[asyncpg.Record]
+    next_before: int | None  # the `before` of the next (older) page, if there may be one
+    scanned: int  # rows read
+    floor: int | None  # the oldest id read
+    bounded: bool
+
+
+def _state_clause(states: Sequence[str]) -> str:
+    # Literals, not parameters: a partial index is used only when the planner sees that the
+    # query's states fall within its predicate, which a generic plan's $n never shows.
+    return "state IN (" + ", ".join(f"'{s}'" for s in states) + ")"
+
+
+def _scan_sql(states: Sequence[State]) -> str | None:
+    """The newest $2 rows below id $1 of the tables that can hold `states` (all: any)."""
+    wanted = set(states or STATES)
+    if not wanted <= set(STATES):
+        raise ValueError(f"unknown job state in {sorted(wanted)}")
+    parts = []
+    for table, holds in (("stoker.jobs", LIVE_STATES), ("stoker.job_history", HISTORY_STATES)):
+        here = sorted(wanted & holds)
+        if not here:
+            continue
+        where = "" if set(here) == holds else f" AND {_state_clause(here)}"
+        parts.append(
+            f"(SELECT {_SCAN_COLUMNS} FROM {table} WHERE id < $1{where} ORDER BY id DESC LIMIT $2)"
+        )
+    if not parts:
+        return None
+    union = "\n UNION ALL\n ".join(parts)
+    return (
+        f"WITH scanned AS MATERIALIZED (\n SELECT * FROM (\n {union}\n ) u "
+        f"ORDER BY id DESC LIMIT $2\n),{_MATCH}"
+    )
+
+
+def _like(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+async def _matching(
+    conn: asyncpg.Connection, f: JobFilter, *, before: int | None, limit: int, scan: int
+) -> tuple[list[int], int, int | None]:
+    sql = _scan_sql(f.states)
+    if sql is None:
+        return [], 0, None
+    row = await conn.fetchrow(
+        sql,
+        before or NEWEST,
+        scan if f.bounded else limit,
+        f.queue or None,
+        f.kind or None,
+        f.meta_key or None,
+        f.meta_value or "",
+        _like(f.error) if f.error else None,
+        limit,
+    )
+    assert row is not None
+    return list(row["ids"]), row["scanned"], row["floor"]
+
+
+async def search_jobs(
+    conn: asyncpg.Connection,
+    f: JobFilter,
+    *,
+    before: int | None = None,
+    limit: int = 50,
+    scan: int = SCAN_ROWS,
+) -> JobPage:
+    """Newest first, below id `before`: reads at most `limit` rows when only states are
+    filtered (an index gives them in order), else at most `scan` rows, which it filters."""
+    ids, scanned, floor = await _matching(conn, f, before=before, limit=limit, scan=scan)
+    rows: list[asyncpg.Record] = await conn.fetch(_ROWS, ids) if ids else []
+    if len(ids) >= limit:
+        next_before: int | None = ids[-1]
+    elif f.bounded and scanned >= scan and floor is not None:
+        next_before = floor
+    else:
+        next_before = None
+    return JobPage(rows, next_before, scanned, floor, f.bounded)
+
+
+async def matching_ids(
+    conn: asyncpg.Connection,
+    f: JobFilter,
+    *,
+    most: int = BULK_MAX,
+    pages: int = BULK_SCAN_PAGES,
+    scan: int = SCAN_ROWS,
+) -> list[int]:
+    """The ids of at most `most` jobs matching `f`, newest first, found in at most `pages`
+    bounded reads."""
+    found: list[int] = []
+    before: int | None = None
+    for _ in range(pages):
+        ids, scanned, floor = await _matching(
+            conn, f, before=before, limit=most - len(found), scan=scan
+        )
+        found.extend(ids)
+        if len(found) >= most:
+            break
+        if not f.bounded or scanned < scan or floor is None:
+            break  # an unbounded read already gave all it had; or the tables ran out
+        before = floor
+    return found
+
+
+async def cancel_jobs(conn: asyncpg.Connection, ids: Sequence[int]) -> list[asyncpg.Record]:
+    """Queued jobs of `ids` become cancelled (into history); others are left as they are.
+    Returns (id, queue) of each job cancelled."""
+    rows: list[asyncpg.Record] = await conn.fetch(_CANCEL_JOBS, list(ids))
+    return rows
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    touched: list[int]  # ids the action changed
+    skipped: list[int]  # ids it looked at but left (running, already queued, ...)
+
+
+async def retry_many(conn: asyncpg.Connection, ids: Sequence[int]) -> BulkOutcome:
+    """retry_jobs in batches of BULK_BATCH, each its own transaction."""
+    done: list[int] = []
+    for start in range(0, len(ids), BULK_BATCH):
+        batch = ids[start : start + BULK_BATCH]
+        done.extend(r["id"] for r in await retry_jobs(conn, batch))
+    kept = set(done)
+    return BulkOutcome(done, [i for i in ids if i not in kept])
+
+
+async def cancel_many(conn: asyncpg.Connection, ids: Sequence[int]) -> BulkOutcome:
+    """cancel_jobs in batches of BULK_BATCH, each its own statement."""
+    done: list[int] = []
+    for start in range(0, len(ids), BULK_BATCH):
+        done.extend(r["id"] for r in await cancel_jobs(conn, ids[start : start + BULK_BATCH]))
+    kept = set(done)
+    return BulkOutcome(done, [i for i in ids if i not in kept])
+
+
+RETRYABLE: tuple[State, ...] = ("failed", "cancelled")
+CANCELLABLE: tuple[State, ...] = ("queued",)
