@@ -13,6 +13,7 @@ import asyncpg
 from playwright.async_api import Browser, Dialog, Page, expect
 
 from daemon.enqueue import enqueue
+from daemon.operate import throughput
 from tests.browser import DASHBOARD_CONFIG, VIEWER_TOKEN, http_port, screenshot, sign_in
 from tests.conftest import DaemonFactory, eventually, finished
 
@@ -149,3 +150,29 @@ async def test_a_viewer_sees_no_button_and_forged_or_unsigned_actions_are_refuse
         return json.dumps(dict(row), default=str) if row else None
 
     assert "default" in await eventually(registered)
+
+
+async def test_the_throughput_pass_counts_closed_minutes_once_whatever_it_is_run(
+    db: asyncpg.Connection,
+) -> None:
+    await db.execute(
+        """INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state,
+               run_at, attempts, errors, created_at, started_at, finished_at)
+           SELECT 900000 + i, 'mail', 'noop', '{}', '{}', 0,
+                  CASE WHEN i % 4 = 0 THEN 'failed' ELSE 'succeeded' END::stoker.job_state,
+                  t, 1, '[]', t, t, t
+             FROM generate_series(1, 12) AS i,
+                  LATERAL (SELECT date_trunc('minute', now()) - make_interval(mins => i % 3)
+                                  + interval '5 seconds') AS x(t)"""
+    )
+    for _ in range(2):  # idempotent
+        await throughput.record(db)
+    rows = await db.fetch(
+        """SELECT extract(epoch FROM date_trunc('minute', now()) - minute)::int / 60 AS back,
+                  completed, failed
+             FROM stoker.throughput WHERE queue = 'mail' ORDER BY minute"""
+    )
+    # The minute in progress is not counted yet; the two closed ones are, 4 jobs each.
+    assert [tuple(r) for r in rows] == [(2, 3, 1), (1, 3, 1)]
+    rates = await throughput.rates(db)
+    assert rates["mail"] == (6 / 5, 2 / 5)
