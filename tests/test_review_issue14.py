@@ -233,11 +233,6 @@ async def test_a_failed_run_retried_to_success_recovers_the_schedule(
 # -- a ping URL (a credential) in the error of save_schedule ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="save_schedule validates through ScheduleConfig; pydantic's ValidationError repeats "
-    "the input, so a mistyped ping_url (its token) is in the exception's text",
-)
 async def test_a_bad_ping_url_is_not_repeated_in_the_error(db: asyncpg.Connection) -> None:
     with pytest.raises(ValueError) as caught:
         await save_schedule(
@@ -296,12 +291,6 @@ async def test_passes_over_unchanged_schedules_do_not_parse_them_again(
 # -- the runs API: a `before` the database cannot take ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RunsQuery.before accepts any aware datetime; one whose UTC instant falls before "
-    "year 1 (0001-01-01T00:00:00+01:00) makes asyncpg raise OverflowError: a 500, not a 422 "
-    "naming query.before",
-)
 async def test_a_before_out_of_range_is_a_422_naming_the_field(
     api: Api,  # noqa: F811
 ) -> None:

@@ -4,7 +4,7 @@ schemas /openapi.json publishes for what goes out."""
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
@@ -161,11 +161,23 @@ def _plus_sign(value: Any) -> Any:
     return value
 
 
+def _in_range(value: datetime | None) -> datetime | None:
+    # PostgreSQL (and asyncpg) take years 1 to 9999 in UTC: 0001-01-01T00:00:00+01:00 is not.
+    if value is None:
+        return None
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range: give a time between years 1 and 9999 in UTC") from None
+
+
 class RunsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")  # lax: query values arrive as text
 
     limit: int = Field(50, ge=1, le=500)
-    before: Annotated[AwareDatetime, BeforeValidator(_plus_sign)] | None = Field(
+    before: Annotated[
+        AwareDatetime | None, BeforeValidator(_plus_sign), AfterValidator(_in_range)
+    ] = Field(
         None, description="only runs with an earlier tick (ISO 8601 with a zone): next_before"
     )
 
