@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 from daemon.cli.alerts import add_alerts_parser
 from daemon.config import QUEUE_NAME
+from daemon.config.models import parse_duration
 from daemon.errors import StokerError
 from daemon.operate.jobs import STATES
 from daemon.store.db import json_problem
@@ -163,6 +164,14 @@ def positive_int(text: str) -> int:
     return whole_number(text, 1, None, what="a whole number", bounds="must be at least 1")
 
 
+def non_negative_seconds(text: str) -> float:
+    """Seconds, as a number or with a unit ("90", "90s", "5m"): never negative (no sign)."""
+    try:
+        return float(parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="stoker", description="Background jobs for PostgreSQL.")
     parser.add_argument(
@@ -234,6 +243,15 @@ def build_parser() -> Parser:
     add.add_argument("--max-catch-up", type=positive_int, default=10)
     add.add_argument("--overlap", choices=["skip", "allow"], default="skip")
     add.add_argument("--description", type=utf8, default="")
+    add.add_argument(
+        "--skip-grace",
+        type=non_negative_seconds,
+        default=60.0,
+        help='catch_up "skip": seconds late a tick may still fire (default 60)',
+    )
+    add.add_argument(
+        "--ping-url", type=utf8, default=None, help="GET after each successful run (a monitor)"
+    )
     rm = ssub.add_parser("remove", help="delete a schedule from stoker.schedules")
     rm.add_argument("name", type=utf8)
     hist = ssub.add_parser(

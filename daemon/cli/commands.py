@@ -347,6 +347,8 @@ async def schedules_add(conn: asyncpg.Connection, args: argparse.Namespace) -> i
             max_catch_up=args.max_catch_up,
             overlap=args.overlap,
             description=args.description,
+            skip_grace=args.skip_grace,
+            ping_url=args.ping_url,
         )
     except ValidationError as exc:
         reasons = "; ".join(str(e.get("msg")) for e in exc.errors())
