@@ -126,7 +126,9 @@ async def test_a_pause_holds_on_every_daemon_over_a_leader_change_and_a_resume_f
     await other.wait_log("leading 1 schedules (1 enabled), 1 paused", timeout=10)
     # Three seconds of the database's clock with nothing fired (a deadline, not a sleep).
     await eventually(
-        lambda: db.fetchval("SELECT clock_timestamp() > $1::timestamptz + interval '3 seconds'", since),
+        lambda: db.fetchval(
+            "SELECT clock_timestamp() > $1::timestamptz + interval '3 seconds'", since
+        ),
         timeout=10,
         interval=0.1,
     )
@@ -152,7 +154,8 @@ async def test_a_pause_holds_on_every_daemon_over_a_leader_change_and_a_resume_f
     await eventually(fired_after, timeout=10)
     in_pause = await db.fetchval(
         "SELECT count(*) FROM stoker.schedule_ticks WHERE schedule = 'tick' "
-        "AND outcome <> 'manual' AND tick >= $1::timestamptz + interval '0.5 seconds' AND tick <= $2",
+        "AND outcome <> 'manual' AND tick >= $1::timestamptz + interval '0.5 seconds' "
+        "AND tick <= $2",
         since,
         resumed,
     )
