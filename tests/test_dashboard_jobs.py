@@ -131,6 +131,14 @@ async def test_markup_is_shown_as_text_viewers_cannot_act_and_csrf_is_required(
     assert await admin.evaluate("typeof window.__pwned") == "undefined"
     assert await admin.locator("main img, main script").count() == 0
 
+    # A running job: its progress bar (a <progress> element: the CSP allows no inline style).
+    running = await daemon.enqueue(db, queue="default", kind="test.sleep", payload={"seconds": 60})
+    await admin.goto(f"{base}/dashboard/jobs/{running}")
+    await expect(admin.locator("#job-state")).to_have_text("active")
+    await expect(admin.locator(".job-progress progress")).to_have_attribute("value", "10.0")
+    await expect(admin.locator(".progress-message")).to_have_text("sleeping")
+    await expect(admin.locator("main [style]")).to_have_count(0)
+
     # Non-numeric, too large or unknown ids: a 404 page, never a 500.
     cookie = await session_cookie(admin.context)
     async with aiohttp.ClientSession(headers={"Cookie": cookie}) as http:
@@ -171,6 +179,7 @@ async def test_markup_is_shown_as_text_viewers_cannot_act_and_csrf_is_required(
         await dialog.accept()
 
     admin.on("dialog", accept)
+    await admin.goto(f"{base}/dashboard/jobs/{job_id}")
     await admin.click("button:has-text('Cancel')")
     await expect(admin.locator("#job-state")).to_have_text("cancelled")
     assert asked == [f"Cancel job {job_id}?"]
