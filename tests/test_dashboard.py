@@ -91,3 +91,22 @@ async def test_the_dashboard_is_off_without_an_admin_token(daemons: DaemonFactor
     base = f"http://127.0.0.1:{http_port(daemon.log())}"
     async with aiohttp.ClientSession() as http, http.get(f"{base}/dashboard/") as response:
         assert response.status == 404
+
+
+async def test_failed_sign_ins_are_throttled(daemons: DaemonFactory) -> None:
+    base = await start(daemons)
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for _ in range(21):
+            async with http.post(
+                f"{base}/dashboard/login", data={"token": "a wrong guess, again"}
+            ) as response:
+                statuses.append(response.status)
+                retry_after = response.headers.get("Retry-After")
+        assert statuses[:20] == [401] * 20
+        assert statuses[20] == 429 and retry_after is not None and int(retry_after) >= 1
+        # even the right token waits its turn: the throttle does not tell guesses apart
+        async with http.post(
+            f"{base}/dashboard/login", data={"token": ADMIN_TOKEN}, allow_redirects=False
+        ) as response:
+            assert response.status == 429

@@ -281,7 +281,9 @@ async def test_filters_paging_and_bulk_actions(
     page.on("dialog", accept)
     await page.goto(f"{base}/dashboard/jobs?state=failed&meta_key=org&meta_value=org_0")
     assert sorted(await rows(page)) == sorted(org_0)
-    await page.click("button:has-text('Retry all matching')")
+    retry_all = page.locator("form.action:has(button:has-text('Retry all matching'))")
+    await retry_all.locator("input[name=confirm]").check()
+    await retry_all.locator("button").click()
 
     async def all_queued() -> bool:
         return all([await state_of(db, j) == "queued" for j in org_0])
@@ -289,7 +291,9 @@ async def test_filters_paging_and_bulk_actions(
     await eventually(all_queued)
     assert asked == ["Retry up to 1,000 failed or cancelled jobs matching this filter?"]
     await page.goto(f"{base}/dashboard/jobs?queue=reports&state=queued")
-    await page.click("button:has-text('Cancel all matching')")
+    cancel_all = page.locator("form.action:has(button:has-text('Cancel all matching'))")
+    await cancel_all.locator("input[name=confirm]").check()
+    await cancel_all.locator("button").click()
     queued = org_0 + org_1[:2]
 
     async def all_cancelled() -> bool:

@@ -12,7 +12,6 @@ from html.parser import HTMLParser
 
 import aiohttp
 import asyncpg
-import pytest
 
 import daemon
 from daemon.web.dashboard.session import Sessions
@@ -55,10 +54,6 @@ async def statuses(
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a NUL byte in a jobs filter reaches PostgreSQL, which refuses it: 500, not 400",
-)
 async def test_a_nul_byte_in_a_jobs_filter_is_a_400_not_a_500(daemons: DaemonFactory) -> None:
     base = await start(daemons)
     async with aiohttp.ClientSession() as http:
@@ -81,11 +76,6 @@ async def test_a_nul_byte_in_a_jobs_filter_is_a_400_not_a_500(daemons: DaemonFac
     assert found == dict.fromkeys(found, 400)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_job_id puts the raw path text into the HTTP reason; a newline makes aiohttp raise "
-    "ValueError ('Reason cannot contain \\r or \\n'): 500, not 404",
-)
 async def test_a_job_id_holding_a_newline_is_a_404_not_a_500(daemons: DaemonFactory) -> None:
     base = await start(daemons)
     async with aiohttp.ClientSession() as http:
@@ -102,11 +92,6 @@ async def test_a_job_id_holding_a_newline_is_a_404_not_a_500(daemons: DaemonFact
     assert found == dict.fromkeys(found, 404)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="audit ?before= outside bigint, and schedule ?before= moments that overflow when "
-    "made UTC, reach asyncpg and raise: 500, not 400",
-)
 async def test_out_of_range_before_parameters_are_a_400_not_a_500(
     daemons: DaemonFactory,
 ) -> None:
@@ -127,11 +112,6 @@ async def test_out_of_range_before_parameters_are_a_400_not_a_500(
     assert found == dict.fromkeys(found, 400)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hmac.compare_digest raises TypeError on non-ASCII str: a non-ASCII session cookie "
-    "signature or CSRF token gives 500 instead of 'signed out' / 403",
-)
 async def test_a_non_ascii_cookie_or_csrf_token_is_refused_not_a_500(
     daemons: DaemonFactory,
 ) -> None:
@@ -155,11 +135,6 @@ async def test_a_non_ascii_cookie_or_csrf_token_is_refused_not_a_500(
     assert found == {"cookie": 303, "csrf": 403}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the session key is derived from the admin token only: a viewer session signed in "
-    "with an old viewer token stays valid (up to 12 h) after the viewer token is changed",
-)
 def test_a_changed_viewer_token_ends_the_sessions_of_the_old_one() -> None:
     before = Sessions("admin-token-0123456789", "viewer-token-leaked-01")
     after = Sessions("admin-token-0123456789", "viewer-token-rotated-2")
@@ -190,11 +165,6 @@ class Forms(HTMLParser):
             self._current = None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="'Cancel all matching' asks only through the script's window.confirm: with "
-    "JavaScript off, one click cancels up to 1,000 queued jobs unasked",
-)
 async def test_cancelling_a_whole_filter_without_javascript_asks_first(
     daemons: DaemonFactory, db: asyncpg.Connection
 ) -> None:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from daemon.config import Settings
 from daemon.operate.throughput import QueueSample
+from daemon.web.dashboard.login import THROTTLE, LoginThrottle
 from daemon.web.dashboard.pages import routes as page_routes
 from daemon.web.dashboard.queues import SAMPLE
 from daemon.web.dashboard.render import DB, RENDERER, SESSIONS, SETTINGS, Renderer
@@ -43,6 +44,7 @@ def create_dashboard_app(
     app[SAMPLE] = sample
     app[SESSIONS] = Sessions(token, settings.http.viewer_token)
     app[RENDERER] = Renderer()
+    app[THROTTLE] = LoginThrottle()
     app.router.add_routes(page_routes())
     app.router.add_static("/static/", STATIC, name="static", append_version=True)
     return app

@@ -19,6 +19,8 @@ async def audit_page(request: web.Request) -> web.Response:
     if given:
         try:
             before = int(given)
+            if not 1 <= before <= 2**63 - 1:
+                raise ValueError(given)
         except ValueError:
             raise web.HTTPBadRequest(reason="before must be an entry's id") from None
     async with request.app[DB].acquire() as conn:

@@ -29,12 +29,14 @@ FILTER_FIELDS = ("state", "queue", "kind", "meta_key", "meta_value", "error")
 def _job_id(text: str) -> int:
     """A job id from a path or a form, or 404: a non-numeric id names no job."""
     if not DIGITS.fullmatch(text) or not 1 <= int(text) <= BIGINT_MAX:
-        raise web.HTTPNotFound(reason=f"No job with id {text[:40]}")
+        raise web.HTTPNotFound(reason=f"No job with id {text[:40]!r}"[:200].replace("\n", " "))
     return int(text)
 
 
 def _text(params: Mapping[str, str], name: str) -> str | None:
     value = params.get(name, "").strip()
+    if "\x00" in value:
+        raise web.HTTPBadRequest(reason=f"{name} holds a NUL character, which no job can")
     if len(value) > MAX_TEXT:
         raise web.HTTPBadRequest(reason=f"{name} is longer than {MAX_TEXT} characters")
     return value or None
@@ -218,6 +220,13 @@ async def selected(request: web.Request) -> web.StreamResponse:
     raise web.HTTPBadRequest(reason="Choose Retry or Cancel")
 
 
+def _sure(form: dict[str, str]) -> None:
+    """Acting on a whole filter is confirmed by a ticked box (required by the browser, with
+    or without the script), never by a click alone."""
+    if form.get("confirm") != "yes":
+        raise web.HTTPBadRequest(reason="Tick 'I am sure' to act on every job this filter matches")
+
+
 async def _filtered(
     request: web.Request, form: dict[str, str], states: tuple[jobs.State, ...]
 ) -> tuple[list[int], dict[str, str]]:
@@ -234,6 +243,7 @@ async def _filtered(
 async def retry_filter(
     request: web.Request, session: Session, form: dict[str, str]
 ) -> tuple[str, dict[str, Any]]:
+    _sure(form)
     ids, given = await _filtered(request, form, jobs.RETRYABLE)
     async with request.app[DB].acquire() as conn:
         outcome = await jobs.retry_many(conn, ids)
@@ -245,6 +255,7 @@ async def retry_filter(
 async def cancel_filter(
     request: web.Request, session: Session, form: dict[str, str]
 ) -> tuple[str, dict[str, Any]]:
+    _sure(form)
     ids, given = await _filtered(request, form, jobs.CANCELLABLE)
     async with request.app[DB].acquire() as conn:
         outcome = await jobs.cancel_many(conn, ids)

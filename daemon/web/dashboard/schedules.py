@@ -6,7 +6,7 @@ page of one schedule's ledger."""
 from __future__ import annotations
 
 import functools
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -111,7 +111,10 @@ def _before(request: web.Request) -> datetime | None:
         raise web.HTTPBadRequest(reason="before must be an ISO 8601 moment") from None
     if moment.tzinfo is None:
         raise web.HTTPBadRequest(reason="before must carry its UTC offset")
-    return moment
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise web.HTTPBadRequest(reason="before must be between years 1 and 9999 in UTC") from None
 
 
 @routes.get("/schedules/{name}", name="schedule")

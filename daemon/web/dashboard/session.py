@@ -1,7 +1,9 @@
 """Dashboard sessions: a signed cookie, so that any daemon behind a load balancer accepts the
 sessions of every other, and nothing is stored. The cookie holds the role (admin or viewer), an
-expiry and a nonce, signed with a key derived from the admin token: changing the admin token
-signs every session out. The CSRF token of a session is derived from its nonce."""
+expiry and a nonce, signed with a key derived from both tokens: changing either signs every
+session out. The key is derived with scrypt, so that a viewer, who holds signed cookies and
+CSRF tokens, cannot try guesses at the admin token offline at the speed of a hash. The CSRF
+token of a session is derived from its nonce."""
 
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ class Sessions:
     def __init__(self, admin_token: str, viewer_token: str | None) -> None:
         self._admin = admin_token.encode()
         self._viewer = viewer_token.encode() if viewer_token else None
-        self._key = hmac.new(self._admin, b"stoker dashboard session", hashlib.sha256).digest()
+        salt = b"stoker dashboard session " + hashlib.sha256(self._viewer or b"").digest()
+        self._key = hashlib.scrypt(self._admin, salt=salt, n=2**14, r=8, p=1, dklen=32)
 
     def sign_in(self, token: str) -> Role | None:
         """The role a token gives, or None; the comparisons take the same time whatever the
@@ -59,7 +62,7 @@ class Sessions:
         if not cookie or "." not in cookie:
             return None
         payload, _, signature = cookie.rpartition(".")
-        if not hmac.compare_digest(signature, self._sign(payload)):
+        if not _same(signature, self._sign(payload)):
             return None
         try:
             role, expires, nonce = json.loads(base64.urlsafe_b64decode(payload + "=" * 4))
@@ -77,7 +80,12 @@ class Sessions:
         return self._sign(f"csrf:{session.nonce}")
 
     def csrf_ok(self, session: Session, given: str | None) -> bool:
-        return given is not None and hmac.compare_digest(given, self.csrf(session))
+        return given is not None and _same(given, self.csrf(session))
 
     def _sign(self, text: str) -> str:
         return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality of what a client sent (any text) and what we expect."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
