@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEV_PG := .stoker/pg
+# Debian's package lists are fetched once per virtualenv, before the first package we install.
+APT_UPDATE = { [ -f $(VENV)/.apt-updated ] || { apt-get update -qq && touch $(VENV)/.apt-updated; }; }
 
 .PHONY: install run test test-tools lint format db-start db-stop bench bench-peers bench-profile postgres-binaries clean screenshots
 
@@ -22,7 +24,7 @@ postgres-binaries: install
 	@$(BIN)/python -c 'from daemon.dev.pgcluster import find_bindir; find_bindir()' 2>/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing PostgreSQL (apt-get install postgresql)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+			$(APT_UPDATE) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 		else \
 			$(BIN)/python -c 'from daemon.dev.pgcluster import INSTALL_HINT; print(INSTALL_HINT)'; exit 1; \
 		fi; }
@@ -75,13 +77,13 @@ test-tools:
 	@command -v systemd-analyze >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing systemd (for systemd-analyze verify)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null \
+			$(APT_UPDATE) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null \
 				|| echo "could not install systemd: the unit-file test will be skipped"; \
 		fi; }
 	@command -v chromium >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing chromium (for the dashboard's browser tests)"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+			$(APT_UPDATE) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 		else \
 			echo "the dashboard's browser tests need Chromium: install Debian's chromium package"; exit 1; \
 		fi; }
