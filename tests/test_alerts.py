@@ -38,6 +38,11 @@ from tests.mailserver import Inbox, smtp_server
 from tests.test_handler_http import Hook, Reply, serve_hook
 
 SECRET = "hook-signing-secret"
+JOB_FAILED_TO_HOOK = """
+    [alerts.rules.failures]
+    event = "job_failed"
+    destinations = ["hook"]
+"""
 
 
 @pytest.fixture
@@ -348,11 +353,7 @@ def leader_pid(procs: list[DaemonProcess]) -> int | None:
 async def test_with_three_daemons_a_killed_leader_neither_repeats_nor_forgets_an_incident(
     daemons: DaemonFactory, db: asyncpg.Connection, hook: Hook
 ) -> None:
-    rules = """
-        [alerts.rules.failures]
-        event = "job_failed"
-        destinations = ["hook"]
-    """
+    rules = JOB_FAILED_TO_HOOK
     procs = [await daemons.start(config(hook, rules)) for _ in range(3)]
     pid = await eventually(lambda: _async(leader_pid(procs)), timeout=20)
     leader = next(p for p in procs if p.pid == pid)
@@ -398,11 +399,7 @@ async def _async(value: Any) -> Any:
 async def test_a_destination_that_is_down_gets_the_alert_when_it_is_back_and_slows_nothing(
     daemons: DaemonFactory, db: asyncpg.Connection, hook: Hook
 ) -> None:
-    rules = """
-        [alerts.rules.failures]
-        event = "job_failed"
-        destinations = ["hook"]
-    """
+    rules = JOB_FAILED_TO_HOOK
     # Down: three slow 503s, then it answers.
     hook.replies["/hook/T000/B000/XXXXsecretpath123"] = [
         Reply(status=503, body="down", delay=1.0) for _ in range(3)
@@ -526,11 +523,7 @@ async def test_operators_list_incidents_and_send_a_test_message(
     dsn: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rules = """
-        [alerts.rules.failures]
-        event = "job_failed"
-        destinations = ["hook"]
-    """
+    rules = JOB_FAILED_TO_HOOK
     daemon = await daemons.start(config(hook, rules))
     await evaluating(daemon)
     monkeypatch.setenv("DATABASE_URL", dsn)
