@@ -34,9 +34,15 @@ def server_dsn() -> tuple[str, Cluster | None]:
         return given, None
     # Durable (fsync on), but with room for the WAL of a whole run, so that a checkpoint
     # forced by max_wal_size does not land in the middle of one run and not another.
+    # pg_stat_statements loaded (a scenario creates the extension in its database to read it):
+    # where PostgreSQL's time goes, per statement.
     cluster = Cluster(
         REPO / ".stoker" / "bench-pg",
-        settings=("max_wal_size=8GB", "checkpoint_timeout=30min"),
+        settings=(
+            "max_wal_size=8GB",
+            "checkpoint_timeout=30min",
+            "shared_preload_libraries=pg_stat_statements",
+        ),
     )
     return cluster.start(), cluster
 
