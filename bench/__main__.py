@@ -15,6 +15,8 @@ Scenarios (default: all):
     memory     resident memory of an idle daemon, and its peak while draining 1,000,000 jobs
     dashboard  every dashboard page's server time (median, p95) with 1,000,000 jobs queued and
                10,000,000 in history (--scale-jobs, --history; bench/dashboard.py)
+    schedules  one leader with 10,000 `* * * * *` schedules in 50 zones (--schedules): per
+               minute how many fired once and how soon, its CPU; 1,000 updates picked up
 
 Every figure is the median of --runs runs (min-max beside it), runs of different systems
 interleaved so that drift in the machine hits all alike. See bench/README.md.
@@ -33,9 +35,10 @@ import asyncpg
 
 from bench import ceiling, peers, stoker
 from bench import dashboard as dashboard_bench
+from bench import schedules as schedules_bench
 from bench.common import Row, fresh_database, pct, print_table, server_dsn
 
-SCENARIOS = ("drain", "latency", "producers", "scale", "memory", "dashboard")
+SCENARIOS = ("drain", "latency", "producers", "scale", "memory", "dashboard", "schedules")
 
 
 def progress(row: Row) -> None:
@@ -280,6 +283,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 rows += await dashboard_bench.dashboard(
                     admin, args.scale_jobs, args.history, args.dashboard_requests
                 )
+            elif name == "schedules":
+                rows += await schedules_bench.schedules(
+                    admin, args.schedules, args.schedule_minutes, args.schedule_runs
+                )
     finally:
         if cluster is not None:
             cluster.stop()
@@ -317,6 +324,15 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=10_000_000, help="history rows for scale")
     parser.add_argument(
         "--dashboard-requests", type=int, default=50, help="requests per dashboard page"
+    )
+    parser.add_argument(
+        "--schedules", type=int, default=10_000, help="rows in stoker.schedules (default 10,000)"
+    )
+    parser.add_argument(
+        "--schedule-minutes", type=int, default=2, help="minutes measured per run (default 2)"
+    )
+    parser.add_argument(
+        "--schedule-runs", type=int, default=1, help="runs of the schedules scenario (default 1)"
     )
     parser.add_argument(
         "--procrastinate-jobs",
