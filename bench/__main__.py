@@ -17,6 +17,10 @@ Scenarios (default: all):
                10,000,000 in history (--scale-jobs, --history; bench/dashboard.py)
     schedules  one leader with 10,000 `* * * * *` schedules in 50 zones (--schedules): per
                minute how many fired once and how soon, its CPU; 1,000 updates picked up
+    keepup     #16 goal 1: eight pgbench producers, stoker.enqueue against a trigger-less INSERT,
+               daemon keeping up and daemon busy; wait events, WAL flushes, top statements
+    idle       #16 goal 4: a daemon serving 50 idle queues: statements/s (pg_stat_statements),
+               its CPU, and commit->start of single jobs into random ones of them
 
 Every figure is the median of --runs runs (min-max beside it), runs of different systems
 interleaved so that drift in the machine hits all alike. See bench/README.md.
@@ -35,10 +39,22 @@ import asyncpg
 
 from bench import ceiling, peers, stoker
 from bench import dashboard as dashboard_bench
+from bench import idle as idle_bench
+from bench import keepup as keepup_bench
 from bench import schedules as schedules_bench
 from bench.common import Row, fresh_database, pct, print_table, server_dsn
 
-SCENARIOS = ("drain", "latency", "producers", "scale", "memory", "dashboard", "schedules")
+SCENARIOS = (
+    "drain",
+    "latency",
+    "producers",
+    "scale",
+    "memory",
+    "dashboard",
+    "schedules",
+    "keepup",
+    "idle",
+)
 
 
 def progress(row: Row) -> None:
@@ -287,6 +303,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 rows += await schedules_bench.schedules(
                     admin, args.schedules, args.schedule_minutes, args.schedule_runs
                 )
+            elif name == "keepup":
+                rows += await keepup_bench.keepup(admin, args.runs, args.producer_seconds)
+            elif name == "idle":
+                rows += await idle_bench.idle(
+                    admin, args.runs, args.idle_seconds, args.wake_samples
+                )
     finally:
         if cluster is not None:
             cluster.stop()
@@ -333,6 +355,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--schedule-runs", type=int, default=1, help="runs of the schedules scenario (default 1)"
+    )
+    parser.add_argument(
+        "--idle-seconds", type=float, default=30.0, help="idle scenario's window (default 30)"
+    )
+    parser.add_argument(
+        "--wake-samples", type=int, default=20, help="idle scenario's wake-ups a run (default 20)"
     )
     parser.add_argument(
         "--procrastinate-jobs",

@@ -1,0 +1,151 @@
+"""Goal 1 of issue #16, the NOTIFY tax in both regimes: eight pgbench clients insert one job per
+transaction as fast as they can, through `stoker.enqueue`, against the same INSERT into a copy
+of `stoker.jobs` without the trigger (same indexes and constraints) in the same database and
+run. Keeping up: a daemon idle at the start that drains every job as it arrives (every insert
+may find a pool waiting, and pays for its NOTIFY). Busy: a daemon draining a backlog of 120,000
+jobs per second of the run (it fails if the backlog ran out first), so nobody waits.
+
+Where the time goes, over every window: the producers' and the daemon's backends sampled from
+`pg_stat_activity` every 50 ms (CPU, client, or the wait event: `Lock:object` is the database
+lock a NOTIFYing commit holds through its WAL flush, `IO:WALSync` / `LWLock:WALWrite` the flush),
+commits per WAL flush (`pg_stat_wal`: group commit at work or not), and `pg_stat_statements`
+with `track = all` (the trigger's own statements show as nested)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from bench import pgstats, stoker
+from bench.common import Row, fresh_database, settle
+
+REGIMES = ("keeping up", "busy")
+
+
+@dataclass
+class Window:
+    """One pgbench window: its rate and where the time went."""
+
+    tps: float
+    seconds: int
+    flushes: int
+    waits: pgstats.Waits
+    statements: list[pgstats.Statement] = field(default_factory=list)
+
+    @property
+    def commits_per_flush(self) -> float:
+        return self.tps * self.seconds / max(1, self.flushes)
+
+
+async def window(
+    admin: asyncpg.Connection, dsn: str, dbid: int, script: str, seconds: int
+) -> Window:
+    await pgstats.reset(admin, dbid)
+    flushes, _ = await pgstats.wal_syncs(admin)
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(pgstats.sample_waits(dsn, stop))
+    try:
+        tps = await asyncio.to_thread(stoker.pgbench_tps, dsn, script, seconds)
+    finally:
+        stop.set()
+        waits = await sampler
+    # Backends report WAL statistics at exit (pgbench's) or within a second when idle.
+    await asyncio.sleep(1.0)
+    after, _ = await pgstats.wal_syncs(admin)
+    return Window(tps, seconds, after - flushes, waits, await pgstats.statements(admin, dbid))
+
+
+async def keepup_once(admin_dsn: str, seconds: int, regime: str) -> tuple[Window, Window]:
+    """(the trigger-less INSERT, stoker.enqueue) in one regime, in one fresh database."""
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await pgstats.prepare(admin)
+        async with fresh_database(admin_dsn) as dsn:
+            dbid = await pgstats.database_oid(admin, dsn)
+            name = dsn.rsplit("/", 1)[1]
+            await admin.execute(f"ALTER DATABASE \"{name}\" SET pg_stat_statements.track = 'all'")
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute("CREATE TABLE plain_jobs (LIKE stoker.jobs INCLUDING ALL)")
+                if regime == "busy":
+                    await stoker.fill(conn, 120_000 * seconds, queue="default")
+                await settle(conn, "stoker.jobs, plain_jobs")
+                async with stoker.daemon(dsn, queue="default", name="keepup"):
+                    plain = await window(admin, dsn, dbid, stoker.PLAIN_INSERT, seconds)
+                    enqueue = await window(admin, dsn, dbid, stoker.ENQUEUE, seconds)
+                    if regime == "busy" and await stoker.drained(conn):
+                        raise RuntimeError("the daemon ran out of backlog before the producers")
+                return plain, enqueue
+            finally:
+                await conn.close()
+    finally:
+        await admin.close()
+
+
+def _merged_waits(windows: list[Window]) -> pgstats.Waits:
+    out = pgstats.Waits()
+    for w in windows:
+        out = out.merged(w.waits)
+    return out
+
+
+async def keepup(admin: str, runs: int, seconds: int) -> list[Row]:
+    done: dict[str, list[tuple[Window, Window]]] = {regime: [] for regime in REGIMES}
+    for _ in range(runs):
+        for regime in REGIMES:  # interleaved: drift of the machine hits both alike
+            plain, enqueue = await keepup_once(admin, seconds, regime)
+            done[regime].append((plain, enqueue))
+            print(
+                f"  keepup, {regime}: {enqueue.tps:,.0f} of {plain.tps:,.0f} tx/s "
+                f"({enqueue.tps / plain.tps:.0%}), commits per WAL flush "
+                f"{enqueue.commits_per_flush:.1f} against {plain.commits_per_flush:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    for regime in REGIMES:
+        for which, index in (("no trigger", 0), ("stoker.enqueue", 1)):
+            windows = [pair[index] for pair in done[regime]]
+            title = f"keepup, daemon {regime}, {which}"
+            pgstats.print_waits(title, _merged_waits(windows))
+            pgstats.print_statements(
+                title + ", by total time",
+                pgstats.merge(w.statements for w in windows),
+                sum(w.seconds for w in windows),
+                by="time",
+            )
+    rows = []
+    for regime in REGIMES:
+        pairs = done[regime]
+        setting = f"8 clients, daemon {regime}"
+        goal = "goal >= 80%" + ("; idle at the start" if regime == "keeping up" else "")
+        rows += [
+            Row("keepup", "no trigger", setting, "tx/s", [p.tps for p, _ in pairs]),
+            Row("keepup", "stoker", setting, "tx/s", [e.tps for _, e in pairs]),
+            Row(
+                "keepup",
+                "stoker",
+                f"share of no-trigger, {regime}",
+                "%",
+                [100 * e.tps / p.tps for p, e in pairs],
+                note=goal,
+            ),
+            Row(
+                "keepup",
+                "no trigger",
+                f"commits per WAL flush, {regime}",
+                "",
+                [p.commits_per_flush for p, _ in pairs],
+                note="producers' commits / every WAL flush of the cluster (pg_stat_wal)",
+            ),
+            Row(
+                "keepup",
+                "stoker",
+                f"commits per WAL flush, {regime}",
+                "",
+                [e.commits_per_flush for _, e in pairs],
+            ),
+        ]
+    return rows
