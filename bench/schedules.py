@@ -264,10 +264,10 @@ async def measure_update(
     at = now.replace(second=20, microsecond=0)
     if at <= now:
         at += timedelta(minutes=1)
+    await sleep_until(conn, at)
     current = at.replace(second=0)
     if await handled(conn, current) < n:
         say(f"update at {at:%H:%M:%S}: the leader is still firing the ticks of {current:%H:%M}")
-    await sleep_until(conn, at)
     if statements:
         await reset_statements(conn)
     seen = log_text(LOG).count(LEADING)
@@ -291,7 +291,7 @@ async def measure_update(
             """SELECT coalesce(sum(calls), 0) AS calls, coalesce(sum(rows), 0) AS rows
                  FROM pg_stat_statements
                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND query LIKE '%FROM stoker.schedules ORDER BY name%'"""
+                  AND query LIKE 'SELECT * FROM stoker.schedules ORDER BY name%'"""
         )
         result.reload_reads, result.reload_rows = int(reread["calls"]), int(reread["rows"])
     # The next tick after the update: do its jobs of the changed schedules carry the payload?
