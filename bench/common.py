@@ -8,6 +8,8 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -191,3 +193,30 @@ def print_table(rows: Sequence[Row], title: str) -> None:
             f"{r.scenario:<10} {r.system:<14} {r.setting:<34} "
             f"{r.figure(r.median) + ' ' + r.unit:>16} {span:>20}  {r.note}"
         )
+
+
+@asynccontextmanager
+async def stoker_process(
+    name: str,
+    config: str,
+    dsn: str,
+    *,
+    http_port: int = 0,
+    ready: str = "listening on channel",
+    timeout: float = 30.0,
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """`stoker run` with the TOML `config`, its log in .stoker/bench-NAME.log, yielded once
+    the log shows `ready`; stopped by PID however the block is left."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "stoker.toml"
+        path.write_text(config)
+        argv = [sys.executable, "-m", "daemon", "--config", str(path), "run"]
+        argv += ["--log-format", "text", "--log-level", "INFO"]
+        env = {"DATABASE_URL": dsn, "STOKER_HTTP__PORT": str(http_port)}
+        with worker_process(name, argv, env) as proc:
+
+            async def started() -> bool:
+                return ready in log_text(name)
+
+            await wait_for("daemon start", started, timeout=timeout, proc=proc, log_name=name)
+            yield proc

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import aiohttp
 import asyncpg
 
-from bench.common import Row, fresh_database, log_text, pct, wait_for, worker_process
+from bench.common import Row, fresh_database, log_text, pct, stoker_process, wait_for
 
 ADMIN_TOKEN = "bench-dashboard-admin-token"
 QUEUES = ("bench", "mail", "reports")
@@ -176,28 +174,19 @@ async def dashboard(admin_dsn: str, queued: int, history: int, requests: int) ->
             )
         finally:
             await conn.close()
-        with tempfile.TemporaryDirectory() as tmp:
-            config = Path(tmp) / "stoker.toml"
-            config.write_text(CONFIG)
-            argv = [sys.executable, "-m", "daemon", "--config", str(config), "run"]
-            argv += ["--log-format", "text", "--log-level", "INFO"]
-            env = {"DATABASE_URL": dsn, "STOKER_HTTP__PORT": "0"}
-            with worker_process("dashboard", argv, env) as proc:
+        async with stoker_process(
+            "dashboard", CONFIG, dsn, ready="http listening on", timeout=60
+        ) as proc:
+            port = log_text("dashboard").split("http listening on ")[1].split()[0]
+            base = f"http://{port}"
+            jar = aiohttp.CookieJar(unsafe=True)
+            async with aiohttp.ClientSession(cookie_jar=jar) as http:
+                await http.post(f"{base}/dashboard/login", data={"token": ADMIN_TOKEN})
 
-                async def listening() -> bool:
-                    return "http listening on" in log_text("dashboard")
+                async def sampled() -> bool:  # the first queue sample is in
+                    async with http.get(f"{base}/dashboard/") as r:
+                        return "sample-age" in await r.text()
 
-                await wait_for("daemon start", listening, timeout=60, proc=proc)
-                port = log_text("dashboard").split("http listening on ")[1].split()[0]
-                base = f"http://{port}"
-                jar = aiohttp.CookieJar(unsafe=True)
-                async with aiohttp.ClientSession(cookie_jar=jar) as http:
-                    await http.post(f"{base}/dashboard/login", data={"token": ADMIN_TOKEN})
-
-                    async def sampled() -> bool:  # the first queue sample is in
-                        async with http.get(f"{base}/dashboard/") as r:
-                            return "sample-age" in await r.text()
-
-                    await wait_for("first queue sample", sampled, timeout=120, proc=proc)
-                pages = [p.format(job=job, schedule="nightly") for p in PAGES]
-                return await time_pages(base, pages, requests)
+                await wait_for("first queue sample", sampled, timeout=120, proc=proc)
+            pages = [p.format(job=job, schedule="nightly") for p in PAGES]
+            return await time_pages(base, pages, requests)

@@ -9,17 +9,15 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import asyncpg
 
 from bench import pgstats
-from bench.common import Row, fresh_database, log_text, pct, settle, wait_for, worker_process
+from bench.common import Row, fresh_database, pct, settle, stoker_process, wait_for
 from daemon.store.db import init_connection
 
 QUEUES = 50
@@ -35,19 +33,8 @@ SETTLE = 5.0
 @asynccontextmanager
 async def idle_daemon(dsn: str) -> AsyncIterator[int]:
     """A `stoker run` of the 50 queues, yielded (its PID) once it listens for jobs."""
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "stoker.toml"
-        config.write_text(CONFIG)
-        argv = [sys.executable, "-m", "daemon", "--config", str(config), "run"]
-        argv += ["--log-format", "text", "--log-level", "INFO"]
-        env = {"DATABASE_URL": dsn, "STOKER_HTTP__PORT": "0"}
-        with worker_process("idle", argv, env) as proc:
-
-            async def listening() -> bool:
-                return "listening on channel" in log_text("idle")
-
-            await wait_for("daemon start", listening, timeout=30, proc=proc, log_name="idle")
-            yield proc.pid
+    async with stoker_process("idle", CONFIG, dsn) as proc:
+        yield proc.pid
 
 
 @dataclass

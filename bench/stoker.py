@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -20,11 +18,10 @@ from bench.common import (
     cores_busy,
     cpu_ticks,
     fresh_database,
-    log_text,
     rss_mb,
     settle,
+    stoker_process,
     wait_for,
-    worker_process,
 )
 from daemon.dev.pgcluster import find_bindir, free_port
 from daemon.store import queries
@@ -52,21 +49,9 @@ async def daemon(
     queue: str = QUEUE,
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
     """A `stoker run` process, yielded once it listens for jobs."""
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "stoker.toml"
-        config.write_text(
-            CONFIG.format(queue=queue, concurrency=concurrency, batch_size=batch_size)
-        )
-        argv = [sys.executable, "-m", "daemon", "--config", str(config), "run"]
-        argv += ["--log-format", "text", "--log-level", "INFO"]
-        env = {"DATABASE_URL": dsn, "STOKER_HTTP__PORT": str(http_port)}
-        with worker_process(name, argv, env) as proc:
-
-            async def listening() -> bool:
-                return "listening on channel" in log_text(name)
-
-            await wait_for("daemon start", listening, timeout=30, proc=proc, log_name=name)
-            yield proc
+    config = CONFIG.format(queue=queue, concurrency=concurrency, batch_size=batch_size)
+    async with stoker_process(name, config, dsn, http_port=http_port) as proc:
+        yield proc
 
 
 async def fill(conn: asyncpg.Connection, jobs: int, queue: str = QUEUE) -> None:
