@@ -291,7 +291,7 @@ async def measure_update(
             """SELECT coalesce(sum(calls), 0) AS calls, coalesce(sum(rows), 0) AS rows
                  FROM pg_stat_statements
                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND query LIKE 'SELECT * FROM stoker.schedules ORDER BY name%'"""
+                  AND query ~ '^\\s*SELECT \\* FROM stoker\\.schedules\\s'"""
         )
         result.reload_reads, result.reload_rows = int(reread["calls"]), int(reread["rows"])
     # The next tick after the update: do its jobs of the changed schedules carry the payload?

@@ -1,5 +1,6 @@
 """The cron room's SQL: schedules, their state and the tick fence. Values are always $n
-parameters. Jobs are enqueued through stoker.enqueue, like any producer (store.queries)."""
+parameters. Jobs are enqueued like any producer's: INSERT INTO stoker.jobs (the ticks of a
+batch, FIRE_MANY) or stoker.enqueue (a run by hand, store.queries)."""
 
 from __future__ import annotations
 
@@ -15,31 +16,61 @@ SCHEDULES = """
 SELECT * FROM stoker.schedules ORDER BY name
 """
 
-CURSORS = """
+# -- reading stoker.schedules at scale: pages, and only what changed since the last read -------
+# The leader reads in a REPEATABLE READ transaction: every statement sees the snapshot that
+# SNAPSHOT returns, which the next look for changes compares rows with (migration 016).
+
+SNAPSHOT = "SELECT pg_current_snapshot()::text"
+
+# A page of stoker.schedules after name $1 (NULL: from the start), $2 rows.
+SCHEDULES_PAGE = """
+SELECT * FROM stoker.schedules WHERE $1::text IS NULL OR name > $1 ORDER BY name LIMIT $2
+"""
+
+CURSORS_PAGE = """
 SELECT name, last_tick, timetable, paused_at FROM stoker.schedule_state
+ WHERE $1::text IS NULL OR name > $1 ORDER BY name LIMIT $2
 """
 
-SAVE_CURSOR = """
-INSERT INTO stoker.schedule_state (name, last_tick, timetable) VALUES ($1, $2, $3)
-ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
-    stoker.schedule_state.last_tick, excluded.last_tick),
-    timetable = coalesce(excluded.timetable, stoker.schedule_state.timetable),
+CURSORS_OF = """
+SELECT name, last_tick, timetable, paused_at FROM stoker.schedule_state WHERE name = ANY($1)
+"""
+
+# The rows written by transactions that snapshot $1 did not see: inserted or updated since
+# (found by schedules_changed_xid_idx); a page of them after name $2, $3 rows.
+SCHEDULES_CHANGED = """
+SELECT * FROM stoker.schedules
+ WHERE changed_xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(changed_xid, $1::text::pg_snapshot)
+   AND ($2::text IS NULL OR name > $2)
+ ORDER BY name LIMIT $3
+"""
+
+# The names deleted since snapshot $1 and not there now (deleted, then made again: changed);
+# a NULL name: the table was truncated.
+SCHEDULES_DELETED = """
+SELECT DISTINCT d.name FROM stoker.schedule_deletions d
+ WHERE d.xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+   AND NOT pg_visible_in_snapshot(d.xid, $1::text::pg_snapshot)
+   AND (d.name IS NULL
+        OR NOT EXISTS (SELECT 1 FROM stoker.schedules s WHERE s.name = d.name))
+"""
+
+PAUSED = """
+SELECT name, paused_at FROM stoker.schedule_state WHERE paused_at IS NOT NULL
+"""
+
+PRUNE_DELETIONS = """
+DELETE FROM stoker.schedule_deletions WHERE deleted_at < now() - interval '1 day'
+"""
+
+# $1 names, $2 last ticks, $3 timetables: where each schedule carries on (never moved back).
+SAVE_CURSORS = """
+INSERT INTO stoker.schedule_state AS s (name, last_tick, timetable)
+SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[])
+ON CONFLICT (name) DO UPDATE SET last_tick = greatest(s.last_tick, excluded.last_tick),
+    timetable = coalesce(excluded.timetable, s.timetable),
     updated_at = now()
-"""
-
-# Also which schedules are paused, and since when (one row per schedule in schedule_state): a
-# pause or resume whose NOTIFY did not arrive is noticed by the next comparison.
-FINGERPRINT = """
-SELECT count(*), max(updated_at), sum(xmin::text::bigint),
-       (SELECT string_agg(p.name || '@' || p.paused_at::text, ',' ORDER BY p.name)
-          FROM stoker.schedule_state p WHERE p.paused_at IS NOT NULL) AS paused
-  FROM stoker.schedules
-"""
-
-# Whether schedule $1 is paused, in the transaction that fires one of its ticks: the row lock
-# orders a fire and a pause, so that no tick is fired after a pause commits, by any leader.
-PAUSED_FOR_FIRE = """
-SELECT paused_at IS NOT NULL FROM stoker.schedule_state WHERE name = $1 FOR NO KEY UPDATE
 """
 
 # Pause schedule $1 ($2 by whom); the moment is taken after the row lock, so that every tick
@@ -67,46 +98,71 @@ RETURNING true
 NOTIFY_SCHEDULES = "SELECT pg_notify('stoker_schedules', '')"
 
 
-# Ticks $2 of schedule $1 that will never fire, outcome $3, each with its reason ($4).
-RECORD_SKIPPED = """
-WITH new AS (
-    INSERT INTO stoker.schedule_ticks (schedule, tick, outcome, reason)
-    SELECT $1, t, $3, r FROM unnest($2::timestamptz[], $4::text[]) AS u(t, r)
-    ON CONFLICT DO NOTHING RETURNING 1)
-SELECT count(*) FROM new
+# -- firing many ticks in one transaction (firing.py) -------------------------------------------
+
+# The state rows of schedules $1, locked in name order (two leaders firing overlapping batches
+# wait for each other rather than deadlock): whether each is paused, and its previous run if
+# that is still queued or active (overlap = skip).
+LOCK_FOR_FIRE = """
+SELECT s.name, s.paused_at IS NOT NULL AS paused,
+       j.id AS running_id, j.state::text AS running_state
+  FROM stoker.schedule_state s
+  LEFT JOIN stoker.jobs j ON j.id = s.last_job_id AND j.state IN ('queued', 'active')
+ WHERE s.name = ANY($1::text[])
+ ORDER BY s.name
+   FOR NO KEY UPDATE OF s
 """
 
-# $3 ticks of schedule $1 were skipped, the last at $2.
-COUNT_SKIPPED = """
-INSERT INTO stoker.schedule_state (name, last_tick, skipped, last_skipped)
-VALUES ($1, $2, $3, $2)
-ON CONFLICT (name) DO UPDATE SET
-    last_tick = greatest(stoker.schedule_state.last_tick, excluded.last_tick),
-    skipped = stoker.schedule_state.skipped + excluded.skipped,
-    last_skipped = greatest(stoker.schedule_state.last_skipped,
-                            excluded.last_skipped),
-    updated_at = now()
+# One statement for a batch of ticks: the fence rows ($1-$6: schedule, tick, outcome,
+# caught_up, reason, job_id; a fired tick gets its job's id from the jobs' sequence), a job for
+# each fired tick whose fence row this statement inserted ($7-$13: schedule, tick, queue, kind,
+# payload, unique key, meta), and each schedule's counters and cursor. Returns the fence rows
+# inserted; `enqueued` false: a job holds the tick's unique key already (firing.py).
+FIRE_MANY = """
+WITH claimed AS (
+    INSERT INTO stoker.schedule_ticks AS t (schedule, tick, outcome, caught_up, reason, job_id)
+    SELECT u.schedule, u.tick, u.outcome, u.caught_up, u.reason,
+           CASE WHEN u.outcome = 'fired'
+                THEN nextval(pg_get_serial_sequence('stoker.jobs', 'id')) ELSE u.job_id END
+      FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::boolean[], $5::text[],
+                  $6::bigint[]) AS u(schedule, tick, outcome, caught_up, reason, job_id)
+    ON CONFLICT DO NOTHING
+    RETURNING t.schedule, t.tick, t.outcome, t.job_id),
+enqueued AS (
+    INSERT INTO stoker.jobs (id, queue, kind, payload, priority, unique_key, max_attempts, meta)
+    SELECT c.job_id, u.queue, u.kind, u.payload::jsonb, 0, u.unique_key, NULL, u.meta::jsonb
+      FROM unnest($7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::text[],
+                  $12::text[], $13::text[])
+           AS u(schedule, tick, queue, kind, payload, unique_key, meta)
+      JOIN claimed c ON c.schedule = u.schedule AND c.tick = u.tick AND c.outcome = 'fired'
+    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+    RETURNING id),
+counted AS (
+    INSERT INTO stoker.schedule_state AS s (name, last_tick, last_job_id, last_fired_at, fired,
+                                           skipped, last_skipped)
+    SELECT c.schedule, max(c.tick),
+           (array_agg(c.job_id ORDER BY c.tick DESC) FILTER (WHERE c.outcome = 'fired'))[1],
+           CASE WHEN bool_or(c.outcome = 'fired') THEN now() END,
+           count(*) FILTER (WHERE c.outcome = 'fired'),
+           count(*) FILTER (WHERE c.outcome <> 'fired'),
+           max(c.tick) FILTER (WHERE c.outcome <> 'fired')
+      FROM claimed c GROUP BY c.schedule
+    ON CONFLICT (name) DO UPDATE SET
+        last_tick = greatest(s.last_tick, excluded.last_tick),
+        last_job_id = coalesce(excluded.last_job_id, s.last_job_id),
+        last_fired_at = coalesce(excluded.last_fired_at, s.last_fired_at),
+        fired = s.fired + excluded.fired,
+        skipped = s.skipped + excluded.skipped,
+        last_skipped = greatest(s.last_skipped, excluded.last_skipped),
+        updated_at = now()
+    RETURNING 1)
+SELECT c.schedule, c.tick, c.outcome, c.job_id, e.id IS NOT NULL AS enqueued
+  FROM claimed c LEFT JOIN enqueued e ON e.id = c.job_id
 """
 
-# The fence: one row per (schedule, tick) ever. A tick whose row exists was handled, by this
-# process or another that believed it led. $3: fired late by a catch-up, $4 saying how late.
-CLAIM_TICK = """
-INSERT INTO stoker.schedule_ticks (schedule, tick, outcome, caught_up, reason)
-VALUES ($1, $2, 'fired', $3, $4) ON CONFLICT DO NOTHING RETURNING true
-"""
-
-PREVIOUS_RUN_GOING = """
-SELECT j.id, j.state::text AS state FROM stoker.schedule_state s
- JOIN stoker.jobs j ON j.id = s.last_job_id
-WHERE s.name = $1 AND j.state IN ('queued', 'active')
-"""
-
-# job_id: the run still going ($3), named in the reason ($4) too. The ledger trigger copies that
-# job's end into this row as well; readers take a run's end only from fired and manual rows.
-TICK_SKIPPED_OVERLAP = """
-UPDATE stoker.schedule_ticks SET outcome = 'skipped_overlap', caught_up = false, job_id = $3,
-    reason = $4
-WHERE schedule = $1 AND tick = $2
+# Schedule $1's last job was to be $2, whose tick's unique key job $3 held: it is $3.
+REPLACE_LAST_JOB = """
+UPDATE stoker.schedule_state SET last_job_id = $3 WHERE name = $1 AND last_job_id = $2
 """
 
 NOW = "SELECT now()"
@@ -120,16 +176,6 @@ VALUES ($1, $2, 'manual', $3, $4) ON CONFLICT DO NOTHING RETURNING true
 
 TICK_JOB = """
 UPDATE stoker.schedule_ticks SET job_id = $3 WHERE schedule = $1 AND tick = $2
-"""
-
-COUNT_FIRED = """
-INSERT INTO stoker.schedule_state (name, last_tick, last_job_id, last_fired_at,
-                                  fired)
-VALUES ($1, $2, $3, now(), 1)
-ON CONFLICT (name) DO UPDATE SET last_tick = greatest(
-    stoker.schedule_state.last_tick, excluded.last_tick),
-    last_job_id = excluded.last_job_id, last_fired_at = now(),
-    fired = stoker.schedule_state.fired + 1, updated_at = now()
 """
 
 LAST_JOB = """
@@ -240,17 +286,19 @@ NO_JIT = "SET LOCAL jit = off"
 # newest fired tick with its job. The ledger is walked from the newest row one index probe at a
 # time (a recursive walk, so no plan can read a schedule's whole ledger and sort it) and the walk
 # stops at the first success, or HEALTH_WINDOW rows back. $1 the schedules asked for; with $2
-# also every row of stoker.schedules not among them (with its timetable).
+# also the rows of stoker.schedules not among them (with its timetable): those after name $3
+# (NULL: from the first), at most $4 of them (NULL: all); rows in name order.
 HEALTH = f"""
 WITH s AS (
     SELECT n.name, NULL::text AS cron, NULL::text AS timezone, NULL::boolean AS enabled,
            NULL::timestamptz AS timetable_changed_at
       FROM unnest($1::text[]) AS n(name)
     UNION ALL
-    SELECT d.name, d.cron, d.timezone, d.enabled,
-           coalesce(d.timetable_changed_at, d.created_at)
-      FROM stoker.schedules d
-     WHERE $2 AND d.name <> ALL($1::text[])
+    (SELECT d.name, d.cron, d.timezone, d.enabled,
+            coalesce(d.timetable_changed_at, d.created_at)
+       FROM stoker.schedules d
+      WHERE $2 AND d.name <> ALL($1::text[]) AND ($3::text IS NULL OR d.name > $3)
+      ORDER BY d.name LIMIT $4)
 )
 SELECT s.*, now() AS now, st.last_tick AS cursor, st.timetable AS saved_timetable,
        st.paused_at,
@@ -276,6 +324,7 @@ SELECT s.*, now() AS now, st.last_tick AS cursor, st.timetable AS saved_timetabl
         FROM stoker.schedule_ticks t LEFT JOIN stoker.jobs j ON j.id = t.job_id
        WHERE t.schedule = s.name AND t.outcome = 'fired'
        ORDER BY t.tick DESC LIMIT 1) fired ON true
+ ORDER BY s.name
 """
 
 # The newest $2 ledger rows of each schedule in $1, newest first: one probe of

@@ -9,7 +9,7 @@ import functools
 import json
 import logging
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 import asyncpg
@@ -18,8 +18,11 @@ from pydantic import ValidationError
 from daemon.config import SCHEDULE_NAME, ScheduleConfig
 from daemon.cron import queries
 from daemon.cron.cronspec import CronSpec
+from daemon.cron.firing import CAUGHT_UP_AFTER, Due, fire_many, overlap_reason, tick_key
 from daemon.store import queries as store_queries
 from daemon.store.db import as_json_text
+
+__all__ = ["CAUGHT_UP_AFTER", "overlap_reason", "tick_key"]  # kept importable from here
 
 log = logging.getLogger("stoker.schedules")
 
@@ -29,10 +32,6 @@ SkipReason = Literal["skipped_overlap", "skipped_catch_up"]
 # A leader back after weeks must not write millions of rows for an every-second schedule: of the
 # ticks one catch-up passes over, the newest this many are recorded (all are counted in the log).
 MAX_RECORDED_SKIPS = 1000
-# A tick fired more than this many seconds after it was due is recorded as caught up (as is
-# every tick fired by a pass that found more than one tick of its schedule due): the leader
-# wakes for a tick within milliseconds, so later than this means nobody fired it in time.
-CAUGHT_UP_AFTER = 1.0
 # A schedule is late when its newest fired tick's job has not started this many seconds after
 # the tick, or when its next tick is this overdue and no leader has handled it.
 LATE_AFTER = 60.0
@@ -64,7 +63,7 @@ class Schedule:
         return cls(
             name=name,
             source="config",
-            spec=CronSpec(cfg.cron, cfg.timezone),
+            spec=spec_for(cfg.cron, cfg.timezone),
             kind=cfg.kind,
             queue=cfg.queue,
             payload=cfg.payload,
@@ -83,7 +82,7 @@ class Schedule:
         return cls(
             name=row["name"],
             source="db",
-            spec=CronSpec(row["cron"], row["timezone"]),
+            spec=spec_for(row["cron"], row["timezone"]),
             kind=row["kind"],
             queue=row["queue"],
             payload=_obj(row["payload"], "payload"),
@@ -110,6 +109,13 @@ class Schedule:
 
         "skip" fires the newest tick only if it is at most skip_grace late: a leader change
         or a restarted lead loop takes less, so it never loses a tick that was due meanwhile."""
+        first = next_tick(self.spec, cursor)
+        if first > now:
+            return [], []
+        if next_tick(self.spec, first) > now:  # one tick due, as on every tick in time
+            if self.catch_up == "skip" and (now - first).total_seconds() > self.skip_grace:
+                return [], [first]
+            return [first], []
         if self.catch_up == "skip":
             newest = self.spec.latest_ticks(cursor, now, 1)
             due = [t for t in newest if (now - t).total_seconds() <= self.skip_grace]
@@ -137,6 +143,20 @@ class Schedule:
             )
         newest = f" ({due[-1].isoformat()})" if due else ""
         return why + f"catch_up = {self.catch_up} fires only the newest missed tick{newest}"
+
+
+@functools.lru_cache(maxsize=8192)
+def spec_for(expr: str, timezone: str) -> CronSpec:
+    """A parsed expression, shared by every schedule that has it (a CronSpec never changes):
+    10,000 schedules of a few expressions are parsed a few times, not 10,000."""
+    return CronSpec(expr, timezone)
+
+
+@functools.lru_cache(maxsize=65536)
+def next_tick(spec: CronSpec, after: datetime) -> datetime:
+    """spec.next_after(after), remembered: schedules of one expression and zone handled at
+    the same tick ask for the same next tick."""
+    return spec.next_after(after)
 
 
 def timetable(expr: str, timezone: str, enabled: bool) -> str:
@@ -192,74 +212,6 @@ class SavedCursor(NamedTuple):
     paused_at: datetime | None = None  # paused by an operator since then: fires nothing
 
 
-async def load_cursors(conn: asyncpg.Connection) -> dict[str, SavedCursor]:
-    rows = await conn.fetch(queries.CURSORS)
-    return {r["name"]: SavedCursor(r["last_tick"], r["timetable"], r["paused_at"]) for r in rows}
-
-
-async def save_cursor(
-    conn: asyncpg.Connection, name: str, cursor: datetime, timetable: str | None = None
-) -> None:
-    await conn.execute(
-        queries.SAVE_CURSOR,
-        name,
-        cursor,
-        timetable,
-    )
-
-
-async def schedules_fingerprint(conn: asyncpg.Connection) -> tuple[object, ...]:
-    """Changes whenever a row of stoker.schedules is inserted, updated or deleted: xmin catches
-    a transaction that commits after a newer updated_at was seen."""
-    row = await conn.fetchrow(queries.FINGERPRINT)
-    return tuple(row)
-
-
-async def skip_ticks(
-    conn: asyncpg.Connection,
-    schedule: Schedule,
-    ticks: list[datetime],
-    reason: SkipReason,
-    reasons: list[str] | None = None,
-) -> int:
-    """Record ticks that will never fire, each with its reason for the ledger (`reasons`, else
-    one said here), and move the cursor past them; returns how many were not recorded before
-    (a tick another leader already handled keeps its record)."""
-    async with conn.transaction():
-        if reasons is None:
-            why = "missed: no leader fired it in time"
-            if reason == "skipped_overlap":
-                why = overlap_reason(await conn.fetchrow(queries.PREVIOUS_RUN_GOING, schedule.name))
-            reasons = [why] * len(ticks)
-        recorded: int = await conn.fetchval(
-            queries.RECORD_SKIPPED,
-            schedule.name,
-            ticks,
-            reason,
-            reasons,
-        )
-        await conn.execute(
-            queries.COUNT_SKIPPED,
-            schedule.name,
-            max(ticks),
-            recorded,
-        )
-    return recorded
-
-
-def overlap_reason(running: asyncpg.Record | None) -> str:
-    if running is None:
-        return "skipped: the previous run was still going when its catch-up batch began"
-    return (
-        f"skipped: the previous run, job {running['id']}, was still {running['state']} "
-        "(overlap = skip)"
-    )
-
-
-def tick_key(name: str, tick: datetime) -> str:
-    return f"cron:{name}:{tick.astimezone(UTC).isoformat()}"
-
-
 async def fire(
     conn: asyncpg.Connection,
     schedule: Schedule,
@@ -269,11 +221,11 @@ async def fire(
     now: datetime | None = None,
     catching_up: bool = False,
 ) -> FireResult:
-    """Enqueue the job of one tick, at most once ever (the tick row is the fence).
+    """Enqueue the job of one tick, at most once ever (the tick row is the fence): fire_many
+    with one tick (firing.py says what it guarantees).
 
-    With overlap "skip" the tick is skipped while the previous run is still queued or active.
-    Catch-up fires several ticks in one batch: only the first is checked, so the batch does not
-    skip its own jobs (a skipped first tick makes the caller skip the rest).
+    With overlap "skip" the tick is skipped while the previous run is still queued or active;
+    `first_of_batch` false: not checked (a catch-up batch does not skip its own jobs).
 
     `now` is the pass's time: a tick fired more than CAUGHT_UP_AFTER after it was due, or by a
     pass that found several ticks due (`catching_up`), is recorded as caught up.
@@ -281,50 +233,11 @@ async def fire(
     A paused schedule fires nothing ("paused", nothing recorded): checked under the lock of
     its state row, so that a pause committed before this transaction is always seen, even by
     a leader that has not reloaded since."""
-    late = 0.0 if now is None else max(0.0, (now - tick).total_seconds())
-    caught_up = now is not None and (catching_up or late > CAUGHT_UP_AFTER)
-    async with conn.transaction():
-        if await conn.fetchval(queries.PAUSED_FOR_FIRE, schedule.name):
-            return "paused"
-        won = await conn.fetchval(
-            queries.CLAIM_TICK,
-            schedule.name,
-            tick,
-            caught_up,
-            f"caught up: fired {late:.1f}s late" if caught_up else None,
-        )
-        if not won:
-            return "duplicate"
-        if schedule.overlap == "skip" and first_of_batch:
-            running = await conn.fetchrow(
-                queries.PREVIOUS_RUN_GOING,
-                schedule.name,
-            )
-            if running is not None:
-                await conn.execute(
-                    queries.TICK_SKIPPED_OVERLAP,
-                    schedule.name,
-                    tick,
-                    running["id"],
-                    overlap_reason(running),
-                )
-                await conn.execute(queries.COUNT_SKIPPED, schedule.name, tick, 1)
-                return "skipped"
-        meta = {**schedule.meta, "schedule": schedule.name, "tick": tick.isoformat()}
-        job_id = await _enqueue(conn, schedule, meta, tick_key(schedule.name, tick))
-        await conn.execute(
-            queries.TICK_JOB,
-            schedule.name,
-            tick,
-            job_id,
-        )
-        await conn.execute(
-            queries.COUNT_FIRED,
-            schedule.name,
-            tick,
-            job_id,
-        )
-        return "fired"
+    due = Due(schedule, [tick], now=now, catching_up=catching_up, check_overlap=first_of_batch)
+    [fired] = await fire_many(conn, [due])
+    if fired.paused:
+        return "paused"
+    return fired.results[0]
 
 
 async def _enqueue(
@@ -522,11 +435,18 @@ async def health(conn: asyncpg.Connection, schedules: dict[str, Schedule]) -> di
 
 
 async def _health_rows(
-    conn: asyncpg.Connection, names: list[str], *, with_db: bool
+    conn: asyncpg.Connection,
+    names: list[str],
+    *,
+    with_db: bool,
+    after: str | None = None,
+    limit: int | None = None,
 ) -> list[asyncpg.Record]:
     async with conn.transaction():
         await conn.execute(queries.NO_JIT)
-        rows: list[asyncpg.Record] = await conn.fetch(queries.HEALTH, names, with_db, timeout=10)
+        rows: list[asyncpg.Record] = await conn.fetch(
+            queries.HEALTH, names, with_db, after, limit, timeout=10
+        )
     return rows
 
 
@@ -534,30 +454,77 @@ async def sample_health(
     conn: asyncpg.Connection | asyncpg.Pool, configured: dict[str, Schedule]
 ) -> list[Sampled]:
     """The health of the configured schedules and of every row of stoker.schedules (a
-    configured one wins a name), in one statement: what the metrics sampler reads."""
+    configured one wins a name), in one statement."""
+    rows = await _sample_rows(conn, list(configured), None, None)
+    return [s for r in rows if (s := _sampled(r, configured)) is not None]
+
+
+async def _sample_rows(
+    conn: asyncpg.Connection | asyncpg.Pool, names: list[str], after: str | None, limit: int | None
+) -> list[asyncpg.Record]:
     if isinstance(conn, asyncpg.Pool):
         async with conn.acquire() as held:
-            rows = await _health_rows(held, list(configured), with_db=True)
-    else:
-        rows = await _health_rows(conn, list(configured), with_db=True)
-    found = []
-    for r in rows:
-        sched = configured.get(r["name"])
-        if sched is None:
-            spec = _spec(r["cron"], r["timezone"])
-            if spec is None:
-                continue  # ignored by the leader too, with an error in its log
-            sched = Schedule(
-                name=r["name"],
-                source="db",
-                spec=spec,
-                kind="",
-                queue="",
-                enabled=r["enabled"],
-                timetable_changed_at=r["timetable_changed_at"],
-            )
-        found.append(Sampled(sched.name, sched.source, sched.enabled, _judge(r, sched)))
-    return found
+            return await _health_rows(held, names, with_db=True, after=after, limit=limit)
+    return await _health_rows(conn, names, with_db=True, after=after, limit=limit)
+
+
+def _sampled(r: asyncpg.Record, configured: dict[str, Schedule]) -> Sampled | None:
+    sched = configured.get(r["name"])
+    if sched is None:
+        spec = _spec(r["cron"], r["timezone"])
+        if spec is None:
+            return None  # ignored by the leader too, with an error in its log
+        sched = Schedule(
+            name=r["name"],
+            source="db",
+            spec=spec,
+            kind="",
+            queue="",
+            enabled=r["enabled"],
+            timetable_changed_at=r["timetable_changed_at"],
+        )
+    return Sampled(sched.name, sched.source, sched.enabled, _judge(r, sched))
+
+
+class HealthSampler:
+    """Every schedule's health as the metrics sampler reads it every few seconds, on every
+    daemon: the configured schedules each time, the rows of stoker.schedules a slice at a time
+    (in name order, round and round), so that a sample reads about 1/SLICES of them and each
+    row's health is at most SLICES samples old. Read whole, 10,000 rows cost PostgreSQL
+    100-200 ms a sample (a walk of each one's ledger back to its last success)."""
+
+    SLICES = 12
+    MIN_SLICE = 500
+
+    def __init__(self, configured: dict[str, Schedule]) -> None:
+        self._configured = configured
+        self._db: dict[str, Sampled] = {}  # the health of db schedules as last read
+        self._cycle: set[str] = set()  # the db rows read since the first slice of this round
+        self._after: str | None = None  # where the next slice starts (None: from the first)
+
+    async def sample(self, conn: asyncpg.Connection | asyncpg.Pool) -> list[Sampled]:
+        limit = max(self.MIN_SLICE, -(-len(self._db) // self.SLICES))
+        rows = await _sample_rows(conn, list(self._configured), self._after, limit)
+        found, names = [], []
+        for r in rows:  # in name order
+            sampled = _sampled(r, self._configured)
+            if r["name"] in self._configured:
+                if sampled is not None:
+                    found.append(sampled)
+                continue
+            names.append(r["name"])
+            if sampled is None:
+                self._db.pop(r["name"], None)
+            else:
+                self._db[r["name"]] = sampled
+        self._cycle.update(names)
+        if len(names) == limit:
+            self._after = names[-1]
+        else:  # the round is over: a schedule it did not read is gone
+            for name in set(self._db) - self._cycle:
+                del self._db[name]
+            self._cycle, self._after = set(), None
+        return found + list(self._db.values())
 
 
 @functools.lru_cache(maxsize=4096)

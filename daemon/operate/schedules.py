@@ -101,3 +101,9 @@ async def schedule_health(
     """Every schedule's health (configured ones, and every row of stoker.schedules), in one
     statement: what the metrics sampler reads every few seconds."""
     return await schedules.sample_health(db, configured)
+
+
+def health_sampler(configured: dict[str, schedules.Schedule]) -> schedules.HealthSampler:
+    """What the metrics sampler reads every few seconds: the configured schedules' health each
+    time, the rows of stoker.schedules a slice at a time (HealthSampler)."""
+    return schedules.HealthSampler(configured)

@@ -79,9 +79,10 @@ async def sample_database(
     """Queue depth, oldest due job, migration state and, given the configured `schedules`,
     each schedule's health; read on a timer, never per scrape."""
     known = {m.name for m in load_migrations()}
-    configured = None
+    sampler = None
     if schedules is not None:
         configured = {n: Schedule.from_config(n, cfg) for n, cfg in schedules.items()}
+        sampler = operate_schedules.health_sampler(configured)
     while not stopping.is_set():
         db = state.db
         if db is not None:
@@ -106,9 +107,9 @@ async def sample_database(
                 state.migrations_current = known <= applied
             except DB_ERRORS as exc:
                 log.debug("metrics sample failed: %s", exc)
-            if configured is not None:
+            if sampler is not None:
                 try:
-                    sampled = await operate_schedules.schedule_health(db, configured)
+                    sampled = await sampler.sample(db)
                     metrics.snapshot.schedule_health = schedule_gauges(sampled)
                 except SAMPLE_ERRORS as exc:
                     log.debug("schedule health sample failed: %s", exc)
