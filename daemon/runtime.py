@@ -24,6 +24,7 @@ from daemon.engine.outcomes import Completer
 from daemon.engine.pool import QueuePool
 from daemon.engine.registry import REGISTRY, Registry
 from daemon.engine.resources import Resources
+from daemon.engine.waiting import IdleSweep
 from daemon.errors import StokerError
 from daemon.observe.metrics import Metrics
 from daemon.observe.systemd import Notifier
@@ -361,6 +362,13 @@ class Runtime:
                     on_schedules_changed=self._schedules_changed,
                 )
                 background.append(tg.create_task(self.listener.run(), name="stoker-listener"))
+                sweep = IdleSweep(
+                    list(self.pools.values()),
+                    db=db,
+                    worker_id=s.worker_id,
+                    stopping=self.stopping,
+                )
+                background.append(tg.create_task(sweep.run(), name="stoker-idle-sweep"))
             else:
                 self._announce()
             self.health.listener_up = lambda: (

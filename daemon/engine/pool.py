@@ -40,9 +40,19 @@ MIN_IDLE = 0.01
 # with doubling pauses up to this, a few claims a second rather than a hundred.
 MAX_IDLE_FLOOR = 1.0
 # A pool that starts waiting while a producer's transaction is still open looks again after
-# this, doubling up to MAX_RECHECK, until that transaction has ended (see _producers_done).
+# this, doubling up to MAX_RECHECK, until that transaction has ended (see _wait_registered).
 MIN_RECHECK = 0.005
 MAX_RECHECK = 1.0
+# How soon a pool whose claim found some jobs but fewer than it asked for claims again, rather
+# than saying it waits (see run): a wake-up a stream of inserts does not pay for with NOTIFYs.
+# The pause doubles while claims keep finding jobs, so that a fast stream is claimed in
+# batches (each claim and each outcome write costs the database about as much for one job as
+# for fifty, on the cores the producers need) at the price of up to LINGER_MAX of latency.
+LINGER_MIN = 0.001
+LINGER_MAX = 0.010
+# A registered pool's own timer: the idle sweep looks for it every poll interval; this only
+# bounds the sleep should the sweep itself be stuck.
+POLL_BY_SWEEP = 60.0
 # How long the shutdown waits for jobs cancelled at its deadline to end (handed back), unless
 # their handlers ask for longer (stop_grace).
 HANDBACK_WAIT = 5.0
@@ -84,7 +94,8 @@ class QueuePool:
             worker_id=worker_id,
             resources=resources if resources is not None else {},
         )
-        self._waiting_since: float | None = None  # when this pool last said it waits
+        self._registered_at: float | None = None  # when this pool last said it waits
+        self._generation = 0  # see `registration`
         # Keyed by (job id, attempt): if a lease was lost and this pool claims the same job
         # again, both attempts count against the limit until each ends.
         self.running: dict[tuple[int, int], asyncio.Task[None]] = {}
@@ -96,8 +107,7 @@ class QueuePool:
         self._slot_freed = asyncio.Event()
         self._handing_back = False
         self._out_of_reach = 0  # empty claims in a row while a due job was waiting
-        self._recheck: float | None = None  # set while producers may not have seen us wait
-        self._in_flight: list[str] = []  # their transaction ids (xid8 as text)
+        self._linger = LINGER_MIN
         # job id -> the attempt this worker claimed again while an older attempt still ran
         # here: the older attempt's outcome answers for it.
         self._adopted: dict[int, int] = {}
@@ -116,10 +126,41 @@ class QueuePool:
     def registration_lost(self) -> None:
         """stoker.waiting may have lost our row (it is unlogged: a crash or a failover empties
         it): register afresh, and look again until producers that missed it have ended."""
-        self._waiting_since = None
+        self._set_registered(None)
 
     def note_requeued(self, run_at: datetime) -> None:
         self.wake(run_at.timestamp())
+
+    # -- saying that this pool waits (stoker.waiting) -------------------------------------------
+
+    @property
+    def registered(self) -> bool:
+        """Does this pool's row in stoker.waiting make inserts NOTIFY it?"""
+        return self._registered_at is not None
+
+    @property
+    def registration(self) -> int:
+        """Changes whenever this pool registers or stops: the sweep renews a registration
+        only if it is still the one it saw."""
+        return self._generation
+
+    def renewed(self, at: float) -> None:
+        """The idle sweep extended our row, in a statement sent at monotonic time `at`."""
+        self._registered_at = at
+
+    def registration_lapsed(self, now: float | None = None) -> bool:
+        """Not registered, or the registration may have expired (it lasts 3 poll intervals):
+        producers may have committed meanwhile without a NOTIFY."""
+        since = self._registered_at
+        if since is None:
+            return True
+        return (
+            now if now is not None else time.monotonic()
+        ) - since > self.config.poll_interval * 2
+
+    def _set_registered(self, at: float | None) -> None:
+        self._registered_at = at
+        self._generation += 1
 
     # -- the claim loop -----------------------------------------------------------------------
 
@@ -128,6 +169,14 @@ class QueuePool:
         return self.config.concurrency - len(self.running)
 
     async def run(self) -> None:
+        """Claim while there is work; say we wait (stoker.waiting) only once a claim finds none.
+
+        Every insert into a queue that a pool waits for sends a NOTIFY, and a commit that
+        carries one holds a database-wide lock through its WAL flush: notifying commits cannot
+        share a flush. So a pool that was woken stops waiting in its claim, and while its claims
+        keep finding jobs it looks again every LINGER instead of waiting: a stream of inserts
+        then sends one NOTIFY (a few, from the commits racing the claim), not one per job. A
+        claim that finds nothing registers again, so a trickle still wakes it at once."""
         self._loop = asyncio.get_running_loop()
         failures = 0
         while not self._stopping.is_set():
@@ -152,8 +201,11 @@ class QueuePool:
             want = min(free, self.config.batch_size)
             self._wake.clear()
             self._fetch_needed = False
+            stop_waiting = self.registered
+            if stop_waiting:
+                self._set_registered(None)  # before the claim, so the sweep cannot renew it
             try:
-                jobs = await self._claim(want)
+                jobs = await self._claim(want, stop_waiting=stop_waiting)
             except DB_ERRORS as exc:
                 failures += 1
                 pause = min(self.config.poll_interval, 0.1 * 2**failures)
@@ -163,64 +215,55 @@ class QueuePool:
             failures = 0
             if jobs:
                 self._start(jobs)
+                if len(jobs) < want and self._adaptive:
+                    # More may be on the way: look again shortly, still without waiting.
+                    await wait_any(self._wake, seconds=self._linger)
+                    self._linger = min(self._linger * 2, LINGER_MAX)
+                continue  # a full claim: there may be more, claim again as soon as slots allow
+            if not self._adaptive:
+                await self._idle(claimed_nothing=True)
+                continue
             try:
-                if len(jobs) == want:
-                    if self._waiting_since is not None:
-                        await self._set_waiting(False)  # busy: it claims without wake-ups
-                    continue  # there may be more: claim again as soon as slots allow
-                if self._adaptive and self._waiting_stale():
-                    # Say we wait *before* the last look, so that an insert committed after
-                    # that look finds us registered and sends its NOTIFY.
-                    lapsed = self._registration_lapsed()
-                    await self._set_waiting(True)
-                    if lapsed:
-                        self._in_flight = await self._db.fetchval(queries.IN_FLIGHT)
-                        self._recheck = MIN_RECHECK
-                if self._recheck is not None:
-                    if await self._producers_done():
-                        self._recheck = None
-                        continue  # their jobs are visible now: one more look
-                    self._recheck = min(self._recheck * 2, MAX_RECHECK)
+                await self._wait_registered()
             except DB_ERRORS as exc:
                 log.warning("queue %s: cannot update its waiting mark (%s)", self.name, exc)
-            await self._idle(claimed_nothing=not jobs)
+                await self._idle(claimed_nothing=True)
 
-    def _waiting_stale(self) -> bool:
-        since = self._waiting_since
-        return since is None or time.monotonic() - since > self.config.poll_interval
-
-    def _registration_lapsed(self) -> bool:
-        """Not registered, or the registration may have expired (it lasts 3 poll intervals):
-        producers may have committed meanwhile without a NOTIFY."""
-        since = self._waiting_since
-        return since is None or time.monotonic() - since > self.config.poll_interval * 2
-
-    async def _producers_done(self) -> bool:
-        """Has every transaction that may have inserted without seeing us wait ended?
+    async def _wait_registered(self) -> None:
+        """After a claim that found nothing: say we wait, look once more, and sleep.
 
         The insert trigger looks for a waiting pool when a job is inserted, not when its
         transaction commits. A transaction that inserted before our registration committed
         and commits after our last look sends no NOTIFY. It had a transaction id by then, so
-        it was among those in progress just after we registered (IN_FLIGHT): once none of
-        them is (their jobs are visible to our next claim, or rolled back), nothing is missed.
+        it was among those in progress just after we registered (AFTER_REGISTERING): once none
+        of them is (their jobs are visible to a look now, or rolled back), nothing is missed.
         Unrelated transactions are in that list too; they only make us look a few more times.
         Producers pay nothing for it."""
-        if self._in_flight:
-            self._in_flight = await self._db.fetchval(queries.STILL_IN_FLIGHT, self._in_flight)
-        return not self._in_flight
+        self._linger = LINGER_MIN
+        await self._register()
+        # Registered *before* this last look, so that an insert committed after it finds us
+        # registered and sends its NOTIFY.
+        in_flight, next_due = await self._db.fetchrow(queries.AFTER_REGISTERING, self.name)
+        claimed_nothing = True
+        recheck = MIN_RECHECK
+        while in_flight:
+            self._wake.clear()
+            await wait_any(self._wake, seconds=recheck)
+            if self._fetch_needed or self._stopping.is_set():
+                return  # woken: claim now (it stops the registration and looks anyway)
+            in_flight = await self._db.fetchval(queries.STILL_IN_FLIGHT, in_flight)
+            recheck = min(recheck * 2, MAX_RECHECK)
+            if not in_flight:
+                next_due = await self._db.fetchval(queries.NEXT_DUE, self.name)
+                claimed_nothing = False  # a job due now was not there at our claim
+        await self._idle(claimed_nothing=claimed_nothing, next_due=next_due, looked=True)
 
-    async def _set_waiting(self, waiting: bool) -> None:
-        if waiting:
-            await self._db.execute(
-                queries.REGISTER_WAITING,
-                self.name,
-                self._worker_id,
-                self.config.poll_interval * 3,
-            )
-            self._waiting_since = time.monotonic()
-        else:
-            self._waiting_since = None
-            await self._db.execute(queries.UNREGISTER_WAITING, self.name, self._worker_id)
+    async def _register(self) -> None:
+        sent = time.monotonic()
+        await self._db.execute(
+            queries.REGISTER_WAITING, self.name, self._worker_id, self.config.poll_interval * 3
+        )
+        self._set_registered(sent)
 
     @property
     def _claim_floor(self) -> int:
@@ -235,33 +278,43 @@ class QueuePool:
             self._slot_freed.clear()
             await wait_any(self._slot_freed, seconds=remaining)
 
-    async def _claim(self, limit: int) -> list[ClaimedJob]:
-        rows = await self._db.fetch(
-            queries.CLAIM, self.name, limit, self._worker_id, self._lease_seconds
-        )
+    async def _claim(self, limit: int, *, stop_waiting: bool) -> list[ClaimedJob]:
+        sql = queries.CLAIM_AND_STOP_WAITING if stop_waiting else queries.CLAIM
+        rows = await self._db.fetch(sql, self.name, limit, self._worker_id, self._lease_seconds)
         self.claimed_total += len(rows)
         # Positional: the columns of queries.CLAIM, in order.
         return [ClaimedJob(*r) for r in rows]
 
-    async def _idle(self, *, claimed_nothing: bool) -> None:
-        """Sleep until woken by NOTIFY, the earliest known run_at, or the poll interval."""
+    async def _idle(
+        self, *, claimed_nothing: bool, next_due: datetime | None = None, looked: bool = False
+    ) -> None:
+        """Sleep until woken by NOTIFY, the earliest known run_at, or the poll interval.
+
+        A registered pool has no timer of its own: the daemon's idle sweep (daemon.engine.
+        waiting) renews its registration and looks at its queue every poll interval, in one
+        statement for all idle pools, and wakes it if a job is due."""
         now = self._clock.now()
-        deadline = now + self.config.poll_interval
+        deadline = now + (POLL_BY_SWEEP if self.registered else self.config.poll_interval)
         # After an empty claim, a timer wake-up waits at least a moment, so that a job whose
         # run_at is a hair away, or due but held by another worker's claim, or clocks that
         # disagree, cannot make the pool spin.
         floor = now + MIN_IDLE if claimed_nothing else now
-        try:
-            next_due = await self._db.fetchval(queries.NEXT_DUE, self.name)
-        except DB_ERRORS:
-            next_due = None
+        if not looked:
+            try:
+                next_due = await self._db.fetchval(queries.NEXT_DUE, self.name)
+            except DB_ERRORS:
+                next_due = None
         if next_due is not None:
             due = next_due.timestamp()
             if claimed_nothing and due <= now:
-                # Due, yet the claim did not get it: another worker's claim holds it, or a
-                # transaction has it locked. Look again soon, but less often each time.
-                self._out_of_reach = min(self._out_of_reach + 1, 8)
-                floor = now + min(MAX_IDLE_FLOOR, MIN_IDLE * 2 ** (self._out_of_reach - 1))
+                # Due, yet the claim did not get it: it committed just after the claim, or
+                # another worker's claim holds it, or a transaction has it locked. Look again
+                # at once, then soon, but less often each time.
+                self._out_of_reach = min(self._out_of_reach + 1, 9)
+                if self._out_of_reach > 1:
+                    floor = now + min(MAX_IDLE_FLOOR, MIN_IDLE * 2 ** (self._out_of_reach - 2))
+                else:
+                    floor = now
             else:
                 self._out_of_reach = 0
             deadline = min(deadline, due)
@@ -269,8 +322,6 @@ class QueuePool:
             if self._hint_due is not None:
                 deadline = min(deadline, self._hint_due)
                 self._hint_due = None
-            if self._recheck is not None:
-                deadline = min(deadline, now + self._recheck)
             remaining = max(deadline, floor) - self._clock.now()
             if self._fetch_needed or remaining <= 0:
                 return

@@ -21,33 +21,38 @@ RETURNING id
 
 # -- the hot path: claim, heartbeat, complete ------------------------------------------------
 
+
 # The distinct priorities of a queue's waiting jobs, highest first, each found by one descent
 # of the fetch index (a skip scan), none while the queue is paused. The claim and NEXT_DUE read
 # the index one priority at a time, where `run_at <= now()` bounds the scan: read across
 # priorities, jobs scheduled for later (delayed jobs, retries in backoff) sat in the index
 # between the due ones, and 1,000,000 of them made every claim a 170 ms scan.
-_PRIORITIES = """
+def _priorities(queue: str) -> str:
+    """The CTE for the queue named by the SQL expression `queue` ($1, or a column)."""
+    return f"""
 priorities AS (
     (SELECT priority FROM stoker.jobs
-      WHERE queue = $1 AND state = 'queued'
-        AND NOT EXISTS (SELECT 1 FROM stoker.queues q WHERE q.name = $1 AND q.paused)
+      WHERE queue = {queue} AND state = 'queued'
+        AND NOT EXISTS (SELECT 1 FROM stoker.queues pq WHERE pq.name = {queue} AND pq.paused)
       ORDER BY priority DESC LIMIT 1)
     UNION ALL
     SELECT (SELECT j.priority FROM stoker.jobs j
-             WHERE j.queue = $1 AND j.state = 'queued' AND j.priority < p.priority
+             WHERE j.queue = {queue} AND j.state = 'queued' AND j.priority < p.priority
              ORDER BY j.priority DESC LIMIT 1)
       FROM priorities p WHERE p.priority IS NOT NULL
 )"""
+
 
 # Claims at most $2 due jobs of queue $1, in priority order, skipping rows other workers hold.
 # No ORDER BY on `next`: the nested loop yields the priorities in the CTE's order, highest
 # first, and stops pulling (and locking) rows once it has $2; a sort would make it lock up to
 # $2 rows of every priority.
-CLAIM = (
-    """
+def _claim(also: str = "") -> str:
+    return (
+        """
 WITH RECURSIVE relaxed AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),"""
-    + _PRIORITIES
-    + """,
+        + _priorities("$1")
+        + """,
 next AS (
     SELECT due.id FROM priorities p
      CROSS JOIN LATERAL (
@@ -58,7 +63,9 @@ next AS (
          FOR UPDATE SKIP LOCKED) due
      WHERE p.priority IS NOT NULL
      LIMIT $2
-)
+)"""
+        + also
+        + """
 UPDATE stoker.jobs j
    SET state = 'active', attempts = j.attempts + 1, worker = $3,
        lease_expires_at = now() + make_interval(secs => $4), started_at = now(),
@@ -68,9 +75,22 @@ UPDATE stoker.jobs j
 RETURNING j.id, j.kind, j.payload::text, j.meta::text, j.attempts, j.max_attempts, j.run_at,
           j.started_at
 """
+    )
+
+
+CLAIM = _claim()
+
+# The claim of a pool that was waiting, woken by a NOTIFY (or a look that found work): it
+# stops saying it waits in the same statement, so that the producers of a burst that follows
+# send no more NOTIFYs (each serialises commits: see QueuePool.run). A data-modifying CTE runs
+# whether or not the query reads it.
+CLAIM_AND_STOP_WAITING = _claim(
+    """,
+stop_waiting AS (DELETE FROM stoker.waiting WHERE queue = $1 AND worker = $3)"""
 )
 
-# An idle pool says it waits (so inserts NOTIFY it), and stops saying so when busy.
+# An idle pool says it waits (so inserts NOTIFY it) when a claim found nothing; its claim says
+# it no longer does.
 REGISTER_WAITING = """
 INSERT INTO stoker.waiting (queue, worker, expires_at)
 VALUES ($1, $2, now() + make_interval(secs => $3))
@@ -81,30 +101,66 @@ UNREGISTER_WAITING = "DELETE FROM stoker.waiting WHERE queue = $1 AND worker = $
 
 UNREGISTER_WORKER = "DELETE FROM stoker.waiting WHERE worker = $1"
 
+
+def _next_due(queue: str) -> str:
+    return f"""
+SELECT min(first.run_at) AS next_due FROM priorities p
+ CROSS JOIN LATERAL (
+    SELECT run_at FROM stoker.jobs
+     WHERE queue = {queue} AND state = 'queued' AND priority = p.priority
+     ORDER BY run_at LIMIT 1) first
+ WHERE p.priority IS NOT NULL"""
+
+
+# The earliest run_at of a queue's waiting jobs: how long an idle pool may sleep. Past ones
+# count too: a job can fall due between an empty claim and this query (clocks are never exactly
+# in step), and leaving it out would let the pool sleep a whole poll interval past it.
+NEXT_DUE = "WITH RECURSIVE" + _priorities("$1") + _next_due("$1")
+
 # The transactions in progress right now (see QueuePool._producers_done), and which of them
 # still are. Text, not xid8: asyncpg has no codec for xid8 arrays.
 IN_FLIGHT = """
 SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x
 """
 
+# Right after a pool said it waits: the transactions in flight (IN_FLIGHT) and its NEXT_DUE,
+# in one round trip on one snapshot.
+AFTER_REGISTERING = (
+    "WITH RECURSIVE"
+    + _priorities("$1")
+    + """
+SELECT (SELECT coalesce(array_agg(x::text), '{}')
+          FROM pg_snapshot_xip(pg_current_snapshot()) AS x) AS in_flight,
+       ("""
+    + _next_due("$1")
+    + """) AS next_due
+"""
+)
+
 STILL_IN_FLIGHT = """
 SELECT coalesce(array_agg(x), '{}') FROM unnest($1::text[]) AS x
  WHERE pg_xact_status(x::xid8) = 'in progress'
 """
 
-# The earliest run_at of a queue's waiting jobs: how long an idle pool may sleep. Past ones
-# count too: a job can fall due between an empty claim and this query (clocks are never exactly
-# in step), and leaving it out would let the pool sleep a whole poll interval past it.
-NEXT_DUE = (
-    "WITH RECURSIVE"
-    + _PRIORITIES
-    + """
-SELECT min(first.run_at) FROM priorities p
+# The one look of a daemon's idle pools every poll interval (daemon.engine.waiting): renews
+# the waiting rows of queues $1 (each for $3 seconds; a row that is gone is not put back: its
+# pool says it waits afresh) and gives each queue's NEXT_DUE, in the order of $1.
+SWEEP_WAITING = (
+    """
+WITH renewed AS (
+    UPDATE stoker.waiting w SET expires_at = now() + make_interval(secs => t.secs)
+      FROM unnest($1::text[], $3::float8[]) AS t(queue, secs)
+     WHERE w.queue = t.queue AND w.worker = $2
+    RETURNING w.queue
+)
+SELECT q.name IN (SELECT queue FROM renewed) AS renewed, nd.next_due
+  FROM unnest($1::text[]) WITH ORDINALITY AS q(name, i)
  CROSS JOIN LATERAL (
-    SELECT run_at FROM stoker.jobs
-     WHERE queue = $1 AND state = 'queued' AND priority = p.priority
-     ORDER BY run_at LIMIT 1) first
- WHERE p.priority IS NOT NULL
+    WITH RECURSIVE"""
+    + _priorities("q.name")
+    + _next_due("q.name")
+    + """) nd
+ ORDER BY q.i
 """
 )
 
