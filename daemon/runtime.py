@@ -362,6 +362,8 @@ class Runtime:
                     on_schedules_changed=self._schedules_changed,
                 )
                 background.append(tg.create_task(self.listener.run(), name="stoker-listener"))
+                for pool in self.pools.values():
+                    pool.lender = self.listener
                 sweep = IdleSweep(
                     list(self.pools.values()),
                     db=db,

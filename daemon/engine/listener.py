@@ -50,6 +50,24 @@ class Listener:
         self.connected = False
         self.reconnects = 0
         self.backend_pid: int | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._lent = False
+
+    def lend(self) -> asyncpg.Connection | None:
+        """This connection for one statement, if it is up and nobody else is using it; give
+        it back with `give_back`.
+
+        A pool woken by a NOTIFY claims on it: its backend has just sent the notification and
+        is awake, while a pooled connection's backend has been asleep since the pool went
+        idle, and waking it (and its CPU) cost half a millisecond of every wake-up here. Any
+        notification that arrives meanwhile is delivered once the statement ends."""
+        if not self.connected or self._conn is None or self._lent:
+            return None
+        self._lent = True
+        return self._conn
+
+    def give_back(self) -> None:
+        self._lent = False
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         queue, due = parse_notification(payload)
@@ -75,6 +93,7 @@ class Listener:
                 await conn.add_listener(CHANNEL, self._notified)
                 await conn.add_listener(SCHEDULES_CHANNEL, self._schedules_notified)
                 self.backend_pid = conn.get_server_pid()
+                self._conn = conn
                 self.connected = True
                 if ever_connected:
                     self.reconnects += 1
@@ -96,6 +115,7 @@ class Listener:
                 )
             finally:
                 self.connected = False
+                self._conn = None
                 if conn is not None:
                     await close_quietly(conn)
             if self._stopping.is_set():
@@ -109,6 +129,8 @@ class Listener:
             await wait_any(self._stopping, lost, seconds=self._probe_interval)
             if self._stopping.is_set() or lost.is_set():
                 return
+            if self._lent:
+                continue  # in use right now, so not half-open
             try:
                 await conn.fetchval("SELECT 1", timeout=5)
             except DB_ERRORS:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -28,7 +28,7 @@ from daemon.events import wait_any
 from daemon.observe.metrics import Metrics
 from daemon.store import queries
 from daemon.store.clock import DbClock
-from daemon.store.db import DB_ERRORS
+from daemon.store.db import COMMAND_TIMEOUT, DB_ERRORS
 
 log = logging.getLogger("stoker.pool")
 
@@ -56,6 +56,14 @@ POLL_BY_SWEEP = 60.0
 # How long the shutdown waits for jobs cancelled at its deadline to end (handed back), unless
 # their handlers ask for longer (stop_grace).
 HANDBACK_WAIT = 5.0
+
+
+class Lender(Protocol):
+    """A connection lent for one statement (the listener's: see Listener.lend)."""
+
+    def lend(self) -> asyncpg.Connection | None: ...
+
+    def give_back(self) -> None: ...
 
 
 class QueuePool:
@@ -112,6 +120,7 @@ class QueuePool:
         # here: the older attempt's outcome answers for it.
         self._adopted: dict[int, int] = {}
         self.claimed_total = 0
+        self.lender: Lender | None = None  # where a claim woken by a NOTIFY may run
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -279,8 +288,19 @@ class QueuePool:
             await wait_any(self._slot_freed, seconds=remaining)
 
     async def _claim(self, limit: int, *, stop_waiting: bool) -> list[ClaimedJob]:
-        sql = queries.CLAIM_AND_STOP_WAITING if stop_waiting else queries.CLAIM
-        rows = await self._db.fetch(sql, self.name, limit, self._worker_id, self._lease_seconds)
+        args = (self.name, limit, self._worker_id, self._lease_seconds)
+        lender = self.lender if stop_waiting else None
+        conn = lender.lend() if lender is not None else None
+        if lender is not None and conn is not None:
+            try:
+                rows = await conn.fetch(
+                    queries.CLAIM_AND_STOP_WAITING, *args, timeout=COMMAND_TIMEOUT
+                )
+            finally:
+                lender.give_back()
+        else:
+            sql = queries.CLAIM_AND_STOP_WAITING if stop_waiting else queries.CLAIM
+            rows = await self._db.fetch(sql, *args)
         self.claimed_total += len(rows)
         # Positional: the columns of queries.CLAIM, in order.
         return [ClaimedJob(*r) for r in rows]
