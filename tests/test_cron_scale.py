@@ -351,3 +351,28 @@ async def test_the_health_sampler_reads_a_slice_of_the_schedules_each_time(
     assert seen == [1200, 1200, 1198]  # the deleted ones go at the end of the round
     names = {s.name for s in await sampler.sample(db)}
     assert len(names) == 1198 and {"s000001", "s000700"}.isdisjoint(names)
+
+
+async def test_a_tick_whose_key_a_job_holds_already_records_that_job(
+    db: asyncpg.Connection,
+) -> None:
+    # As stoker.enqueue answers: the tick's job is the one holding its unique key.
+    await many(db, 3)
+    wheel = scheduler()
+    await wheel.run_pass(db, utc(23, 12, 0, 59))
+    held = await db.fetchval(
+        "SELECT stoker.enqueue('default', 'noop', unique_key => $1)",
+        f"cron:s000002:{utc(23, 12, 1).isoformat()}",
+    )
+    await wheel.run_pass(db, utc(23, 12, 1, 0.1))
+    rows = await db.fetch(
+        "SELECT t.schedule, t.outcome, t.job_id, s.last_job_id, "
+        "(SELECT count(*) FROM stoker.jobs j WHERE j.id = t.job_id) AS jobs "
+        "FROM stoker.schedule_ticks t JOIN stoker.schedule_state s ON s.name = t.schedule "
+        "ORDER BY 1"
+    )
+    assert [(r["outcome"], r["jobs"], r["job_id"] == r["last_job_id"]) for r in rows] == [
+        ("fired", 1, True)
+    ] * 3
+    assert rows[1]["job_id"] == held
+    assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 3

@@ -215,6 +215,12 @@ DELETE_SCHEDULE = """
 DELETE FROM stoker.schedules WHERE name = $1
 """
 
+# How many rows stoker.schedules holds, as the planner's statistics estimate it (no scan): how
+# large a slice the metrics sampler reads.
+SCHEDULES_ESTIMATE = """
+SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'stoker.schedules'::regclass
+"""
+
 # -- the run ledger: reading it ----------------------------------------------------------------
 
 # A ledger row's run as it stands: a run (fired or by hand) is read from its job while the job

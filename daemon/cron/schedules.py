@@ -501,9 +501,13 @@ class HealthSampler:
         self._db: dict[str, Sampled] = {}  # the health of db schedules as last read
         self._cycle: set[str] = set()  # the db rows read since the first slice of this round
         self._after: str | None = None  # where the next slice starts (None: from the first)
+        self._size = 0  # rows this round expects
 
     async def sample(self, conn: asyncpg.Connection | asyncpg.Pool) -> list[Sampled]:
-        limit = max(self.MIN_SLICE, -(-len(self._db) // self.SLICES))
+        if self._after is None:  # a round begins: its slices from the table's size
+            estimate: int = await conn.fetchval(queries.SCHEDULES_ESTIMATE)
+            self._size = max(estimate, len(self._db))
+        limit = max(self.MIN_SLICE, -(-self._size // self.SLICES))
         rows = await _sample_rows(conn, list(self._configured), self._after, limit)
         found, names = [], []
         for r in rows:  # in name order
