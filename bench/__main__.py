@@ -8,8 +8,6 @@ Scenarios (default: all):
                one while /metrics and /ready are scraped 50 times a second); and #6's bare
                claim-and-delete loop in one and two processes, the machine's ceiling
     latency    jobs inserted one at a time into an idle worker: commit to handler start
-    producers  eight pgbench clients enqueueing one job per transaction while a daemon is busy,
-               against the same INSERT into a table with no trigger (the NOTIFY tax)
     scale      drain rate with 10,000 vs 1,000,000 queued; claim time with an empty history
                vs 10,000,000 finished jobs, and with 1,000,000 jobs scheduled for later
     memory     resident memory of an idle daemon, and its peak while draining 1,000,000 jobs
@@ -47,7 +45,6 @@ from bench.common import Row, fresh_database, pct, print_table, server_dsn
 SCENARIOS = (
     "drain",
     "latency",
-    "producers",
     "scale",
     "memory",
     "dashboard",
@@ -186,38 +183,6 @@ async def latency(admin: str, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def _producer_rows(results: list[tuple[float, float]], regime: str, note: str) -> list[Row]:
-    """The trigger-less rate, stoker.enqueue's, and its share, per run of one regime."""
-    return [
-        Row("producers", "no trigger", regime, "tx/s", [p for p, _ in results]),
-        Row("producers", "stoker", regime, "tx/s", [b for _, b in results]),
-        Row(
-            "producers",
-            "stoker",
-            "share of no-trigger rate",
-            "%",
-            [100 * b / p for p, b in results],
-            note=note,
-        ),
-    ]
-
-
-async def producers(admin: str, args: argparse.Namespace) -> list[Row]:
-    busy, keeping_up = [], []
-    for _ in range(args.runs):
-        busy.append(await stoker.producers_once(admin, args.producer_seconds))
-        print(f"  producers, daemon busy: {busy[-1][1] / busy[-1][0]:.0%}", file=sys.stderr)
-    for _ in range(args.runs):
-        keeping_up.append(await stoker.producers_keep_up_once(admin, args.producer_seconds))
-        share = keeping_up[-1][1] / keeping_up[-1][0]
-        print(f"  producers, keeping up: {share:.0%}", file=sys.stderr)
-    return _producer_rows(
-        busy, "8 clients, daemon busy", "goal >= 80%; daemon busy draining"
-    ) + _producer_rows(
-        keeping_up, "8 clients, daemon keeping up", "daemon idle at the start, keeping up"
-    )
-
-
 async def scale(admin: str, args: argparse.Namespace, rss: list[float]) -> list[Row]:
     small = Row("scale", "stoker", "10,000 queued", "jobs/s")
     big = Row("scale", "stoker", f"{args.scale_jobs:,} queued", "jobs/s")
@@ -289,8 +254,6 @@ async def main_async(args: argparse.Namespace) -> None:
                 rows += await drain(admin, args)
             elif name == "latency":
                 rows += await latency(admin, args)
-            elif name == "producers":
-                rows += await producers(admin, args)
             elif name == "scale":
                 rows += await scale(admin, args, rss)
             elif name == "memory":
