@@ -17,14 +17,19 @@ SELECT * FROM stoker.schedules ORDER BY name
 """
 
 # -- reading stoker.schedules at scale: pages, and only what changed since the last read -------
-# The leader reads in a REPEATABLE READ transaction: every statement sees the snapshot that
-# SNAPSHOT returns, which the next look for changes compares rows with (migration 016).
+# A read keeps the snapshot of its first statement: the next look asks for the rows written by
+# transactions that snapshot did not see (changed_xid, migration 016). A row read later than
+# that snapshot in a newer version is read again at the next look: harmless.
 
 SNAPSHOT = "SELECT pg_current_snapshot()::text"
 
 # A page of stoker.schedules after name $1 (NULL: from the start), $2 rows.
 SCHEDULES_PAGE = """
 SELECT * FROM stoker.schedules WHERE $1::text IS NULL OR name > $1 ORDER BY name LIMIT $2
+"""
+
+SCHEDULES_NAMED = """
+SELECT * FROM stoker.schedules WHERE name = ANY($1::text[]) ORDER BY name
 """
 
 CURSORS_PAGE = """
@@ -36,28 +41,26 @@ CURSORS_OF = """
 SELECT name, last_tick, timetable, paused_at FROM stoker.schedule_state WHERE name = ANY($1)
 """
 
-# The rows written by transactions that snapshot $1 did not see: inserted or updated since
-# (found by schedules_changed_xid_idx); a page of them after name $2, $3 rows.
-SCHEDULES_CHANGED = """
-SELECT * FROM stoker.schedules
- WHERE changed_xid >= pg_snapshot_xmin($1::text::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(changed_xid, $1::text::pg_snapshot)
-   AND ($2::text IS NULL OR name > $2)
- ORDER BY name LIMIT $3
-"""
-
-# The names deleted since snapshot $1 and not there now (deleted, then made again: changed);
-# a NULL name: the table was truncated.
-SCHEDULES_DELETED = """
-SELECT DISTINCT d.name FROM stoker.schedule_deletions d
- WHERE d.xid >= pg_snapshot_xmin($1::text::pg_snapshot)
-   AND NOT pg_visible_in_snapshot(d.xid, $1::text::pg_snapshot)
-   AND (d.name IS NULL
-        OR NOT EXISTS (SELECT 1 FROM stoker.schedules s WHERE s.name = d.name))
-"""
-
-PAUSED = """
-SELECT name, paused_at FROM stoker.schedule_state WHERE paused_at IS NOT NULL
+# A look for changes since snapshot $1, in one statement (one a CHANGE_CHECK when nothing
+# changed): its own snapshot; the names written by transactions $1 did not see (inserted or
+# updated since, found by schedules_changed_xid_idx); the names deleted since and not there now
+# (a NULL: the table was truncated); every paused schedule and since when.
+CHANGES = """
+WITH since AS (SELECT $1::text::pg_snapshot AS snap)
+SELECT pg_current_snapshot()::text AS snapshot,
+       ARRAY(SELECT s.name FROM stoker.schedules s, since
+              WHERE s.changed_xid >= pg_snapshot_xmin(since.snap)
+                AND NOT pg_visible_in_snapshot(s.changed_xid, since.snap)) AS changed,
+       ARRAY(SELECT DISTINCT d.name FROM stoker.schedule_deletions d, since
+              WHERE d.xid >= pg_snapshot_xmin(since.snap)
+                AND NOT pg_visible_in_snapshot(d.xid, since.snap)
+                AND (d.name IS NULL
+                     OR NOT EXISTS (SELECT 1 FROM stoker.schedules s WHERE s.name = d.name)))
+           AS deleted,
+       ARRAY(SELECT p.name FROM stoker.schedule_state p
+              WHERE p.paused_at IS NOT NULL ORDER BY p.name) AS paused,
+       ARRAY(SELECT p.paused_at FROM stoker.schedule_state p
+              WHERE p.paused_at IS NOT NULL ORDER BY p.name) AS paused_at
 """
 
 PRUNE_DELETIONS = """

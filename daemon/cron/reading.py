@@ -1,18 +1,18 @@
 """Reading stoker.schedules at scale, for the leader: every row in pages (taking the lead), or
 only the rows changed and the names deleted since the last read (each look for changes).
 
-Each read is one REPEATABLE READ transaction whose snapshot is kept: the next read asks for the
-rows written by transactions that snapshot did not see (changed_xid, migration 016), so a
-transaction that commits late is still caught, and 1,000 rows changed out of 100,000 are 1,000
-rows read. Each statement takes the leader's connection lock for itself only, so that the
-leader's probe is never held up by a long read, and the event loop turns between pages."""
+A read keeps the snapshot of its first statement; the next asks for the rows written by
+transactions that snapshot did not see (changed_xid, migration 016), so a transaction that
+commits late is still caught, and 1,000 rows changed out of 100,000 are 1,000 rows read. When
+nothing changed, a look is one statement. Each statement takes the leader's connection lock for
+itself only, so that the leader's probe is never held up by a long read, and the event loop
+turns between pages."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -40,27 +40,6 @@ class Read:
     paused: dict[str, datetime] = field(default_factory=dict)  # every paused schedule
     saved: dict[str, SavedCursor] = field(default_factory=dict)  # cursors asked for
     rows: int = 0  # rows of stoker.schedules read
-
-
-@asynccontextmanager
-async def _reading(conn: asyncpg.Connection, lock: asyncio.Lock) -> AsyncIterator[str]:
-    """A read-only REPEATABLE READ transaction; yields its snapshot."""
-    tr = conn.transaction(isolation="repeatable_read", readonly=True)
-    async with lock:
-        await tr.start()
-        try:
-            snapshot: str = await conn.fetchval(queries.SNAPSHOT)
-        except BaseException:
-            await tr.rollback()
-            raise
-    try:
-        yield snapshot
-    except BaseException:
-        async with lock:
-            await tr.rollback()
-        raise
-    async with lock:
-        await tr.commit()
 
 
 async def _pages(
@@ -94,24 +73,24 @@ async def read_everything(
     conn: asyncpg.Connection, lock: asyncio.Lock, configured: dict[str, ScheduleConfig]
 ) -> Read:
     """Every schedule (a configured one wins a name), every saved cursor, the paused ones."""
-    async with _reading(conn, lock) as snapshot:
-        found = Read(snapshot)
-        for name, cfg in configured.items():
-            found.schedules[name] = Schedule.from_config(name, cfg)
-        async for rows in _pages(conn, lock, queries.SCHEDULES_PAGE):
-            for row in rows:
-                if row["name"] in configured:
-                    log.warning(
-                        "schedule %s exists in the configuration and in stoker.schedules; "
-                        "the configuration wins",
-                        row["name"],
-                    )
-            _parse(found, rows, configured)
-        async for rows in _pages(conn, lock, queries.CURSORS_PAGE):
-            for r in rows:
-                found.saved[r["name"]] = SavedCursor(r["last_tick"], r["timetable"], r["paused_at"])
-                if r["paused_at"] is not None:
-                    found.paused[r["name"]] = r["paused_at"]
+    async with lock:
+        found = Read(await conn.fetchval(queries.SNAPSHOT))
+    for name, cfg in configured.items():
+        found.schedules[name] = Schedule.from_config(name, cfg)
+    async for rows in _pages(conn, lock, queries.SCHEDULES_PAGE):
+        for row in rows:
+            if row["name"] in configured:
+                log.warning(
+                    "schedule %s exists in the configuration and in stoker.schedules; "
+                    "the configuration wins",
+                    row["name"],
+                )
+        _parse(found, rows, configured)
+    async for rows in _pages(conn, lock, queries.CURSORS_PAGE):
+        for r in rows:
+            found.saved[r["name"]] = SavedCursor(r["last_tick"], r["timetable"], r["paused_at"])
+            if r["paused_at"] is not None:
+                found.paused[r["name"]] = r["paused_at"]
     return found
 
 
@@ -124,25 +103,28 @@ async def read_changes(
 ) -> Read:
     """The rows changed and the names deleted since snapshot `since`, the paused schedules,
     and the saved cursors of those changed or whose pause differs from `paused`."""
-    async with _reading(conn, lock) as snapshot:
-        found = Read(snapshot)
-        async for rows in _pages(conn, lock, queries.SCHEDULES_CHANGED, since):
-            _parse(found, rows, configured)
+    async with lock:
+        look = await conn.fetchrow(queries.CHANGES, since)
+    found = Read(look["snapshot"])
+    found.deleted = {n for n in look["deleted"] if n is not None}
+    found.truncated = None in look["deleted"]
+    found.paused = dict(zip(look["paused"], look["paused_at"], strict=True))
+    if found.truncated:
+        return found
+    changed = sorted(look["changed"])
+    for start in range(0, len(changed), PAGE):
         async with lock:
-            deleted = await conn.fetch(queries.SCHEDULES_DELETED, since)
-            now_paused = await conn.fetch(queries.PAUSED)
-        found.deleted = {r["name"] for r in deleted if r["name"] is not None}
-        found.truncated = any(r["name"] is None for r in deleted)
-        found.paused = {r["name"]: r["paused_at"] for r in now_paused}
-        wanted = set(found.schedules) | {
-            n for n in set(paused) | set(found.paused) if paused.get(n) != found.paused.get(n)
+            rows = await conn.fetch(queries.SCHEDULES_NAMED, changed[start : start + PAGE])
+        _parse(found, rows, configured)
+    wanted = set(found.schedules) | {
+        n for n in set(paused) | set(found.paused) if paused.get(n) != found.paused.get(n)
+    }
+    if wanted:
+        async with lock:
+            rows = await conn.fetch(queries.CURSORS_OF, sorted(wanted))
+        found.saved = {
+            r["name"]: SavedCursor(r["last_tick"], r["timetable"], r["paused_at"]) for r in rows
         }
-        if wanted and not found.truncated:
-            async with lock:
-                rows = await conn.fetch(queries.CURSORS_OF, sorted(wanted))
-            found.saved = {
-                r["name"]: SavedCursor(r["last_tick"], r["timetable"], r["paused_at"]) for r in rows
-            }
     return found
 
 
