@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from dataclasses import dataclass, field
 
 import asyncpg
 
 from bench import pgstats, stoker
-from bench.common import Row, fresh_database, settle
+from bench.common import Row, cores_busy, cpu_ticks, fresh_database, settle
 
 REGIMES = ("keeping up", "busy")
 
@@ -34,6 +35,8 @@ class Window:
     flushes: int
     waits: pgstats.Waits
     statements: list[pgstats.Statement] = field(default_factory=list)
+    daemon_cores: float = 0.0  # the daemon process's CPU over the window, in cores
+    machine_cores: float = 0.0  # every process's, in cores busy of the machine
 
     @property
     def commits_per_flush(self) -> float:
@@ -41,21 +44,31 @@ class Window:
 
 
 async def window(
-    admin: asyncpg.Connection, dsn: str, dbid: int, script: str, seconds: int
+    admin: asyncpg.Connection, dsn: str, dbid: int, script: str, seconds: int, daemon_pid: int
 ) -> Window:
     await pgstats.reset(admin, dbid)
     flushes, _ = await pgstats.wal_syncs(admin)
     stop = asyncio.Event()
     sampler = asyncio.create_task(pgstats.sample_waits(dsn, stop))
+    cpu_before, machine_before, started = (
+        pgstats.cpu_seconds(daemon_pid) or 0.0,
+        cpu_ticks(),
+        time.monotonic(),
+    )
     try:
         tps = await asyncio.to_thread(stoker.pgbench_tps, dsn, script, seconds)
     finally:
         stop.set()
         waits = await sampler
+    daemon_cores = ((pgstats.cpu_seconds(daemon_pid) or 0.0) - cpu_before) / (
+        time.monotonic() - started
+    )
+    machine = cores_busy(machine_before, cpu_ticks())
     # Backends report WAL statistics at exit (pgbench's) or within a second when idle.
     await asyncio.sleep(1.0)
     after, _ = await pgstats.wal_syncs(admin)
-    return Window(tps, seconds, after - flushes, waits, await pgstats.statements(admin, dbid))
+    statements = await pgstats.statements(admin, dbid)
+    return Window(tps, seconds, after - flushes, waits, statements, daemon_cores, machine)
 
 
 async def keepup_once(admin_dsn: str, seconds: int, regime: str) -> tuple[Window, Window]:
@@ -73,9 +86,9 @@ async def keepup_once(admin_dsn: str, seconds: int, regime: str) -> tuple[Window
                 if regime == "busy":
                     await stoker.fill(conn, 120_000 * seconds, queue="default")
                 await settle(conn, "stoker.jobs, plain_jobs")
-                async with stoker.daemon(dsn, queue="default", name="keepup"):
-                    plain = await window(admin, dsn, dbid, stoker.PLAIN_INSERT, seconds)
-                    enqueue = await window(admin, dsn, dbid, stoker.ENQUEUE, seconds)
+                async with stoker.daemon(dsn, queue="default", name="keepup") as proc:
+                    plain = await window(admin, dsn, dbid, stoker.PLAIN_INSERT, seconds, proc.pid)
+                    enqueue = await window(admin, dsn, dbid, stoker.ENQUEUE, seconds, proc.pid)
                     if regime == "busy" and await stoker.drained(conn):
                         raise RuntimeError("the daemon ran out of backlog before the producers")
                 return plain, enqueue
@@ -101,7 +114,9 @@ async def keepup(admin: str, runs: int, seconds: int) -> list[Row]:
             print(
                 f"  keepup, {regime}: {enqueue.tps:,.0f} of {plain.tps:,.0f} tx/s "
                 f"({enqueue.tps / plain.tps:.0%}), commits per WAL flush "
-                f"{enqueue.commits_per_flush:.1f} against {plain.commits_per_flush:.1f}",
+                f"{enqueue.commits_per_flush:.1f} against {plain.commits_per_flush:.1f}; "
+                f"daemon {enqueue.daemon_cores:.2f} cores, machine {enqueue.machine_cores:.2f} "
+                f"against {plain.machine_cores:.2f} of 2",
                 file=sys.stderr,
                 flush=True,
             )
@@ -146,6 +161,28 @@ async def keepup(admin: str, runs: int, seconds: int) -> list[Row]:
                 f"commits per WAL flush, {regime}",
                 "",
                 [e.commits_per_flush for _, e in pairs],
+            ),
+            Row(
+                "keepup",
+                "stoker",
+                f"daemon's CPU, {regime}",
+                "cores",
+                [e.daemon_cores for _, e in pairs],
+                note="utime+stime of the daemon process over the stoker.enqueue window",
+            ),
+            Row(
+                "keepup",
+                "no trigger",
+                f"machine's cores busy, {regime}",
+                "of 2",
+                [p.machine_cores for p, _ in pairs],
+            ),
+            Row(
+                "keepup",
+                "stoker",
+                f"machine's cores busy, {regime}",
+                "of 2",
+                [e.machine_cores for _, e in pairs],
             ),
         ]
     return rows
