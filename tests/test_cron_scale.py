@@ -9,14 +9,17 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
 
+from daemon.alerts.evaluator import Evaluator
 from daemon.config import ScheduleConfig
+from daemon.config.alerts import AlertsConfig
 from daemon.cron import schedules as schedules_module
 from daemon.cron import timer as timer_module
+from daemon.cron.leader import Leader
 from daemon.cron.schedules import Schedule
 from daemon.operate import schedules as operate
 from daemon.store.db import init_connection
@@ -376,3 +379,43 @@ async def test_a_tick_whose_key_a_job_holds_already_records_that_job(
     ] * 3
     assert rows[1]["job_id"] == held
     assert await db.fetchval("SELECT count(*) FROM stoker.jobs") == 3
+
+
+# -- the alert evaluator looks for changes without a scan of every schedule ----------------------
+
+
+class _Leading:
+    is_leader = True
+
+
+async def test_the_alert_evaluator_reads_the_schedules_again_only_after_a_change(
+    db: asyncpg.Connection, other: asyncpg.Connection
+) -> None:
+    evaluator = Evaluator(
+        AlertsConfig(),
+        db=cast(asyncpg.Pool, None),
+        leader=cast(Leader, _Leading()),
+        stopping=asyncio.Event(),
+        configured={},
+        queues=["default"],
+    )
+    await many(db, 3)
+    assert await evaluator._read_schedules(db) == []
+    rows = evaluator._rows
+    assert len(rows) == 3
+    assert await evaluator._read_schedules(db) == []
+    assert evaluator._rows is rows  # nothing changed: not read again
+    late = other.transaction()
+    await late.start()
+    await other.execute(
+        "UPDATE stoker.schedules SET ping_url = 'https://hc.example/1' WHERE name = 's000001'"
+    )
+    await db.execute(
+        "UPDATE stoker.schedules SET ping_url = 'https://hc.example/2' WHERE name = 's000002'"
+    )
+    assert await evaluator._read_schedules(db) == ["s000002"]
+    await late.commit()  # committed after that look, by a transaction that began before it
+    assert await evaluator._read_schedules(db) == ["s000001", "s000002"]
+    await db.execute("DELETE FROM stoker.schedules WHERE name = 's000002'")
+    assert await evaluator._read_schedules(db) == ["s000001"]
+    assert len(evaluator._rows) == 2

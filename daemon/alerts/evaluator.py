@@ -80,9 +80,10 @@ class Evaluator:
         self._lead_since: datetime | None = None
         self._next_prune = 0.0
         self._warned: set[str] = set()
-        # stoker.schedules as last read, read again only when its fingerprint changes; parsed
-        # cron expressions by (cron, timezone), None for one that does not parse.
-        self._fingerprint: tuple[object, ...] | None = None
+        # stoker.schedules as last read, read again only when it changed since the snapshot
+        # of the last look; parsed cron expressions by (cron, timezone), None for one that
+        # does not parse.
+        self._snapshot: str | None = None
         self._rows: list[asyncpg.Record] = []
         self._specs: dict[tuple[str, str], CronSpec | None] = {}
         self._infos: dict[str, ScheduleInfo] | None = None
@@ -156,11 +157,12 @@ class Evaluator:
 
     async def _read_schedules(self, conn: asyncpg.Connection) -> list[str]:
         """Read stoker.schedules again when it changed; return the schedules with a ping_url."""
-        fingerprint = tuple(await conn.fetchrow(queries.SCHEDULES_FINGERPRINT))
-        if fingerprint != self._fingerprint:
+        look = await conn.fetchrow(queries.SCHEDULES_CHANGED, self._snapshot)
+        if look["changed"]:
+            # Read after the look: a change in between is seen again by the next one.
             self._rows = list(await conn.fetch(queries.DB_SCHEDULES))
-            self._fingerprint = fingerprint
             self._infos = None
+        self._snapshot = look["snapshot"]
         urls = {r["name"]: r["ping_url"] for r in self._rows}
         urls.update((name, cfg.ping_url) for name, cfg in self._configured.items())
         return sorted(name for name, url in urls.items() if url)

@@ -37,7 +37,7 @@ MAX_RECORDED_SKIPS = 1000
 LATE_AFTER = 60.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Schedule:
     name: str
     source: Literal["config", "db"]
@@ -410,7 +410,7 @@ async def has_ledger(conn: asyncpg.Connection, name: str) -> bool:
 # -- health: last success, failures in a row, late, missed ---------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Health:
     last_success: datetime | None  # when the newest succeeded run finished
     consecutive_failures: int  # runs failed for good since then, newest first
@@ -418,7 +418,7 @@ class Health:
     missed: bool  # the newest ledger row is a tick the catch-up policy passed over
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sampled:
     """A schedule's health as the metrics sampler reads it, for every schedule at once."""
 
