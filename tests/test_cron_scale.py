@@ -300,6 +300,28 @@ async def test_a_change_committed_after_a_later_look_is_still_read(
     assert wheel.schedules == {}
 
 
+async def test_a_schedule_deleted_and_made_again_is_kept_with_its_new_content(
+    db: asyncpg.Connection,
+) -> None:
+    await many(db, 3)
+    wheel = scheduler()
+    await wheel.run_pass(db, utc(23, 12, 0, 30))
+    async with db.transaction():
+        await db.execute("DELETE FROM stoker.schedules WHERE name = 's000001'")
+        await db.execute(
+            "INSERT INTO stoker.schedules (name, cron, kind) VALUES ('s000001', '0 * * * *', 'k')"
+        )
+    await db.execute("DELETE FROM stoker.schedules WHERE name = 's000002'")
+    await db.execute(
+        "INSERT INTO stoker.schedules (name, cron, kind) VALUES ('s000002', '5 * * * *', 'k')"
+    )
+    wheel.schedules_changed()
+    await wheel.run_pass(db, utc(23, 12, 0, 40))
+    assert sorted(wheel.schedules) == ["s000001", "s000002", "s000003"]
+    assert wheel.schedules["s000001"].spec.expr == "0 * * * *"
+    assert wheel.schedules["s000002"].spec.expr == "5 * * * *"
+
+
 # -- a large load keeps the event loop turning ---------------------------------------------------
 
 

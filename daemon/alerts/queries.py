@@ -96,18 +96,20 @@ SELECT DISTINCT ON (kind) kind, id AS job_id, finished_at AS at
 # Changes whenever a row of stoker.schedules is inserted, updated or deleted (xmin catches a
 # transaction that commits after a newer updated_at was seen): the list is read again only then.
 # Whether stoker.schedules changed since snapshot $1 (NULL: not read yet): a row written or a
-# name deleted by a transaction $1 did not see (migration 016), found through indexes, not by
-# a scan of every row each pass; and this statement's snapshot, for the next pass.
+# name deleted by a transaction $1 did not see (migration 016), found through indexes (ORDER BY
+# ... LIMIT 1: an EXISTS was planned as a scan of every row); and this statement's snapshot, for
+# the next pass.
 SCHEDULES_CHANGED = """
-WITH since AS (SELECT $1::text::pg_snapshot AS snap)
 SELECT pg_current_snapshot()::text AS snapshot,
        $1::text IS NULL
-       OR EXISTS (SELECT 1 FROM stoker.schedules s, since
-                   WHERE s.changed_xid >= pg_snapshot_xmin(since.snap)
-                     AND NOT pg_visible_in_snapshot(s.changed_xid, since.snap))
-       OR EXISTS (SELECT 1 FROM stoker.schedule_deletions d, since
-                   WHERE d.xid >= pg_snapshot_xmin(since.snap)
-                     AND NOT pg_visible_in_snapshot(d.xid, since.snap)) AS changed
+       OR coalesce((SELECT true FROM stoker.schedules s
+                     WHERE s.changed_xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+                       AND NOT pg_visible_in_snapshot(s.changed_xid, $1::text::pg_snapshot)
+                     ORDER BY s.changed_xid LIMIT 1), false)
+       OR coalesce((SELECT true FROM stoker.schedule_deletions d
+                     WHERE d.xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+                       AND NOT pg_visible_in_snapshot(d.xid, $1::text::pg_snapshot)
+                     ORDER BY d.xid LIMIT 1), false) AS changed
 """
 
 DB_SCHEDULES = """

@@ -43,20 +43,20 @@ SELECT name, last_tick, timetable, paused_at FROM stoker.schedule_state WHERE na
 
 # A look for changes since snapshot $1, in one statement (one a CHANGE_CHECK when nothing
 # changed): its own snapshot; the names written by transactions $1 did not see (inserted or
-# updated since, found by schedules_changed_xid_idx); the names deleted since and not there now
-# (a NULL: the table was truncated); every paused schedule and since when.
+# updated since; in changed_xid order, so that the plan walks schedules_changed_xid_idx from the
+# snapshot's xmin rather than scanning every row); the names deleted since (a NULL: the table
+# was truncated; a name there again is among the changed ones); every paused schedule and since
+# when.
 CHANGES = """
-WITH since AS (SELECT $1::text::pg_snapshot AS snap)
 SELECT pg_current_snapshot()::text AS snapshot,
-       ARRAY(SELECT s.name FROM stoker.schedules s, since
-              WHERE s.changed_xid >= pg_snapshot_xmin(since.snap)
-                AND NOT pg_visible_in_snapshot(s.changed_xid, since.snap)) AS changed,
-       ARRAY(SELECT DISTINCT d.name FROM stoker.schedule_deletions d, since
-              WHERE d.xid >= pg_snapshot_xmin(since.snap)
-                AND NOT pg_visible_in_snapshot(d.xid, since.snap)
-                AND (d.name IS NULL
-                     OR NOT EXISTS (SELECT 1 FROM stoker.schedules s WHERE s.name = d.name)))
-           AS deleted,
+       ARRAY(SELECT s.name FROM stoker.schedules s
+              WHERE s.changed_xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+                AND NOT pg_visible_in_snapshot(s.changed_xid, $1::text::pg_snapshot)
+              ORDER BY s.changed_xid) AS changed,
+       ARRAY(SELECT d.name FROM stoker.schedule_deletions d
+              WHERE d.xid >= pg_snapshot_xmin($1::text::pg_snapshot)
+                AND NOT pg_visible_in_snapshot(d.xid, $1::text::pg_snapshot)
+              ORDER BY d.xid) AS deleted,
        ARRAY(SELECT p.name FROM stoker.schedule_state p
               WHERE p.paused_at IS NOT NULL ORDER BY p.name) AS paused,
        ARRAY(SELECT p.paused_at FROM stoker.schedule_state p

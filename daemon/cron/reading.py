@@ -106,7 +106,8 @@ async def read_changes(
     async with lock:
         look = await conn.fetchrow(queries.CHANGES, since)
     found = Read(look["snapshot"])
-    found.deleted = {n for n in look["deleted"] if n is not None}
+    # Deleted, then made again (or renamed back): changed since, so among look["changed"].
+    found.deleted = {n for n in look["deleted"] if n is not None} - set(look["changed"])
     found.truncated = None in look["deleted"]
     found.paused = dict(zip(look["paused"], look["paused_at"], strict=True))
     if found.truncated:
