@@ -39,8 +39,14 @@ class Window:
     flushes: int
     waits: pgstats.Waits
     statements: list[pgstats.Statement] = field(default_factory=list)
+    wal_mb: float = 0.0  # WAL the cluster wrote over the window, MB
     daemon_cores: float = 0.0  # the daemon process's CPU over the window, in cores
     machine_cores: float = 0.0  # every process's, in cores busy of the machine
+
+    @property
+    def wal_bytes_per_tx(self) -> float:
+        """WAL per producer transaction: theirs, and the daemon's work for their jobs."""
+        return self.wal_mb * 1e6 / max(1.0, self.tps * self.seconds)
 
     @property
     def commits_per_flush(self) -> float:
@@ -57,6 +63,7 @@ async def window(
 ) -> Window:
     await pgstats.reset(admin, dbid)
     flushes, _ = await pgstats.wal_syncs(admin)
+    wal_before = await pgstats.wal_bytes(admin)
     stop = asyncio.Event()
     sampler = asyncio.create_task(pgstats.sample_waits(dsn, stop))
 
@@ -78,8 +85,9 @@ async def window(
     # Backends report WAL statistics at exit (pgbench's) or within a second when idle.
     await asyncio.sleep(1.0)
     after, _ = await pgstats.wal_syncs(admin)
+    wal_mb = (await pgstats.wal_bytes(admin) - wal_before) / 1e6
     statements = await pgstats.statements(admin, dbid)
-    return Window(tps, seconds, after - flushes, waits, statements, daemon_cores, machine)
+    return Window(tps, seconds, after - flushes, waits, statements, wal_mb, daemon_cores, machine)
 
 
 async def keepup_once(admin_dsn: str, seconds: int, regime: str) -> tuple[Window, Window]:
@@ -130,6 +138,7 @@ async def keepup(admin: str, runs: int, seconds: int) -> list[Row]:
                 f"  keepup, {regime}: {enqueue.tps:,.0f} of {plain.tps:,.0f} tx/s "
                 f"({enqueue.tps / plain.tps:.0%}), commits per WAL flush "
                 f"{enqueue.commits_per_flush:.1f} against {plain.commits_per_flush:.1f}; "
+                f"WAL {enqueue.wal_bytes_per_tx:.0f} B/tx against {plain.wal_bytes_per_tx:.0f}; "
                 f"daemon {enqueue.daemon_cores:.2f} cores, machine {enqueue.machine_cores:.2f} "
                 f"against {plain.machine_cores:.2f} of 2",
                 file=sys.stderr,
@@ -180,6 +189,21 @@ async def keepup(admin: str, runs: int, seconds: int) -> list[Row]:
                 f"commits per WAL flush, {regime}",
                 "",
                 [e.commits_per_flush for _, e in pairs],
+            ),
+            Row(
+                "keepup",
+                "no trigger",
+                f"WAL per transaction, {regime}",
+                "bytes",
+                [p.wal_bytes_per_tx for p, _ in pairs],
+                note="pg_stat_wal.wal_bytes of the cluster / producers' transactions",
+            ),
+            Row(
+                "keepup",
+                "stoker",
+                f"WAL per transaction, {regime}",
+                "bytes",
+                [e.wal_bytes_per_tx for _, e in pairs],
             ),
             Row(
                 "keepup",

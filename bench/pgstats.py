@@ -189,6 +189,11 @@ async def wal_syncs(conn: asyncpg.Connection) -> tuple[int, int]:
     return int(syncs), int(commits)
 
 
+async def wal_bytes(conn: asyncpg.Connection) -> int:
+    """WAL written by the whole cluster so far."""
+    return int(await conn.fetchval("SELECT wal_bytes FROM pg_stat_wal"))
+
+
 def cpu_seconds(pid: int) -> float | None:
     """utime + stime of a process (all its threads), or None once it is gone."""
     try:
