@@ -183,9 +183,10 @@ class QueuePool:
         Every insert into a queue that a pool waits for sends a NOTIFY, and a commit that
         carries one holds a database-wide lock through its WAL flush: notifying commits cannot
         share a flush. So a pool that was woken stops waiting in its claim, and while its claims
-        keep finding jobs it looks again every LINGER instead of waiting: a stream of inserts
-        then sends one NOTIFY (a few, from the commits racing the claim), not one per job. A
-        claim that finds nothing registers again, so a trickle still wakes it at once."""
+        keep finding jobs it claims again after a pause (LINGER_MIN doubling to LINGER_MAX)
+        instead of waiting: a stream of inserts then sends one NOTIFY (a few, from the commits
+        racing the claim), not one per job. A claim that finds nothing registers again, so a
+        trickle still wakes it at once."""
         self._loop = asyncio.get_running_loop()
         failures = 0
         while not self._stopping.is_set():
