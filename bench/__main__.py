@@ -314,7 +314,7 @@ def main() -> None:
         "--schedules", type=int, default=10_000, help="rows in stoker.schedules (default 10,000)"
     )
     parser.add_argument(
-        "--schedule-minutes", type=int, default=2, help="minutes measured per run (default 2)"
+        "--schedule-minutes", type=int, default=5, help="minutes measured per run (default 5)"
     )
     parser.add_argument(
         "--schedule-runs", type=int, default=1, help="runs of the schedules scenario (default 1)"
