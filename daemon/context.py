@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -58,6 +59,14 @@ class JobContext:
                 f"no resource of type {kind.__name__} is open: register a factory with "
                 f"@daemon.resource({kind.__name__}) in a module listed in handler_modules"
             ) from None
+
+    @cached_property
+    def cancelled(self) -> asyncio.Event:
+        """Set when someone cancels this job (`stoker jobs cancel`, the admin API, the
+        dashboard, `SELECT stoker.cancel(id)`). A handler may watch it to stop cleanly; past
+        the queue's `cancel_grace` seconds its task is cancelled. Whatever it returns once
+        this is set, the job ends `cancelled` (a result it returns is kept)."""
+        return asyncio.Event()
 
     @cached_property
     def log(self) -> JobLogger:

@@ -77,6 +77,12 @@ class Runtime:
         if pool is not None:
             pool.wake(due_at)
 
+    def _on_cancel(self, job_id: int) -> None:
+        """A cancel request for a job (stoker.cancel): the pool running it here stops it."""
+        for pool in self.pools.values():
+            if pool.cancel(job_id):
+                return
+
     def _wake_all(self) -> None:
         for pool in self.pools.values():
             pool.registration_lost()
@@ -188,6 +194,7 @@ class Runtime:
                 metrics=self.metrics,
                 adaptive_notify=not s.poll_only,
                 resources=self.resources,
+                cancel_grace=s.cancel_grace if config.cancel_grace is None else config.cancel_grace,
             )
         await self.clock.sync(db)
         self._wire_metrics(db, completer)
@@ -280,6 +287,7 @@ class Runtime:
                         running_ids=self._running_ids,
                         stopping=self.finished,
                         on_beat=partial(workers.seen, db, self.me),
+                        on_cancel=self._on_cancel,
                     ),
                     name="stoker-heartbeat",
                 ),
@@ -360,6 +368,7 @@ class Runtime:
                     stopping=self.finished,  # up until the drain ends, so /ready tells one story
                     statement_cache_size=s.statement_cache_size,
                     on_schedules_changed=self._schedules_changed,
+                    on_cancel=self._on_cancel,
                 )
                 background.append(tg.create_task(self.listener.run(), name="stoker-listener"))
                 for pool in self.pools.values():

@@ -165,3 +165,33 @@ async def greeter(settings: Settings) -> AsyncIterator[Greeter]:
 @handler("test.greet")
 async def greet(ctx: JobContext, payload: object) -> str:
     return ctx.resource(Greeter).text
+
+
+class Cancellable(BaseModel):
+    seconds: float = 60.0
+    watch: bool = True  # False: ignore ctx.cancelled (interrupted after cancel_grace)
+
+
+def _event(fields: dict[str, object]) -> None:
+    with open(os.environ["STOKER_TEST_EVENTS"], "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(fields) + "\n")
+
+
+@handler("test.cancellable", payload=Cancellable)
+async def cancellable(ctx: JobContext, payload: Cancellable) -> dict[str, object]:
+    """Runs `seconds`; one watching ctx.cancelled stops as soon as it is set and returns; one
+    that ignores it is interrupted. Appends start / stopped / interrupted events."""
+    _event({"id": ctx.id, "event": "start", "worker": ctx.worker, "at": time.time()})
+    try:
+        if payload.watch:
+            try:
+                await asyncio.wait_for(ctx.cancelled.wait(), payload.seconds)
+            except TimeoutError:
+                return {"stopped": False}
+            _event({"id": ctx.id, "event": "stopped", "at": time.time()})
+            return {"stopped": True}
+        await asyncio.sleep(payload.seconds)
+        return {"stopped": False}
+    except asyncio.CancelledError:
+        _event({"id": ctx.id, "event": "interrupted", "at": time.time()})
+        raise

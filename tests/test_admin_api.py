@@ -402,7 +402,7 @@ async def test_retry_refusals(api: Api, db: asyncpg.Connection) -> None:
 async def test_cancel_a_queued_job(api: Api, db: asyncpg.Connection) -> None:
     job_id = await daemon.enqueue(db, queue="default", kind="noop")
     reply = await api.call("POST", f"/jobs/{job_id}/cancel")
-    assert (reply.status, reply.body) == (200, {"cancelled": True})
+    assert (reply.status, reply.body) == (200, {"cancelled": True, "cancel_requested": False})
     state = await db.fetchval("SELECT state::text FROM stoker.job_history WHERE id = $1", job_id)
     assert state == "cancelled"
 
@@ -415,14 +415,15 @@ async def test_cancel_a_queued_job(api: Api, db: asyncpg.Connection) -> None:
     }
 
 
-async def test_cancel_refuses_a_running_job(api: Api, db: asyncpg.Connection) -> None:
+async def test_cancel_of_a_running_job_is_a_request(api: Api, db: asyncpg.Connection) -> None:
+    # Its daemon stops it (tests/test_cancel.py); here nobody runs it: the request is on the row.
     job_id = await active_job(db)
     reply = await api.call("POST", f"/jobs/{job_id}/cancel")
-    assert (reply.status, reply.body["state"]) == (409, "active")
-    assert "running" in reply.body["error"]
-    assert await db.fetchval("SELECT state::text FROM stoker.jobs WHERE id = $1", job_id) == (
-        "active"
-    )
+    assert (reply.status, reply.body) == (200, {"cancelled": False, "cancel_requested": True})
+    row = await db.fetchrow("SELECT * FROM stoker.jobs WHERE id = $1", job_id)
+    assert row["state"] == "active"
+    assert row["cancel_requested_by"] == "the admin API"
+    assert row["cancel_requested_at"] is not None
     assert (await api.call("POST", "/jobs/31337/cancel")).status == 404
     assert (await api.call("POST", "/jobs/0/cancel")).status == 422
 

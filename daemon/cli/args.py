@@ -216,7 +216,7 @@ def build_parser() -> Parser:
     retry.add_argument("ids", type=job_id, nargs="*")
     retry.add_argument("--all-failed", action="store_true")
     retry.add_argument("--queue", type=queue_name, help="with --all-failed: only this queue")
-    cancel = jsub.add_parser("cancel", help="cancel a queued job")
+    cancel = jsub.add_parser("cancel", help="cancel a queued job, or stop a running one")
     cancel.add_argument("id", type=job_id)
 
     sub.add_parser("status", help="jobs per queue and state, oldest due job's age")

@@ -4,7 +4,9 @@ connection; output is a plain table, or JSON lines with --json."""
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -187,8 +189,15 @@ def cmd_jobs_retry(args: argparse.Namespace) -> Callable[[asyncpg.Connection], A
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
-        await jobs.cancel_job(conn, args.id)
-        print(f"cancelled job {args.id}")
+        who = f"stoker jobs cancel ({getpass.getuser()}@{socket.gethostname()})"
+        answer = await jobs.cancel_job(conn, args.id, by=who)
+        if answer == "requested":
+            print(
+                f"cancel requested for running job {args.id}: its daemon stops it, and it "
+                "ends cancelled (`stoker jobs show` tells when)"
+            )
+        else:
+            print(f"cancelled job {args.id}")
         return 0
 
     return work

@@ -73,6 +73,13 @@ class QueueConfig(Strict):
         le=256 * 1_048_576,
         description="a larger result is not stored; the job still succeeds, with a note",
     )
+    cancel_grace: Seconds | None = Field(
+        None,
+        ge=0,
+        le=86_400,
+        description="seconds a cancelled running job may take to stop before its task is "
+        "cancelled; unset: the top-level cancel_grace",
+    )
 
 
 SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,127}$")

@@ -30,7 +30,14 @@ from daemon.config.builtins import (
     WebhooksConfig,
     task_names,
 )
-from daemon.config.models import QUEUE_NAME, SCHEDULE_NAME, HttpConfig, QueueConfig, ScheduleConfig
+from daemon.config.models import (
+    QUEUE_NAME,
+    SCHEDULE_NAME,
+    HttpConfig,
+    QueueConfig,
+    ScheduleConfig,
+    Seconds,
+)
 from daemon.errors import ConfigError
 
 MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -88,6 +95,13 @@ class Settings(BaseSettings):
     rescue_interval: float = Field(5.0, gt=0, le=3600)
     listener_probe_interval: float = Field(10.0, gt=0, le=3600)
     shutdown_timeout: float = Field(25.0, ge=0, le=86_400)
+    cancel_grace: Seconds = Field(
+        5.0,
+        ge=0,
+        le=86_400,
+        description="seconds a cancelled running job may take to stop before its task is "
+        "cancelled (a queue's own cancel_grace overrides it)",
+    )
     flush_interval: float = Field(0.002, ge=0, le=1, description="outcome batching window, s")
     flush_max: int = Field(1000, ge=1, le=100_000)
     history_retention_days: float = Field(7.0, gt=0)

@@ -42,6 +42,11 @@ class ClaimedJob:
     handler: Handler | None = None
     timeout: float = 0.0
     deadlines: Deadlines | None = None
+    # Cancelling a running job (stoker.cancel): the pool sets `cancel_requested` (and the
+    # context's `cancelled` event), then `interrupted` when it cancels the task after the grace.
+    ctx: JobContext | None = None
+    cancel_requested: bool = False
+    interrupted: bool = False
 
 
 class Deadlines:
@@ -96,7 +101,19 @@ class JobRunner:
         self._worker_id = worker_id
 
     async def run(self, job: ClaimedJob) -> Outcome:
-        """Run the job's handler under its timeout; what became of it, as an Outcome."""
+        """Run the job's handler under its timeout; what became of it, as an Outcome. A job
+        with a cancel request ends cancelled, however its handler ended (a result is kept)."""
+        outcome = await self._run(job)
+        if job.cancel_requested and outcome.outcome != "cancelled":
+            return self._cancelled(job, outcome.result if outcome.outcome == "succeeded" else None)
+        return outcome
+
+    def _cancelled(self, job: ClaimedJob, result: str | None) -> Outcome:
+        how = "interrupted after cancel_grace" if job.interrupted else "stopped"
+        log.info("job %s cancelled (%s)", job.id, how, extra=job_fields(job, self.name))
+        return Outcome(job.id, job.attempt, self.name, "cancelled", result=result)
+
+    async def _run(self, job: ClaimedJob) -> Outcome:
         handler = job.handler
         if handler is None:
             known = ", ".join(self._registry.kinds()) or "none"
@@ -139,6 +156,9 @@ class JobRunner:
             _db=self._db,
             _resources=self._resources,
         )
+        job.ctx = ctx
+        if job.cancel_requested:
+            ctx.cancelled.set()
         timeout = job.timeout
         deadlines = job.deadlines
         assert deadlines is not None
@@ -146,8 +166,12 @@ class JobRunner:
             result = await handler.func(ctx, argument)
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if (job.id, job.attempt) not in deadlines.expired or (task and task.cancelling() > 1):
+            expired = (job.id, job.attempt) in deadlines.expired
+            ours = int(expired) + int(job.interrupted)
+            if not ours or (task and task.cancelling() > ours):
                 raise  # cancelled from outside: the shutdown hands the job back
+            if job.interrupted:
+                return self._cancelled(job, None)
             error = f"timed out: the handler ran longer than its timeout of {timeout:g}s"
             return self._retry(job, handler, max_attempts, error, None, timed_out=True)
         except RetryJob as exc:
@@ -177,6 +201,10 @@ class JobRunner:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()  # ours, and dealt with: later awaits must not see it
+            if job.interrupted:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("job %s succeeded", job.id, extra=job_fields(job, self.name))
         return Outcome(
@@ -279,6 +307,7 @@ OUTCOME_LABELS: dict[OutcomeKind, str] = {
     "succeeded": "succeeded",
     "retry": "retried",
     "failed": "failed",
+    "cancelled": "cancelled",
     "handback": "handed_back",
 }
 

@@ -16,6 +16,7 @@ log = logging.getLogger("stoker.listener")
 
 CHANNEL = "stoker_jobs"
 SCHEDULES_CHANNEL = "stoker_schedules"
+CANCEL_CHANNEL = "stoker_cancel"  # payload: the id of a running job someone cancelled
 WakeFn = Callable[[str, float | None], None]
 
 
@@ -39,7 +40,9 @@ class Listener:
         stopping: asyncio.Event,
         statement_cache_size: int = 100,
         on_schedules_changed: Callable[[], None] | None = None,
+        on_cancel: Callable[[int], None] | None = None,
     ) -> None:
+        self._on_cancel = on_cancel
         self._dsn = dsn
         self._on_notify = on_notify
         self._on_connected = on_connected
@@ -73,6 +76,16 @@ class Listener:
         queue, due = parse_notification(payload)
         self._on_notify(queue, due)
 
+    def _cancel_notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if self._on_cancel is None:
+            return
+        try:
+            job_id = int(payload)
+        except ValueError:
+            log.warning("ignoring a %s notification that is not a job id", CANCEL_CHANNEL)
+            return
+        self._on_cancel(job_id)
+
     def _schedules_notified(self, *_args: object) -> None:
         if self._on_schedules_changed is not None:
             self._on_schedules_changed()
@@ -92,6 +105,8 @@ class Listener:
                 conn.add_termination_listener(_setter(lost))
                 await conn.add_listener(CHANNEL, self._notified)
                 await conn.add_listener(SCHEDULES_CHANNEL, self._schedules_notified)
+                if self._on_cancel is not None:
+                    await conn.add_listener(CANCEL_CHANNEL, self._cancel_notified)
                 self.backend_pid = conn.get_server_pid()
                 self._conn = conn
                 self.connected = True

@@ -38,9 +38,11 @@ async def heartbeat_loop(
     running_ids: Callable[[], list[int]],
     stopping: asyncio.Event,
     on_beat: Callable[[], Awaitable[object]] | None = None,
+    on_cancel: Callable[[int], object] | None = None,
 ) -> None:
     """Renew the lease of every job this process holds, at a third of the lease; each beat
-    also runs `on_beat` (the daemons registry's "still here")."""
+    also runs `on_beat` (the daemons registry's "still here"), and passes each renewed job
+    with a cancel request to `on_cancel` (the poll behind the stoker_cancel NOTIFY)."""
     interval = lease_seconds / 3
     while not await _sleep(stopping, interval):
         if on_beat is not None:
@@ -52,9 +54,13 @@ async def heartbeat_loop(
         if not ids:
             continue
         try:
-            await db.execute(queries.HEARTBEAT, ids, worker_id, lease_seconds)
+            cancels = await db.fetch(queries.HEARTBEAT, ids, worker_id, lease_seconds)
         except DB_ERRORS as exc:
             log.warning("cannot renew leases of %d running jobs: %s", len(ids), exc)
+            continue
+        if on_cancel is not None:
+            for row in cancels:
+                on_cancel(row["id"])
 
 
 async def rescue_expired(db: asyncpg.Pool) -> list[asyncpg.Record]:
@@ -96,12 +102,23 @@ async def maintenance_loop(
             await clock.sync(db)
             rescued = await rescue_expired(db)
             for row in rescued:
-                log.warning(
-                    "job %s: lease expired, its worker is gone; back in queue %s",
-                    row["id"],
-                    row["queue"],
-                    extra={"job_id": row["id"], "queue": row["queue"], "attempt": row["attempts"]},
-                )
+                fields = {"job_id": row["id"], "queue": row["queue"], "attempt": row["attempts"]}
+                if row["cancelled"]:
+                    log.warning(
+                        "job %s: lease expired, its worker is gone; it had a cancel request: "
+                        "cancelled",
+                        row["id"],
+                        extra=fields,
+                    )
+                else:
+                    log.warning(
+                        "job %s: lease expired, its worker is gone; back in queue %s",
+                        row["id"],
+                        row["queue"],
+                        extra=fields,
+                    )
+            if any(row["cancelled"] for row in rescued):
+                await move_parked(db)
         except DB_ERRORS as exc:
             log.warning("maintenance pass failed: %s", exc)
 

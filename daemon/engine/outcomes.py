@@ -19,9 +19,10 @@ from daemon.store.errors import ConnectionUnavailable, is_transient
 log = logging.getLogger("stoker.outcomes")
 
 
-# What became of an attempt: finished (succeeded, failed: the job moves to history) or back to
-# its queue (retry after `delay`; handback: the shutdown interrupted it, the attempt not counted).
-OutcomeKind = Literal["succeeded", "failed", "retry", "handback"]
+# What became of an attempt: finished (succeeded, failed, cancelled: the job moves to history) or
+# back to its queue (retry after `delay`; handback: the shutdown interrupted it, the attempt not
+# counted). A requeue of a job with a cancel request ends it cancelled instead (see COMPLETE).
+OutcomeKind = Literal["succeeded", "failed", "cancelled", "retry", "handback"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,7 @@ class Outcome:
     timed_out: bool = False  # the handler ran past its timeout (retry or failed)
 
 
-FINISHED: frozenset[OutcomeKind] = frozenset({"succeeded", "failed"})
+FINISHED: frozenset[OutcomeKind] = frozenset({"succeeded", "failed", "cancelled"})
 
 RequeuedFn = Callable[[str, datetime], None]
 
@@ -355,6 +356,23 @@ class Completer:
         finally:
             await self._db.release(conn)
         self._account(batch, rows)
+        cancelled = [row["id"] for row in rows if row.get("cancelled_here")]
+        if cancelled:
+            await self._move_cancelled(cancelled)
+
+    async def _move_cancelled(self, ids: list[int]) -> None:
+        """Requeues that a cancel request turned into 'cancelled' in stoker.jobs go on to
+        history now; what this cannot move, the maintenance moves like a parked outcome."""
+        for job_id in ids:
+            try:
+                await self._db.fetch(queries.MOVE_PARKED, job_id)
+            except Exception as exc:  # never fail the write that is already done
+                log.warning(
+                    "job %s: cancelled, but not yet moved to history (%s); the maintenance "
+                    "moves it",
+                    job_id,
+                    _one_line(exc),
+                )
 
     async def _write_mixed(
         self, conn: asyncpg.Connection, batch: list[Outcome]
@@ -429,6 +447,8 @@ def _fields(o: Outcome) -> dict[str, object]:
 
 def _salvage(outcome: Outcome, exc: Exception) -> Outcome:
     note = f"PostgreSQL refused part of this job's outcome: {_one_line(exc)}"
-    if outcome.outcome == "succeeded":
+    if outcome.outcome == "succeeded" or (
+        outcome.outcome == "cancelled" and outcome.result is not None
+    ):
         return replace(outcome, result=json.dumps({"unrecorded_result": note}))
     return replace(outcome, error=note, traceback=None, delay=min(outcome.delay, 3600.0))

@@ -82,8 +82,10 @@ class QueuePool:
         metrics: Metrics | None = None,
         adaptive_notify: bool = True,
         resources: Mapping[type[Any], object] | None = None,
+        cancel_grace: float = 5.0,
     ) -> None:
         self.name = name
+        self._cancel_grace = cancel_grace
         self.config = config
         self._db = db
         self._registry = registry
@@ -107,6 +109,7 @@ class QueuePool:
         # Keyed by (job id, attempt): if a lease was lost and this pool claims the same job
         # again, both attempts count against the limit until each ends.
         self.running: dict[tuple[int, int], asyncio.Task[None]] = {}
+        self._jobs: dict[tuple[int, int], ClaimedJob] = {}  # the same keys: for cancel()
         # The stop_grace of running jobs whose handler has one (see drain).
         self._stop_grace: dict[tuple[int, int], float] = {}
         self._wake = asyncio.Event()
@@ -367,6 +370,7 @@ class QueuePool:
             # Unnamed: naming a task per job cost 2% of the daemon's CPU in a drain.
             task = asyncio.create_task(self._execute(job))
             self.running[key] = group.tasks[key] = task
+            self._jobs[key] = job
             if handler is not None and handler.stop_grace is not None:
                 self._stop_grace[key] = handler.stop_grace
         for timeout, group in groups.items():
@@ -393,6 +397,7 @@ class QueuePool:
     def _release(self, job: ClaimedJob) -> None:
         key = (job.id, job.attempt)
         self.running.pop(key, None)
+        self._jobs.pop(key, None)
         if self._stop_grace:
             self._stop_grace.pop(key, None)
         if job.deadlines is not None:
@@ -401,6 +406,42 @@ class QueuePool:
 
     def running_ids(self) -> list[int]:
         return [job_id for job_id, _ in self.running]
+
+    def cancel(self, job_id: int) -> bool:
+        """Someone cancelled job `job_id` (stoker.cancel): if it runs here, its handler sees
+        ctx.cancelled now and its task is cancelled after cancel_grace seconds. True if it
+        runs here. Called again for the same job (NOTIFY, then a heartbeat) it does nothing."""
+        found = False
+        for key, job in list(self._jobs.items()):
+            if key[0] != job_id:
+                continue
+            found = True
+            if job.cancel_requested:
+                continue
+            job.cancel_requested = True
+            if job.ctx is not None:
+                job.ctx.cancelled.set()
+            log.info(
+                "job %s: cancel requested; its task is interrupted in %gs unless it ends",
+                job_id,
+                self._cancel_grace,
+                extra=job_fields(job, self.name),
+            )
+            asyncio.get_running_loop().call_later(self._cancel_grace, self._interrupt, key, job)
+        return found
+
+    def _interrupt(self, key: tuple[int, int], job: ClaimedJob) -> None:
+        task = self.running.get(key)
+        if task is None or task.done() or self._jobs.get(key) is not job:
+            return  # it ended within the grace
+        log.warning(
+            "job %s: still running %gs after its cancel request; interrupting it",
+            job.id,
+            self._cancel_grace,
+            extra=job_fields(job, self.name),
+        )
+        job.interrupted = True
+        task.cancel()
 
     async def _execute(self, job: ClaimedJob) -> None:
         outcome: Outcome | None = None

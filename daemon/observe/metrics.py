@@ -127,7 +127,8 @@ class _JobCollector(Collector):
         completed = CounterMetricFamily(
             "stoker_jobs_completed",
             "Job attempts that ended, by outcome: succeeded, retried, failed, timed_out "
-            "(a timed-out attempt is retried or failed, and counted only here), handed_back.",
+            "(a timed-out attempt is retried or failed, and counted only here), cancelled, "
+            "handed_back.",
             labels=["queue", "kind", "outcome"],
         )
         for labels, count in sorted(m.completed.items()):

@@ -73,17 +73,18 @@ async def retry_job(conn: asyncpg.Connection, job_id: int) -> None:
     raise Conflict(why, id=job_id, state=state)
 
 
-async def cancel_job(conn: asyncpg.Connection, job_id: int) -> None:
-    """Cancel a queued job, or say why it cannot be."""
-    if await conn.fetchval(queries.CANCEL_JOB, job_id, None):
-        return
-    job = await get_job(conn, job_id)
-    state = job["state"]
-    if state == "active":
-        why = f"job {job_id} is running on {job['worker']}; a running job cannot be cancelled"
-    else:
-        why = f"job {job_id} is already {state}"
-    raise Conflict(why, id=job_id, state=state)
+async def cancel_job(conn: asyncpg.Connection, job_id: int, *, by: str) -> str:
+    """Cancel a job (stoker.cancel), or say why it cannot be: 'cancelled' (it was queued: it
+    is in history now) or 'requested' (it is running: its daemon stops it within a second
+    or so, and it ends cancelled). `by` (who asks) is kept in the job's last_error. A job that
+    already finished is a Conflict; no such job, NotFound."""
+    answer: str = await conn.fetchval(queries.CANCEL_JOB, job_id, by)
+    if answer in ("cancelled", "requested"):
+        return answer
+    if answer == "not found":
+        raise NotFound(f"no job with id {job_id}", id=job_id)
+    state = answer.removeprefix("already ")
+    raise Conflict(f"job {job_id} is already {state}", id=job_id, state=state)
 
 
 # -- the dashboard's search: filters, bounded reads, bulk actions -----------------------------
@@ -307,4 +308,5 @@ async def cancel_many(conn: asyncpg.Connection, ids: Sequence[int]) -> BulkOutco
 
 
 RETRYABLE: tuple[State, ...] = ("failed", "cancelled")
-CANCELLABLE: tuple[State, ...] = ("queued",)
+CANCELLABLE: tuple[State, ...] = ("queued",)  # in bulk: queued jobs only
+CANCELLABLE_ONE: tuple[State, ...] = ("queued", "active")  # one job: a running one too

@@ -166,11 +166,17 @@ SELECT q.name IN (SELECT queue FROM renewed) AS renewed, nd.next_due
 
 # Renews leases without ever waiting for a row lock: a row locked right now is being completed
 # (or rescued), and waiting for it while holding others deadlocked with the completion write.
+# Returns the ids of the renewed jobs that have a cancel request: the poll behind the
+# stoker_cancel NOTIFY, for a daemon whose listener missed it.
 HEARTBEAT = """
-UPDATE stoker.jobs SET lease_expires_at = now() + make_interval(secs => $3)
- WHERE id IN (SELECT id FROM stoker.jobs
-               WHERE id = ANY($1::bigint[]) AND worker = $2 AND state = 'active'
-               FOR UPDATE SKIP LOCKED)
+WITH renewed AS (
+    UPDATE stoker.jobs SET lease_expires_at = now() + make_interval(secs => $3)
+     WHERE id IN (SELECT id FROM stoker.jobs
+                   WHERE id = ANY($1::bigint[]) AND worker = $2 AND state = 'active'
+                   FOR UPDATE SKIP LOCKED)
+    RETURNING id, cancel_requested_at
+)
+SELECT id FROM renewed WHERE cancel_requested_at IS NOT NULL
 """
 
 PROGRESS = """
@@ -184,8 +190,13 @@ UPDATE stoker.jobs SET progress = $3::text::jsonb, updated_at = now()
 # (a new claim sets `worker` and bumps `attempts`). A rescue keeps `worker`, so an outcome
 # that could not be written before the lease lapsed (a database outage) still lands on the
 # rescued row as long as nobody has claimed it since. A batch holds one outcome per job.
-# $1-$6 finish (succeeded | failed: move to history); $7-$12 requeue (retry: queued after
-# `delay` with the error kept | handback: queued now, the interrupted attempt not counted).
+# $1-$6 finish (succeeded | failed | cancelled: move to history); $7-$12 requeue (retry: queued
+# after `delay` with the error kept | handback: queued now, the interrupted attempt not counted).
+# A cancel request (stoker.cancel) on a row to be requeued turns the requeue into 'cancelled' in
+# place (never retried; `cancelled_here`: the completer moves it to history at once): the SET is
+# evaluated on the row as it is once locked, so a request that commits while this statement
+# waits for the row is seen. A finished outcome keeps its state: a job that succeeded or failed
+# for good before its daemon delivered the request ended so (the request came too late).
 # Rows are found by `id = ANY(...)` on the primary key and matched to their outcome by array
 # position. A join against unnest() let the planner, misled by the statistics of a churning
 # table (`worker` is NULL in nearly every row it sampled), scan the whole table per outcome.
@@ -215,7 +226,10 @@ moved AS (
     + """
     SELECT id, queue, kind, payload, meta, priority, ($3::text[])[pos]::stoker.job_state,
            run_at, attempts, max_attempts, unique_key, worker,
-           CASE WHEN ($3::text[])[pos] = 'failed' THEN ($5::text[])[pos] ELSE last_error END,
+           CASE ($3::text[])[pos]
+                WHEN 'failed' THEN ($5::text[])[pos]
+                WHEN 'cancelled' THEN stoker.cancel_note(cancel_requested_by, cancel_requested_at)
+                ELSE last_error END,
            CASE WHEN ($3::text[])[pos] = 'failed'
                 THEN stoker.push_error(errors, attempts, ($5::text[])[pos], ($6::text[])[pos])
                 ELSE errors END,
@@ -225,12 +239,18 @@ moved AS (
 ),
 requeued AS (
     UPDATE stoker.jobs j
-       SET state = 'queued', worker = NULL, lease_expires_at = NULL,
-           run_at = now() + make_interval(
-               secs => ($12::float8[])[array_position($7::bigint[], j.id)]),
+       SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
+                        ELSE 'cancelled' END::stoker.job_state,
+           worker = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE j.worker END,
+           lease_expires_at = NULL,
+           run_at = CASE WHEN j.cancel_requested_at IS NULL THEN now() + make_interval(
+               secs => ($12::float8[])[array_position($7::bigint[], j.id)]) ELSE j.run_at END,
            attempts = CASE WHEN ($9::text[])[array_position($7::bigint[], j.id)] = 'handback'
+                            AND j.cancel_requested_at IS NULL
                            THEN j.attempts - 1 ELSE j.attempts END,
-           last_error = CASE WHEN ($9::text[])[array_position($7::bigint[], j.id)] = 'retry'
+           last_error = CASE WHEN j.cancel_requested_at IS NOT NULL
+                             THEN stoker.cancel_note(j.cancel_requested_by, j.cancel_requested_at)
+                             WHEN ($9::text[])[array_position($7::bigint[], j.id)] = 'retry'
                              THEN ($10::text[])[array_position($7::bigint[], j.id)]
                              ELSE j.last_error END,
            errors = CASE WHEN ($9::text[])[array_position($7::bigint[], j.id)] = 'retry'
@@ -243,11 +263,11 @@ requeued AS (
      WHERE j.id = ANY($7::bigint[]) AND j.worker = $13
        AND j.attempts = ($8::int[])[array_position($7::bigint[], j.id)]
        AND j.state IN ('active', 'queued')
-    RETURNING j.id, j.queue, j.run_at
+    RETURNING j.id, j.queue, j.run_at, j.state
 )
-SELECT id, queue, NULL::timestamptz AS run_at FROM moved
+SELECT id, queue, NULL::timestamptz AS run_at, false AS cancelled_here FROM moved
 UNION ALL
-SELECT id, queue, run_at FROM requeued
+SELECT id, queue, CASE WHEN state = 'queued' THEN run_at END, state = 'cancelled' FROM requeued
 """
 )
 
@@ -285,7 +305,8 @@ RETURNING j.id
 # Parked jobs (PARK) the maintenance tries to move on to history, one statement each so that
 # one still refused keeps none of the others back.
 PARKED = """
-SELECT id FROM stoker.jobs WHERE state IN ('succeeded', 'failed') ORDER BY updated_at LIMIT $1
+SELECT id FROM stoker.jobs WHERE state IN ('succeeded', 'failed', 'cancelled')
+ ORDER BY updated_at LIMIT $1
 """
 
 # A parked job history still refuses goes to the back of the line.
@@ -294,7 +315,8 @@ PARKED_REFUSED = "UPDATE stoker.jobs SET updated_at = now() WHERE id = $1"
 MOVE_PARKED = (
     """
 WITH finished AS (
-    DELETE FROM stoker.jobs WHERE id = $1 AND state IN ('succeeded', 'failed') RETURNING *
+    DELETE FROM stoker.jobs WHERE id = $1 AND state IN ('succeeded', 'failed', 'cancelled')
+    RETURNING *
 )
 """
     + _INTO_HISTORY
@@ -310,7 +332,9 @@ NOTIFY_QUEUES = "SELECT pg_notify('stoker_jobs', q) FROM unnest($1::text[]) AS q
 
 # -- maintenance ----------------------------------------------------------------------------
 
-# Jobs whose worker stopped renewing the lease (killed, frozen, cut off) go back to the queue.
+# Jobs whose worker stopped renewing the lease (killed, frozen, cut off) go back to the queue;
+# one with a cancel request ends 'cancelled' in place instead (moved to history like a parked
+# outcome), never run again.
 # `worker` stays until the next claim: the outcome of a worker that was only cut off from the
 # database may still land (see COMPLETE), and then the job does not run again.
 RESCUE = """
@@ -322,14 +346,18 @@ WITH expired AS (
      FOR UPDATE SKIP LOCKED
 )
 UPDATE stoker.jobs j
-   SET state = 'queued', run_at = now(), lease_expires_at = NULL, updated_at = now(),
-       last_error = 'lease expired: worker ' || coalesce(j.worker, '?')
-                    || ' stopped renewing it (killed, or lost its database connection)',
+   SET state = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued'
+                    ELSE 'cancelled' END::stoker.job_state,
+       run_at = now(), lease_expires_at = NULL, updated_at = now(),
+       last_error = CASE WHEN j.cancel_requested_at IS NOT NULL
+                    THEN stoker.cancel_note(j.cancel_requested_by, j.cancel_requested_at)
+                    ELSE 'lease expired: worker ' || coalesce(j.worker, '?')
+                    || ' stopped renewing it (killed, or lost its database connection)' END,
        errors = stoker.push_error(j.errors, j.attempts, 'lease expired: worker '
                     || coalesce(j.worker, '?') || ' stopped renewing it', NULL)
   FROM expired
  WHERE j.id = expired.id
-RETURNING j.id, j.queue, j.attempts
+RETURNING j.id, j.queue, j.attempts, j.state = 'cancelled' AS cancelled
 """
 
 PURGE_HISTORY = """
@@ -389,21 +417,9 @@ hurried AS (
 SELECT id, queue FROM restored UNION ALL SELECT id, queue FROM hurried
 """
 
-CANCEL_JOB = (
-    """
-WITH gone AS (
-    DELETE FROM stoker.jobs WHERE id = $1 AND state = 'queued' RETURNING *
-)
-"""
-    + _INTO_HISTORY
-    + """
-SELECT id, queue, kind, payload, meta, priority, 'cancelled', run_at, attempts, max_attempts,
-       unique_key, worker, coalesce($2, 'cancelled by an operator'), errors, result, progress,
-       created_at, started_at
-  FROM gone
-RETURNING id
-"""
-)
+# A queued job goes to history as cancelled; a running one gets a cancel request (its daemon
+# stops it); see stoker.cancel in sql/migrations/017_cancel_running.sql for the answers.
+CANCEL_JOB = "SELECT stoker.cancel($1, $2)"
 
 # Jobs in stoker.jobs per queue and state, with the age of each queue's oldest due job.
 _LIVE_BY_STATE = """

@@ -206,10 +206,14 @@ class Api:
         return _json({"retried": True})
 
     async def cancel_job(self, request: web.Request) -> web.Response:
-        """Cancel a queued job."""
+        """Cancel a queued job (cancelled at once) or a running one (cancel_requested: its
+        daemon stops it within about a second plus the queue's cancel_grace, and it ends
+        cancelled); a job that already finished is 409."""
         async with self.conn() as conn:
-            await jobs.cancel_job(conn, _job_id(request))
-        return _json({"cancelled": True})
+            answer = await jobs.cancel_job(conn, _job_id(request), by="the admin API")
+        if answer == "requested":
+            return _json({"cancelled": False, "cancel_requested": True})
+        return _json({"cancelled": True, "cancel_requested": False})
 
     async def list_queues(self, request: web.Request) -> web.Response:
         """Every known queue: job counts, pause state, oldest due job's age."""

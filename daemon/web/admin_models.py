@@ -100,7 +100,8 @@ class Retried(BaseModel):
 
 
 class Cancelled(BaseModel):
-    cancelled: bool
+    cancelled: bool  # a queued job: cancelled now
+    cancel_requested: bool  # a running job: its daemon stops it, and it ends cancelled
 
 
 class QueueInfo(BaseModel):

@@ -137,7 +137,7 @@ async def job_page(request: web.Request) -> web.Response:
         waited=_duration(job["run_at"], job["started_at"]),
         ran=_duration(job["started_at"], job["finished_at"]),
         can_retry=job["state"] in jobs.RETRYABLE,
-        can_cancel=job["state"] in jobs.CANCELLABLE,
+        can_cancel=job["state"] in jobs.CANCELLABLE_ONE,
     )
 
 
@@ -170,7 +170,7 @@ async def cancel_one(
     job_id = _job_id(request.match_info["id"])
     async with request.app[DB].acquire() as conn:
         try:
-            await jobs.cancel_job(conn, job_id)
+            await jobs.cancel_job(conn, job_id, by="the dashboard")
         except OperationRefused as exc:
             raise _refused(exc) from None
     return f"job {job_id}", {"ids": [job_id]}
