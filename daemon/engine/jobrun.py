@@ -100,20 +100,19 @@ class JobRunner:
         self._registry = registry
         self._worker_id = worker_id
 
-    async def run(self, job: ClaimedJob) -> Outcome:
-        """Run the job's handler under its timeout; what became of it, as an Outcome. A job
-        with a cancel request ends cancelled, however its handler ended (a result is kept)."""
-        outcome = await self._run(job)
-        if job.cancel_requested and outcome.outcome != "cancelled":
-            return self._cancelled(job, outcome.result if outcome.outcome == "succeeded" else None)
-        return outcome
-
-    def _cancelled(self, job: ClaimedJob, result: str | None) -> Outcome:
+    def cancelled(self, job: ClaimedJob, outcome: Outcome | None = None) -> Outcome:
+        """A job with a cancel request ends cancelled, however its handler ended (a result
+        it returned is kept)."""
+        if outcome is not None and outcome.outcome == "cancelled":
+            return outcome
         how = "interrupted after cancel_grace" if job.interrupted else "stopped"
         log.info("job %s cancelled (%s)", job.id, how, extra=job_fields(job, self.name))
+        result = outcome.result if outcome is not None and outcome.outcome == "succeeded" else None
         return Outcome(job.id, job.attempt, self.name, "cancelled", result=result)
 
-    async def _run(self, job: ClaimedJob) -> Outcome:
+    async def run(self, job: ClaimedJob) -> Outcome:
+        """Run the job's handler under its timeout; what became of it, as an Outcome (the
+        caller makes that `cancelled` if the job has a cancel request: see `cancelled`)."""
         handler = job.handler
         if handler is None:
             known = ", ".join(self._registry.kinds()) or "none"
@@ -171,7 +170,7 @@ class JobRunner:
             if not ours or (task and task.cancelling() > ours):
                 raise  # cancelled from outside: the shutdown hands the job back
             if job.interrupted:
-                return self._cancelled(job, None)
+                return self.cancelled(job)
             error = f"timed out: the handler ran longer than its timeout of {timeout:g}s"
             return self._retry(job, handler, max_attempts, error, None, timed_out=True)
         except RetryJob as exc:

@@ -450,6 +450,8 @@ class QueuePool:
             self._metrics.job_started(self.name, (job.started_at - job.run_at).total_seconds())
         try:
             outcome = await self._runner.run(job)
+            if job.cancel_requested:
+                outcome = self._runner.cancelled(job, outcome)
         except Exception:
             # A fault of ours, not the handler's (which _run_handler catches): record it
             # rather than leave the job to expire and run again.

@@ -101,7 +101,8 @@ BULK_MAX = 1_000
 BULK_SCAN_PAGES = 5
 BULK_BATCH = 100
 
-LIVE_STATES = frozenset({"queued", "active", "succeeded", "failed"})  # parked outcomes too
+# Parked outcomes too, and a cancelled job on its way to history (see COMPLETE).
+LIVE_STATES = frozenset({"queued", "active", "succeeded", "failed", "cancelled"})
 HISTORY_STATES = frozenset({"succeeded", "failed", "cancelled"})
 NEWEST = 2**63 - 1
 
