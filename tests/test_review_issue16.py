@@ -4,7 +4,9 @@ Each test is expected to fail until its bug is fixed (xfail strict)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -190,3 +192,88 @@ async def test_a_repeatable_read_producer_wakes_a_pool_that_registered_meanwhile
     committed = time.monotonic()
     await finished(db, job_id, timeout=10)
     assert time.monotonic() - committed < 5
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL whose connections can go half-open: `freeze` stops
+    forwarding in both directions without closing anything (a dead NAT entry, a cable)."""
+
+    def __init__(self, dsn: str) -> None:
+        parts = urlsplit(dsn)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 5432)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                await self.flowing.wait()
+                dst.write(data)
+                await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a claim woken by the idle sweep (not a NOTIFY) is lent the LISTEN connection too: "
+    "when that connection is half-open the claim hangs COMMAND_TIMEOUT (30 s), probes skipped",
+)
+async def test_a_job_found_by_the_sweep_runs_while_the_listen_connection_is_half_open(
+    daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
+) -> None:
+    proxy = FreezingProxy(dsn)
+    port = await proxy.start()
+    parts = urlsplit(dsn)
+    listen_dsn = parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}").geturl()
+    try:
+        daemon = await daemons.start(
+            """
+            run_scheduler = false
+            [queues.default]
+            poll_interval = 1
+            """,
+            STOKER_LISTEN_DSN=listen_dsn,
+        )
+
+        async def registered() -> bool:
+            return await waiting_rows(db) == 1
+
+        await eventually(registered)
+        proxy.freeze()  # the LISTEN connection goes half-open: its NOTIFYs never arrive
+        job_id = await db.fetchval("SELECT stoker.enqueue('default', 'noop')")
+        inserted = time.monotonic()
+        # No NOTIFY gets through; the idle sweep finds the job within a poll interval (1 s),
+        # and the listener's probe (every 10 s, 5 s timeout) finds the connection dead.
+        try:
+            await finished(db, job_id, timeout=12)
+        except AssertionError as exc:
+            raise AssertionError(daemon.log()[-1500:]) from exc
+        assert time.monotonic() - inserted < 12
+    finally:
+        await proxy.close()
