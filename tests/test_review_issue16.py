@@ -73,7 +73,7 @@ async def test_a_woken_claim_never_collides_with_the_listeners_probe(
     daemons: DaemonFactory, db: asyncpg.Connection
 ) -> None:
     # A probe every millisecond makes the collision likely at each wake-up; with the default
-    # (10 s) and a wake-up every 20 ms it happens about once in a hundred probes.
+    # (10 s) and a wake-up every 20 ms, by estimate once or twice in a hundred probes.
     daemon = await daemons.start("listener_probe_interval = 0.001\n" + IDLE)
 
     async def registered() -> bool:
