@@ -5,6 +5,7 @@ Each test is expected to fail until its bug is fixed (xfail strict)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from urllib.parse import urlsplit
 
@@ -205,6 +206,7 @@ class FreezingProxy:
         self.flowing.set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        self.held_from_clients = 0  # bytes clients sent while frozen
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -224,6 +226,8 @@ class FreezingProxy:
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                if not self.flowing.is_set() and dst.get_extra_info("peername") == self.target:
+                    self.held_from_clients += len(data)
                 await self.flowing.wait()
                 dst.write(data)
                 await dst.drain()
@@ -275,5 +279,54 @@ async def test_a_job_found_by_the_sweep_runs_while_the_listen_connection_is_half
         except AssertionError as exc:
             raise AssertionError(daemon.log()[-1500:]) from exc
         assert time.monotonic() - inserted < 12
+    finally:
+        await proxy.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="SIGTERM while a claim lent the half-open LISTEN connection hangs: the shutdown waits "
+    "for the claim's COMMAND_TIMEOUT (30 s), past shutdown_timeout",
+)
+async def test_sigterm_while_a_lent_claim_hangs_on_a_half_open_listen_connection(
+    daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
+) -> None:
+    proxy = FreezingProxy(dsn)
+    port = await proxy.start()
+    parts = urlsplit(dsn)
+    listen_dsn = parts._replace(netloc=f"{parts.username}@127.0.0.1:{port}").geturl()
+    try:
+        daemon = await daemons.start(
+            """
+            run_scheduler = false
+            shutdown_timeout = 2
+            [queues.default]
+            poll_interval = 1
+            """,
+            STOKER_LISTEN_DSN=listen_dsn,
+        )
+
+        async def registered() -> bool:
+            return await waiting_rows(db) == 1
+
+        await eventually(registered)
+        proxy.freeze()
+        await db.fetchval("SELECT stoker.enqueue('default', 'noop')")
+
+        async def claim_sent() -> bool:
+            # The idle sweep found the job and the woken claim went to the LISTEN connection
+            # (the listener's own probe is 10 s away).
+            return proxy.held_from_clients > 0
+
+        await eventually(claim_sent, timeout=5)
+        stopped = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        try:
+            await daemon.wait_exit(timeout=12)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"still running 12 s after SIGTERM:\n{daemon.log()[-1500:]}"
+            ) from exc
+        assert time.monotonic() - stopped < 12
     finally:
         await proxy.close()
