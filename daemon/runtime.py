@@ -75,7 +75,7 @@ class Runtime:
     def _on_notify(self, queue: str, due_at: float | None) -> None:
         pool = self.pools.get(queue)
         if pool is not None:
-            pool.wake(due_at)
+            pool.wake(due_at, by_notify=True)
 
     def _on_cancel(self, job_id: int) -> None:
         """A cancel request for a job (stoker.cancel): the pool running it here stops it."""
@@ -405,7 +405,14 @@ class Runtime:
             ]
             await self.stopping.wait()
             deadline = self.stop_deadline or loop_time()
-            await asyncio.wait(claimers)  # each ends at its next step; statements time out
+            # Each ends at its next step, unless a statement hangs (a half-open connection):
+            # then at the shutdown deadline, cancelled. A claim cut off that way may have
+            # claimed jobs on the server; their leases expire and they run again.
+            _, hung = await asyncio.wait(claimers, timeout=max(0.0, deadline - loop_time()))
+            for task in hung:
+                task.cancel()
+            if hung:
+                await asyncio.wait(hung)
             await asyncio.gather(*(pool.drain(deadline) for pool in self.pools.values()))
             await completer.close()
             done, _ = await asyncio.wait({completer_task}, timeout=FLUSH_AT_EXIT_TIMEOUT)

@@ -1,6 +1,6 @@
 """Review of #16 (pools stop waiting when woken, linger, the idle sweep, claims on the
-listener's connection): wake-ups that come late, and a registration that outlives the wait.
-Each test is expected to fail until its bug is fixed (xfail strict)."""
+listener's connection): wake-ups that came late, and a registration that outlived the wait.
+Each test failed before its fix (they were committed as xfail strict first)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import time
 from urllib.parse import urlsplit
 
 import asyncpg
-import pytest
 
 from tests.conftest import DaemonFactory, eventually, finished
 
@@ -27,11 +26,6 @@ async def waiting_rows(db: asyncpg.Connection) -> int:
     return n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pool looking for transactions in flight (_wait_registered) ignores the run_at "
-    "hint of a delayed job: it runs at the next idle sweep, not when due",
-)
 async def test_a_delayed_job_runs_when_due_while_an_unrelated_transaction_is_open(
     daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
@@ -65,11 +59,6 @@ async def test_a_delayed_job_runs_when_due_while_an_unrelated_transaction_is_ope
         await other.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Listener.lend lends the LISTEN connection while the listener's own probe runs on "
-    "it: the woken claim fails with 'another operation is in progress' and retries 0.2 s later",
-)
 async def test_a_woken_claim_never_collides_with_the_listeners_probe(
     daemons: DaemonFactory, db: asyncpg.Connection
 ) -> None:
@@ -87,11 +76,6 @@ async def test_a_woken_claim_never_collides_with_the_listeners_probe(
         assert "another operation is in progress" not in daemon.log(), daemon.log()[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a listener reconnect (registration_lost) the pool claims with plain CLAIM: its "
-    "stoker.waiting row outlives the wait, and every insert NOTIFYs while the pool is busy",
-)
 async def test_a_busy_pool_stops_waiting_after_the_listener_reconnects(
     daemons: DaemonFactory, db: asyncpg.Connection
 ) -> None:
@@ -138,12 +122,6 @@ async def test_a_busy_pool_stops_waiting_after_the_listener_reconnects(
     await eventually(stopped_waiting, timeout=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the insert trigger reads stoker.waiting with a REPEATABLE READ producer's snapshot, "
-    "taken before the pool registered; the pool's in-flight look misses a producer without an "
-    "xid yet: no NOTIFY, the job waits for the idle sweep",
-)
 async def test_a_repeatable_read_producer_wakes_a_pool_that_registered_meanwhile(
     daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
@@ -243,11 +221,6 @@ class FreezingProxy:
             self.server.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a claim woken by the idle sweep (not a NOTIFY) is lent the LISTEN connection too: "
-    "when that connection is half-open the claim hangs COMMAND_TIMEOUT (30 s), probes skipped",
-)
 async def test_a_job_found_by_the_sweep_runs_while_the_listen_connection_is_half_open(
     daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
@@ -283,11 +256,6 @@ async def test_a_job_found_by_the_sweep_runs_while_the_listen_connection_is_half
         await proxy.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SIGTERM while a claim lent the half-open LISTEN connection hangs: the shutdown waits "
-    "for the claim's COMMAND_TIMEOUT (30 s), past shutdown_timeout",
-)
 async def test_sigterm_while_a_lent_claim_hangs_on_a_half_open_listen_connection(
     daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
@@ -311,14 +279,11 @@ async def test_sigterm_while_a_lent_claim_hangs_on_a_half_open_listen_connection
 
         await eventually(registered)
         proxy.freeze()
-        await db.fetchval("SELECT stoker.enqueue('default', 'noop')")
-
-        async def claim_sent() -> bool:
-            # The idle sweep found the job and the woken claim went to the LISTEN connection
-            # (the listener's own probe is 10 s away).
-            return proxy.held_from_clients > 0
-
-        await eventually(claim_sent, timeout=5)
+        job_id = await db.fetchval("SELECT stoker.enqueue('default', 'noop')")
+        # The idle sweep finds it and claims it on a pooled connection: a claim goes to the
+        # LISTEN connection only when that connection has just delivered a NOTIFY. (Before
+        # that fix, the claim went to the frozen connection and hung 30 s, and SIGTERM with it.)
+        await finished(db, job_id, timeout=10)
         stopped = time.monotonic()
         daemon.proc.send_signal(signal.SIGTERM)
         try:

@@ -146,11 +146,14 @@ class Listener:
                 return
             if self._lent:
                 continue  # in use right now, so not half-open
+            self._lent = True  # not lent to a claim while the probe runs on it
             try:
                 await conn.fetchval("SELECT 1", timeout=5)
             except DB_ERRORS:
                 log.warning("listener probe failed: connection is half-open or gone")
                 return
+            finally:
+                self._lent = False
 
 
 def _setter(event: asyncio.Event) -> Callable[[object], None]:

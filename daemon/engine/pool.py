@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -28,7 +29,7 @@ from daemon.events import wait_any
 from daemon.observe.metrics import Metrics
 from daemon.store import queries
 from daemon.store.clock import DbClock
-from daemon.store.db import COMMAND_TIMEOUT, DB_ERRORS
+from daemon.store.db import DB_ERRORS
 
 log = logging.getLogger("stoker.pool")
 
@@ -50,6 +51,9 @@ MAX_RECHECK = 1.0
 # for fifty, on the cores the producers need) at the price of up to LINGER_MAX of latency.
 LINGER_MIN = 0.001
 LINGER_MAX = 0.010
+# The longest a claim lent the listener's connection may take: the connection delivered a
+# NOTIFY a moment ago, but may have gone half-open since; the claim is then retried on the pool.
+LENT_TIMEOUT = 5.0
 # A registered pool's own timer: the idle sweep looks for it every poll interval; this only
 # bounds the sleep should the sweep itself be stuck.
 POLL_BY_SWEEP = 60.0
@@ -124,21 +128,28 @@ class QueuePool:
         self._adopted: dict[int, int] = {}
         self.claimed_total = 0
         self.lender: Lender | None = None  # where a claim woken by a NOTIFY may run
+        self._notified = False  # woken by a NOTIFY since the last claim
+        self._row_may_exist = False  # our stoker.waiting row may exist (see registration_lost)
 
     # -- wake-ups -----------------------------------------------------------------------------
 
-    def wake(self, due_at: float | None = None) -> None:
-        """A job is due now (due_at None or past), or will be at epoch `due_at`."""
+    def wake(self, due_at: float | None = None, *, by_notify: bool = False) -> None:
+        """A job is due now (due_at None or past), or will be at epoch `due_at`. `by_notify`:
+        the listener's connection just delivered this, so it is alive (see _claim)."""
         if due_at is None or due_at <= self._clock.now():
             self._fetch_needed = True
+            self._notified = self._notified or by_notify
         else:
             self._hint_due = due_at if self._hint_due is None else min(self._hint_due, due_at)
         self._wake.set()
 
     def registration_lost(self) -> None:
         """stoker.waiting may have lost our row (it is unlogged: a crash or a failover empties
-        it): register afresh, and look again until producers that missed it have ended."""
+        it): register afresh, and look again until producers that missed it have ended. It may
+        also still be there (only the listener's connection was lost): the next claim deletes
+        it, or inserts would go on NOTIFYing a busy pool."""
         self._set_registered(None)
+        self._row_may_exist = True
 
     def note_requeued(self, run_at: datetime) -> None:
         self.wake(run_at.timestamp())
@@ -214,8 +225,8 @@ class QueuePool:
             want = min(free, self.config.batch_size)
             self._wake.clear()
             self._fetch_needed = False
-            stop_waiting = self.registered
-            if stop_waiting:
+            stop_waiting = self.registered or self._row_may_exist
+            if self.registered:
                 self._set_registered(None)  # before the claim, so the sweep cannot renew it
             try:
                 jobs = await self._claim(want, stop_waiting=stop_waiting)
@@ -240,6 +251,9 @@ class QueuePool:
                 await self._wait_registered()
             except DB_ERRORS as exc:
                 log.warning("queue %s: cannot update its waiting mark (%s)", self.name, exc)
+                # Registered or not, the look after it did not happen: poll on our own timer
+                # until a claim (which deletes any row left) and a registration succeed.
+                self.registration_lost()
                 await self._idle(claimed_nothing=True)
 
     async def _wait_registered(self) -> None:
@@ -257,13 +271,28 @@ class QueuePool:
         # Registered *before* this last look, so that an insert committed after it finds us
         # registered and sends its NOTIFY.
         in_flight, next_due = await self._db.fetchrow(queries.AFTER_REGISTERING, self.name)
+        if next_due is not None and next_due.timestamp() <= self._clock.now():
+            # A due job the claim did not get: committed just after it, or locked by someone.
+            # _idle looks again at once, then backs off; each look registers afresh.
+            await self._idle(claimed_nothing=True, next_due=next_due, looked=True)
+            return
         claimed_nothing = True
         recheck = MIN_RECHECK
         while in_flight:
+            # Meanwhile a job may fall due (a delayed job's hint, a retry, one the last look
+            # saw): claim it then, as _idle would, however long the in-flight ones last.
+            due = self._hint_due
+            if next_due is not None:
+                due = min(due if due is not None else math.inf, next_due.timestamp())
+            wait = recheck if due is None else min(recheck, due - self._clock.now())
             self._wake.clear()
-            await wait_any(self._wake, seconds=recheck)
+            if wait > 0:
+                await wait_any(self._wake, seconds=wait)
             if self._fetch_needed or self._stopping.is_set():
                 return  # woken: claim now (it stops the registration and looks anyway)
+            if due is not None and due <= self._clock.now():
+                self._hint_due = None
+                return
             in_flight = await self._db.fetchval(queries.STILL_IN_FLIGHT, in_flight)
             recheck = min(recheck * 2, MAX_RECHECK)
             if not in_flight:
@@ -272,6 +301,7 @@ class QueuePool:
         await self._idle(claimed_nothing=claimed_nothing, next_due=next_due, looked=True)
 
     async def _register(self) -> None:
+        self._row_may_exist = True  # even if the reply is lost
         sent = time.monotonic()
         await self._db.execute(
             queries.REGISTER_WAITING, self.name, self._worker_id, self.config.poll_interval * 3
@@ -293,18 +323,22 @@ class QueuePool:
 
     async def _claim(self, limit: int, *, stop_waiting: bool) -> list[ClaimedJob]:
         args = (self.name, limit, self._worker_id, self._lease_seconds)
-        lender = self.lender if stop_waiting else None
+        # Only a claim woken by a NOTIFY goes to the listener's connection: that connection
+        # has just proved alive. Woken otherwise (the idle sweep, a reconnect), it may be
+        # half-open, and a claim sent on it would hang until its timeout.
+        lender = self.lender if stop_waiting and self._notified else None
+        self._notified = False
         conn = lender.lend() if lender is not None else None
         if lender is not None and conn is not None:
             try:
-                rows = await conn.fetch(
-                    queries.CLAIM_AND_STOP_WAITING, *args, timeout=COMMAND_TIMEOUT
-                )
+                rows = await conn.fetch(queries.CLAIM_AND_STOP_WAITING, *args, timeout=LENT_TIMEOUT)
             finally:
                 lender.give_back()
         else:
             sql = queries.CLAIM_AND_STOP_WAITING if stop_waiting else queries.CLAIM
             rows = await self._db.fetch(sql, *args)
+        if stop_waiting:
+            self._row_may_exist = False
         self.claimed_total += len(rows)
         # Positional: the columns of queries.CLAIM, in order.
         return [ClaimedJob(*r) for r in rows]
