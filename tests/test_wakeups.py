@@ -184,3 +184,23 @@ async def test_an_idle_daemon_barely_talks_to_the_database(
     after = await db.fetchval(count)
     per_second = (after - before - 1) / (time.monotonic() - started)
     assert per_second < 16, f"{per_second:.1f} transactions a second from an idle daemon"
+
+
+async def test_waiting_rows_of_killed_daemons_are_cleaned_up(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    # Every insert's trigger reads stoker.waiting; the rows of daemons killed with SIGKILL
+    # (each with a worker id of its own) must not pile up in it.
+    await db.execute(
+        "INSERT INTO stoker.waiting SELECT 'default', 'killed-' || i, now() - interval '2 min'"
+        " FROM generate_series(1, 50) AS i"
+    )
+    await daemons.start("[queues.default]\npoll_interval = 0.5\n")
+
+    async def cleaned() -> bool:
+        n: int = await db.fetchval(
+            "SELECT count(*) FROM stoker.waiting WHERE worker LIKE 'killed-%'"
+        )
+        return n == 0
+
+    await eventually(cleaned, timeout=10)

@@ -144,10 +144,14 @@ SELECT coalesce(array_agg(x), '{}') FROM unnest($1::text[]) AS x
 
 # The one look of a daemon's idle pools every poll interval (daemon.engine.waiting): renews
 # the waiting rows of queues $1 (each for $3 seconds; a row that is gone is not put back: its
-# pool says it waits afresh) and gives each queue's NEXT_DUE, in the order of $1.
+# pool says it waits afresh) and gives each queue's NEXT_DUE, in the order of $1. It also
+# deletes rows expired a minute ago (killed daemons'), which every insert's trigger reads.
 SWEEP_WAITING = (
     """
-WITH renewed AS (
+WITH pruned AS (
+    DELETE FROM stoker.waiting WHERE expires_at < now() - interval '1 minute'
+),
+renewed AS (
     UPDATE stoker.waiting w SET expires_at = now() + make_interval(secs => t.secs)
       FROM unnest($1::text[], $3::float8[]) AS t(queue, secs)
      WHERE w.queue = t.queue AND w.worker = $2
