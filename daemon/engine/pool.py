@@ -233,7 +233,8 @@ class QueuePool:
             except DB_ERRORS as exc:
                 failures += 1
                 pause = min(self.config.poll_interval, 0.1 * 2**failures)
-                log.warning("queue %s: claim failed (%s); retrying in %.1fs", self.name, exc, pause)
+                why = str(exc) or type(exc).__name__  # a timeout's message is empty
+                log.warning("queue %s: claim failed (%s); retrying in %.1fs", self.name, why, pause)
                 await wait_any(self._wake, seconds=pause)
                 continue
             failures = 0
