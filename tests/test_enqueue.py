@@ -290,9 +290,18 @@ async def test_heartbeat_never_waits_for_a_locked_row(db: asyncpg.Connection, ds
         # While another transaction (an outcome write, say) holds the row, the heartbeat
         # passes it by at once instead of waiting (which deadlocked with outcome writes).
         await db.execute("SET statement_timeout = '2s'")
-        status = await db.execute(queries.HEARTBEAT, [job_id], "w", 30.0)
-        assert status == "UPDATE 0"
+        lease = "SELECT lease_expires_at FROM stoker.jobs WHERE id = $1"
+        before = await db.fetchval(lease, job_id)
+        assert await db.fetch(queries.HEARTBEAT, [job_id], "w", 30.0) == []
+        assert await db.fetchval(lease, job_id) == before
         await tx.rollback()
-        assert await db.execute(queries.HEARTBEAT, [job_id], "w", 30.0) == "UPDATE 1"
+        assert await db.fetch(queries.HEARTBEAT, [job_id], "w", 30.0) == []
+        renewed = await db.fetchval(lease, job_id)
+        assert renewed > before
+        # A renewed job with a cancel request is named: the poll behind the NOTIFY.
+        assert await db.fetchval("SELECT stoker.cancel($1)", job_id) == "requested"
+        rows = await db.fetch(queries.HEARTBEAT, [job_id], "w", 30.0)
+        assert [r["id"] for r in rows] == [job_id]
+        assert await db.fetchval(lease, job_id) > renewed
     finally:
         await other.close()
