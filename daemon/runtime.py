@@ -60,6 +60,7 @@ class Runtime:
         self.listener: Listener | None = None
         self.completer: Completer | None = None
         self.db: asyncpg.Pool | None = None
+        self._cancel_checks: set[asyncio.Task[None]] = set()
         self.leader: Leader | None = None
         self.scheduler: Scheduler | None = None
         self.alerts: Evaluator | None = None
@@ -82,6 +83,31 @@ class Runtime:
         for pool in self.pools.values():
             if pool.cancel(job_id):
                 return
+
+    def _on_cancel_notified(self, job_id: int) -> None:
+        """A NOTIFY on stoker_cancel for a job running here. Any role that can connect may
+        send one, so the request is read from the job's row (where stoker.cancel puts it)
+        before the job is stopped; the heartbeat reads it there anyway."""
+        if self.db is None or not any(p.runs(job_id) for p in self.pools.values()):
+            return
+        task = asyncio.get_running_loop().create_task(self._confirm_cancel(self.db, job_id))
+        self._cancel_checks.add(task)
+        task.add_done_callback(self._cancel_checks.discard)
+
+    async def _confirm_cancel(self, db: asyncpg.Pool, job_id: int) -> None:
+        try:
+            requested = await db.fetchval(queries.CANCEL_REQUESTED, job_id)
+        except DB_ERRORS as exc:
+            log.warning(
+                "job %s: cannot read its cancel request (%s); the heartbeat will", job_id, exc
+            )
+            return
+        if requested:
+            self._on_cancel(job_id)
+        else:
+            log.warning(
+                "job %s: a stoker_cancel notification without a cancel request; ignored", job_id
+            )
 
     def _wake_all(self) -> None:
         for pool in self.pools.values():
@@ -368,7 +394,7 @@ class Runtime:
                     stopping=self.finished,  # up until the drain ends, so /ready tells one story
                     statement_cache_size=s.statement_cache_size,
                     on_schedules_changed=self._schedules_changed,
-                    on_cancel=self._on_cancel,
+                    on_cancel=self._on_cancel_notified,
                 )
                 background.append(tg.create_task(self.listener.run(), name="stoker-listener"))
                 for pool in self.pools.values():

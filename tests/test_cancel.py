@@ -441,3 +441,18 @@ async def test_the_dashboard_cancels_a_running_job_from_its_page(
     await page.goto(f"{base}/dashboard/jobs/{job_id}")
     await expect(page.locator("#job-state")).to_have_text("cancelled")
     await expect(page.locator("main button:has-text('Cancel')")).to_have_count(0)
+
+
+async def test_a_bare_notify_without_a_cancel_request_stops_nothing(
+    daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # Any role that can connect may NOTIFY stoker_cancel: the daemon reads the request from
+    # the job's row first.
+    running = await daemons.start("[queues.default]\npoll_interval = 60\n")
+    job_id = await enqueue(db, "test.cancellable", {"seconds": 120})
+    await wait_active(db, [job_id])
+    await db.execute("SELECT pg_notify('stoker_cancel', $1::text)", str(job_id))
+    await running.wait_log("without a cancel request; ignored", timeout=5)
+    assert await state_of(db, job_id) == "active"
+    assert await db.fetchval("SELECT stoker.cancel($1)", job_id) == "requested"
+    await wait_state(db, job_id, "cancelled", timeout=2)

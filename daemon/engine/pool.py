@@ -442,6 +442,9 @@ class QueuePool:
     def running_ids(self) -> list[int]:
         return [job_id for job_id, _ in self.running]
 
+    def runs(self, job_id: int) -> bool:
+        return any(key[0] == job_id for key in self._jobs)
+
     def cancel(self, job_id: int) -> bool:
         """Someone cancelled job `job_id` (stoker.cancel): if it runs here, its handler sees
         ctx.cancelled now and its task is cancelled after cancel_grace seconds. True if it

@@ -183,6 +183,11 @@ WITH renewed AS (
 SELECT id FROM renewed WHERE cancel_requested_at IS NOT NULL
 """
 
+# Does running job $1 have a cancel request? (A NOTIFY on stoker_cancel is only a hint.)
+CANCEL_REQUESTED = """
+SELECT cancel_requested_at IS NOT NULL FROM stoker.jobs WHERE id = $1 AND state = 'active'
+"""
+
 PROGRESS = """
 UPDATE stoker.jobs SET progress = $3::text::jsonb, updated_at = now()
  WHERE id = $1 AND attempts = $2 AND state = 'active'
