@@ -287,8 +287,9 @@ async def test_cancels_racing_the_jobs_own_ends_leave_exactly_one_final_state(
         kind = "flaky " if job_id in flaky else ""
         kinds[f"{kind}{answer}->{state}"] = kinds.get(f"{kind}{answer}->{state}", 0) + 1
     print(kinds)
-    # The hammer hit the cases (a fixed seed, timing aside).
-    assert kinds.get("cancelled->cancelled", 0) > 0
+    # The hammer hit the racing cases (a fixed seed, timing aside). Whether some cancels
+    # still find their job queued depends on the machine's speed (none did in one CI run);
+    # cancelling a queued job is tested on its own (the SQL test).
     assert kinds.get("already succeeded->succeeded", 0) > 0
     assert kinds.get("requested->cancelled", 0) + kinds.get("requested->succeeded", 0) > 0
 
