@@ -301,8 +301,13 @@ async def test_filters_paging_and_bulk_actions(
 
     await eventually(all_cancelled)
     assert asked[-1] == "Cancel up to 1,000 queued jobs matching this filter?"
-    last: Any = await db.fetchrow(
-        "SELECT action, details FROM stoker.audit_log ORDER BY id DESC LIMIT 1"
-    )
-    assert last["action"] == "jobs.cancel_filter"
+
+    async def audited() -> Any:
+        # Written after the batches of cancels commit: seen a moment after the jobs' states.
+        row = await db.fetchrow(
+            "SELECT action, details FROM stoker.audit_log ORDER BY id DESC LIMIT 1"
+        )
+        return row if row is not None and row["action"] == "jobs.cancel_filter" else None
+
+    last: Any = await eventually(audited)
     assert sorted(last["details"]["ids"]) == sorted(queued)
