@@ -305,7 +305,11 @@ async def test_a_killed_daemons_job_with_a_cancel_request_is_not_run_again(
     """
     first = await daemons.start(config)
     job_id = await enqueue(db, "test.cancellable", {"seconds": 120, "watch": False})
-    await wait_active(db, [job_id])
+
+    async def started() -> bool:  # claimed is not enough: the handler must have begun
+        return any(e["id"] == job_id and e["event"] == "start" for e in events(tmp_path))
+
+    await eventually(started)
     first.proc.kill()
     await first.wait_exit()
     # Nobody hears the NOTIFY; the request waits on the row.
