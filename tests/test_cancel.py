@@ -71,6 +71,15 @@ def events(tmp: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+async def wait_started(tmp: Path, ids: list[int]) -> None:
+    """Until each job's handler has begun (claimed is not enough)."""
+
+    async def check() -> bool:
+        return set(ids) <= {e["id"] for e in events(tmp) if e["event"] == "start"}
+
+    await eventually(check)
+
+
 async def test_three_daemons_a_running_job_cancelled_through_the_api_stops_at_once(
     daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
@@ -86,6 +95,7 @@ async def test_three_daemons_a_running_job_cancelled_through_the_api_stops_at_on
     port = await http_port(first)
     ids = [await enqueue(db, "test.cancellable", {"seconds": 120}) for _ in range(3)]
     await wait_active(db, ids)
+    await wait_started(tmp_path, ids)
     workers = await db.fetch("SELECT DISTINCT worker FROM stoker.jobs WHERE id = ANY($1)", ids)
     assert len(workers) == 3  # one on each daemon: each is cancelled from the first's API
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -132,7 +142,7 @@ async def test_a_handler_that_ignores_the_cancel_is_interrupted_after_cancel_gra
         """
     )
     job_id = await enqueue(db, "test.cancellable", {"seconds": 120, "watch": False})
-    await wait_active(db, [job_id])
+    await wait_started(tmp_path, [job_id])
     started = time.monotonic()
     # Plain SQL, as any client could.
     assert await db.fetchval("SELECT stoker.cancel($1)", job_id) == "requested"
@@ -306,10 +316,7 @@ async def test_a_killed_daemons_job_with_a_cancel_request_is_not_run_again(
     first = await daemons.start(config)
     job_id = await enqueue(db, "test.cancellable", {"seconds": 120, "watch": False})
 
-    async def started() -> bool:  # claimed is not enough: the handler must have begun
-        return any(e["id"] == job_id and e["event"] == "start" for e in events(tmp_path))
-
-    await eventually(started)
+    await wait_started(tmp_path, [job_id])
     first.proc.kill()
     await first.wait_exit()
     # Nobody hears the NOTIFY; the request waits on the row.
