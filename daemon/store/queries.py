@@ -97,8 +97,6 @@ VALUES ($1, $2, now() + make_interval(secs => $3))
 ON CONFLICT (queue, worker) DO UPDATE SET expires_at = excluded.expires_at
 """
 
-UNREGISTER_WAITING = "DELETE FROM stoker.waiting WHERE queue = $1 AND worker = $2"
-
 UNREGISTER_WORKER = "DELETE FROM stoker.waiting WHERE worker = $1"
 
 
@@ -117,14 +115,9 @@ SELECT min(first.run_at) AS next_due FROM priorities p
 # in step), and leaving it out would let the pool sleep a whole poll interval past it.
 NEXT_DUE = "WITH RECURSIVE" + _priorities("$1") + _next_due("$1")
 
-# The transactions in progress right now (see QueuePool._producers_done), and which of them
-# still are. Text, not xid8: asyncpg has no codec for xid8 arrays.
-IN_FLIGHT = """
-SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) AS x
-"""
-
-# Right after a pool said it waits: the transactions in flight (IN_FLIGHT) and its NEXT_DUE,
-# in one round trip on one snapshot.
+# Right after a pool said it waits: the transactions in progress (see
+# QueuePool._wait_registered) and its NEXT_DUE, in one round trip on one snapshot. Text, not
+# xid8: asyncpg has no codec for xid8 arrays.
 AFTER_REGISTERING = (
     "WITH RECURSIVE"
     + _priorities("$1")
