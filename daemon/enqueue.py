@@ -25,6 +25,7 @@ class Job:
     unique_key: str | None = None
     max_attempts: int | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+    concurrency_key: str | None = None
 
 
 async def enqueue(
@@ -38,9 +39,12 @@ async def enqueue(
     unique_key: str | None = None,
     max_attempts: int | None = None,
     meta: Mapping[str, Any] | None = None,
+    concurrency_key: str | None = None,
 ) -> int:
     """Enqueue one job; return its id (or, with `unique_key`, the id of the live job that
-    already holds that key). Nothing runs until the caller's transaction commits."""
+    already holds that key). Nothing runs until the caller's transaction commits.
+    `concurrency_key` (an organisation, a customer) is what the queue's key_concurrency and a
+    rate_limit_by_key count apart."""
     job_id: int = await conn.fetchval(
         queries.ENQUEUE,
         queue,
@@ -51,6 +55,7 @@ async def enqueue(
         unique_key,
         max_attempts,
         as_json_text(dict(meta or {})),
+        concurrency_key,
     )
     return job_id
 
@@ -70,5 +75,6 @@ async def enqueue_many(conn: asyncpg.Connection | asyncpg.Pool, jobs: Sequence[J
         [j.unique_key for j in jobs],
         [j.max_attempts for j in jobs],
         [as_json_text(dict(j.meta)) for j in jobs],
+        [j.concurrency_key for j in jobs],
     )
     return [row["id"] for row in rows]

@@ -134,6 +134,11 @@ class Runtime:
         if pool is not None:
             pool.note_requeued(run_at)
 
+    def _on_released(self, queue: str) -> None:
+        pool = self.pools.get(queue)
+        if pool is not None:
+            pool.released()
+
     def _schedules_changed(self) -> None:
         if self.scheduler is not None:
             self.scheduler.schedules_changed()
@@ -205,6 +210,7 @@ class Runtime:
             flush_interval=s.flush_interval,
             flush_max=s.flush_max,
             on_requeued=self._on_requeued,
+            on_released=self._on_released,
         )
         for name, config in s.queues.items():
             self.pools[name] = QueuePool(

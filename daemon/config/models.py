@@ -54,6 +54,38 @@ class BackoffConfig(Strict):
     jitter: float = Field(0.2, ge=0, le=1, description="fraction of spread, 0..1")
 
 
+RATE_LIMIT = re.compile(r"^\s*([0-9]+)\s*/\s*(.+)$")
+
+
+class RateLimit(BaseModel):
+    """At most `count` starts in any `window` seconds (a sliding window)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    count: int = Field(ge=1, le=1_000_000)
+    window: float = Field(ge=0.001, le=86_400, description="seconds")
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.window:g}s"
+
+
+def parse_rate_limit(value: Any) -> Any:
+    """ "100/1m", "10/1s", "5/500ms": starts per window."""
+    if isinstance(value, str):
+        match = RATE_LIMIT.match(value)
+        if match is None:
+            raise ValueError(
+                f'{value!r} is not a rate limit: write starts/window, such as "100/1m" or "10/1s"'
+            )
+        count, window = int(match[1]), parse_duration(match[2].strip())
+        if not 1 <= count <= 1_000_000:
+            raise ValueError(f"{value!r}: the number of starts must be 1 to 1,000,000")
+        if not 0.001 <= window <= 86_400:
+            raise ValueError(f"{value!r}: the window must be 1ms to 1d")
+        return {"count": count, "window": window}
+    return value
+
+
 class QueueConfig(Strict):
     concurrency: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(100, ge=1, le=10_000)
@@ -80,6 +112,35 @@ class QueueConfig(Strict):
         description="seconds a cancelled running job may take to stop before its task is "
         "cancelled; unset: the top-level cancel_grace",
     )
+    # The limits hold across every daemon serving the queue (each must be configured alike);
+    # see stoker.claim_limited in sql/migrations/019_job_limits.sql.
+    global_concurrency: int | None = Field(
+        None, ge=1, le=1_000_000, description="most jobs of the queue running at once, all daemons"
+    )
+    key_concurrency: int | None = Field(
+        None, ge=1, le=1_000_000, description="most running jobs per concurrency_key, all daemons"
+    )
+    rate_limit: Annotated[RateLimit | None, BeforeValidator(parse_rate_limit)] = Field(
+        None, description='most starts in any window, "100/1m": a sliding window, all daemons'
+    )
+    rate_limit_by_key: bool = Field(
+        False, description="rate_limit counts each concurrency_key apart (no key: one window)"
+    )
+
+    @model_validator(mode="after")
+    def _rate_by_key_needs_rate(self) -> QueueConfig:
+        if self.rate_limit_by_key and self.rate_limit is None:
+            raise ValueError('rate_limit_by_key needs a rate_limit, such as "10/1s"')
+        return self
+
+    @property
+    def limited(self) -> bool:
+        """Does a claim of this queue go through stoker.claim_limited?"""
+        return (
+            self.global_concurrency is not None
+            or self.key_concurrency is not None
+            or self.rate_limit is not None
+        )
 
 
 SCHEDULE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,127}$")

@@ -174,7 +174,16 @@ async def _enqueue_held(conn: asyncpg.Connection, due: Due, tick: datetime, plan
     payload, key, meta = due.jobs[due.ticks.index(tick)]
     schedule = due.schedule
     job_id = await conn.fetchval(
-        store_queries.ENQUEUE, schedule.queue, schedule.kind, payload, None, 0, key, None, meta
+        store_queries.ENQUEUE,
+        schedule.queue,
+        schedule.kind,
+        payload,
+        None,
+        0,
+        key,
+        None,
+        meta,
+        None,
     )
     await conn.execute(queries.TICK_JOB, schedule.name, tick, job_id)
     await conn.execute(queries.REPLACE_LAST_JOB, schedule.name, planned, job_id)

@@ -253,6 +253,7 @@ async def _enqueue(
         unique_key,
         None,
         as_json_text(meta),
+        None,
     )
     return job_id
 

@@ -41,6 +41,7 @@ class Outcome:
 FINISHED: frozenset[OutcomeKind] = frozenset({"succeeded", "failed", "cancelled"})
 
 RequeuedFn = Callable[[str, datetime], None]
+ReleasedFn = Callable[[str], None]
 
 
 class Completer:
@@ -61,12 +62,14 @@ class Completer:
         flush_interval: float,
         flush_max: int,
         on_requeued: RequeuedFn,
+        on_released: ReleasedFn | None = None,
     ) -> None:
         self._db = db
         self._worker_id = worker_id
         self._flush_interval = flush_interval
         self._flush_max = flush_max
         self._on_requeued = on_requeued
+        self._on_released = on_released
         self._buffer: list[Outcome] = []
         self._pending = asyncio.Event()
         self._closing = False
@@ -408,6 +411,9 @@ class Completer:
         for row in rows:
             if row["run_at"] is not None:
                 self._on_requeued(row["queue"], row["run_at"])
+        if self._on_released is not None:
+            for queue in {row["queue"] for row in rows}:
+                self._on_released(queue)
 
     def _fenced_out(self, o: Outcome) -> None:
         adopted = self._adoptions.pop(o.job_id, None)

@@ -57,6 +57,9 @@ LENT_TIMEOUT = 5.0
 # A registered pool's own timer: the idle sweep looks for it every poll interval; this only
 # bounds the sleep should the sweep itself be stuck.
 POLL_BY_SWEEP = 60.0
+# A pool held back by a rate limit claims this long after a start leaves the window, so that
+# the window the database counts has surely moved past it.
+LIMIT_MARGIN = 0.002
 # How long the shutdown waits for jobs cancelled at its deadline to end (handed back), unless
 # their handlers ask for longer (stop_grace).
 HANDBACK_WAIT = 5.0
@@ -130,6 +133,9 @@ class QueuePool:
         self.lender: Lender | None = None  # where a claim woken by a NOTIFY may run
         self._notified = False  # woken by a NOTIFY since the last claim
         self._row_may_exist = False  # our stoker.waiting row may exist (see registration_lost)
+        # What held the last claim back (a limited queue: see _claim): "global", "rate", "key".
+        self.held_back: frozenset[str] = frozenset()
+        self._retry_at: float | None = None  # a rate limit's window frees a start then (epoch)
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -153,6 +159,14 @@ class QueuePool:
 
     def note_requeued(self, run_at: datetime) -> None:
         self.wake(run_at.timestamp())
+
+    def released(self) -> None:
+        """Outcomes of this queue's jobs were written here: their slots are free in the
+        database now. A limited queue's pool claims again at once (a claim in flight may be
+        about to say a limit held it back)."""
+        if self.config.limited:
+            self._fetch_needed = True
+            self._wake.set()
 
     # -- saying that this pool waits (stoker.waiting) -------------------------------------------
 
@@ -240,6 +254,14 @@ class QueuePool:
             failures = 0
             if jobs:
                 self._start(jobs)
+            if self.held_back - {"key"}:
+                # The queue's global concurrency or rate limit is reached: new jobs would not
+                # help, so the pool does not say it waits. A slot comes back when an outcome
+                # is written (here: `released`; elsewhere: the poll), a lease is rescued
+                # (NOTIFY), or the rate window lets a start go (retry_at).
+                await self._wait_for_limit()
+                continue
+            if jobs:
                 if len(jobs) < want and self._adaptive:
                     # More may be on the way: look again shortly, still without waiting.
                     await wait_any(self._wake, seconds=self._linger)
@@ -256,6 +278,17 @@ class QueuePool:
                 # until a claim (which deletes any row left) and a registration succeed.
                 self.registration_lost()
                 await self._idle(claimed_nothing=True)
+
+    async def _wait_for_limit(self) -> None:
+        deadline = self._clock.now() + self.config.poll_interval
+        if self._retry_at is not None:
+            deadline = min(deadline, self._retry_at + LIMIT_MARGIN)
+        while not self._stopping.is_set() and not self._fetch_needed:
+            remaining = deadline - self._clock.now()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            await wait_any(self._wake, seconds=remaining)
 
     async def _wait_registered(self) -> None:
         """After a claim that found nothing: say we wait, look once more, and sleep.
@@ -323,6 +356,8 @@ class QueuePool:
             await wait_any(self._slot_freed, seconds=remaining)
 
     async def _claim(self, limit: int, *, stop_waiting: bool) -> list[ClaimedJob]:
+        if self.config.limited:
+            return await self._claim_limited(limit, stop_waiting=stop_waiting)
         args = (self.name, limit, self._worker_id, self._lease_seconds)
         # Only a claim woken by a NOTIFY goes to the listener's connection: that connection
         # has just proved alive. Woken otherwise (the idle sweep, a reconnect), it may be
@@ -343,6 +378,43 @@ class QueuePool:
         self.claimed_total += len(rows)
         # Positional: the columns of queries.CLAIM, in order.
         return [ClaimedJob(*r) for r in rows]
+
+    async def _claim_limited(self, limit: int, *, stop_waiting: bool) -> list[ClaimedJob]:
+        """The claim of a queue with limits, on the pool (a claim waits for the queue's limits
+        lock, which the listener's connection must never do)."""
+        c = self.config
+        rate = c.rate_limit
+        rows = await self._db.fetch(
+            queries.CLAIM_LIMITED,
+            self.name,
+            limit,
+            self._worker_id,
+            self._lease_seconds,
+            stop_waiting,
+            c.global_concurrency,
+            c.key_concurrency,
+            rate.count if rate is not None else None,
+            rate.window if rate is not None else None,
+            c.rate_limit_by_key,
+        )
+        self._notified = False
+        if stop_waiting:
+            self._row_may_exist = False
+        jobs: list[ClaimedJob] = []
+        held: set[str] = set()
+        retry_at: float | None = None
+        for r in rows:
+            if r["id"] is not None:
+                jobs.append(ClaimedJob(*tuple(r)[:8]))
+            elif r["blocked"] is not None:
+                held.add(r["blocked"])
+                if r["retry_at"] is not None:
+                    at = r["retry_at"].timestamp()
+                    retry_at = at if retry_at is None else min(retry_at, at)
+        self.held_back = frozenset(held)
+        self._retry_at = retry_at
+        self.claimed_total += len(jobs)
+        return jobs
 
     async def _idle(
         self, *, claimed_nothing: bool, next_due: datetime | None = None, looked: bool = False

@@ -134,10 +134,10 @@ WITH gone AS (
 )
 INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state, run_at, attempts,
                                 max_attempts, unique_key, worker, last_error, errors, result,
-                                progress, created_at, started_at)
+                                progress, created_at, started_at, concurrency_key)
 SELECT id, queue, kind, payload, meta, priority, 'cancelled', run_at, attempts, max_attempts,
        unique_key, worker, 'cancelled by an operator', errors, result, progress, created_at,
-       started_at
+       started_at, concurrency_key
   FROM gone
 RETURNING id, queue
 """

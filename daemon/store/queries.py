@@ -7,14 +7,15 @@ from __future__ import annotations
 # -- enqueue (public API) -----------------------------------------------------------------
 
 ENQUEUE = """
-SELECT stoker.enqueue($1, $2, $3::text::jsonb, $4, $5, $6, $7, $8::text::jsonb)
+SELECT stoker.enqueue($1, $2, $3::text::jsonb, $4, $5, $6, $7, $8::text::jsonb, $9)
 """
 
 ENQUEUE_MANY = """
-INSERT INTO stoker.jobs (queue, kind, payload, run_at, priority, unique_key, max_attempts, meta)
-SELECT q, k, p::jsonb, coalesce(r, now()), pr, u, m, mt::jsonb
+INSERT INTO stoker.jobs (queue, kind, payload, run_at, priority, unique_key, max_attempts, meta,
+                         concurrency_key)
+SELECT q, k, p::jsonb, coalesce(r, now()), pr, u, m, mt::jsonb, ck
   FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::smallint[],
-              $6::text[], $7::int[], $8::text[]) AS t(q, k, p, r, pr, u, m, mt)
+              $6::text[], $7::int[], $8::text[], $9::text[]) AS t(q, k, p, r, pr, u, m, mt, ck)
 ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL DO NOTHING
 RETURNING id
 """
@@ -79,6 +80,12 @@ RETURNING j.id, j.kind, j.payload::text, j.meta::text, j.attempts, j.max_attempt
 
 
 CLAIM = _claim()
+
+# The claim of a queue with limits (global_concurrency, key_concurrency, rate_limit): see
+# stoker.claim_limited in sql/migrations/019_job_limits.sql. $1 queue, $2 how many, $3 worker,
+# $4 lease seconds, $5 stop waiting, $6 global limit, $7 key limit, $8 rate limit's starts,
+# $9 its window in seconds, $10 per key. The columns of CLAIM, then `blocked` and `retry_at`.
+CLAIM_LIMITED = "SELECT * FROM stoker.claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 # The claim of a pool that was waiting, woken by a NOTIFY (or a look that found work): it
 # stops saying it waits in the same statement, so that the producers of a burst that follows
@@ -217,7 +224,8 @@ WITH finished AS (
 
 _INTO_HISTORY = """INSERT INTO stoker.job_history (id, queue, kind, payload, meta, priority, state,
                                 run_at, attempts, max_attempts, unique_key, worker, last_error,
-                                errors, result, progress, created_at, started_at)"""
+                                errors, result, progress, created_at, started_at,
+                                concurrency_key)"""
 
 COMPLETE = (
     _finished("$13")
@@ -235,7 +243,7 @@ moved AS (
            CASE WHEN ($3::text[])[pos] = 'failed'
                 THEN stoker.push_error(errors, attempts, ($5::text[])[pos], ($6::text[])[pos])
                 ELSE errors END,
-           (($4::text[])[pos])::jsonb, progress, created_at, started_at
+           (($4::text[])[pos])::jsonb, progress, created_at, started_at, concurrency_key
       FROM finished
     RETURNING id, queue
 ),
@@ -284,7 +292,7 @@ COMPLETE_SUCCEEDED = (
     + """
 SELECT id, queue, kind, payload, meta, priority, 'succeeded', run_at, attempts, max_attempts,
        unique_key, worker, last_error, errors, (($3::text[])[pos])::jsonb, progress,
-       created_at, started_at
+       created_at, started_at, concurrency_key
   FROM finished
 RETURNING id, queue, NULL::timestamptz AS run_at
 """
@@ -324,7 +332,8 @@ WITH finished AS (
     + _INTO_HISTORY
     + """
 SELECT id, queue, kind, payload, meta, priority, state, run_at, attempts, max_attempts,
-       unique_key, worker, last_error, errors, result, progress, created_at, started_at
+       unique_key, worker, last_error, errors, result, progress, created_at, started_at,
+       concurrency_key
   FROM finished
 RETURNING id
 """
@@ -401,9 +410,10 @@ WITH wanted AS (
 ),
 restored AS (
     INSERT INTO stoker.jobs (id, queue, kind, payload, meta, priority, state, run_at, attempts,
-                             max_attempts, unique_key, last_error, errors, created_at)
+                             max_attempts, unique_key, last_error, errors, created_at,
+                             concurrency_key)
     SELECT id, queue, kind, payload, meta, priority, 'queued', now(), 0, max_attempts,
-           unique_key, last_error, errors, created_at
+           unique_key, last_error, errors, created_at, concurrency_key
       FROM wanted
     ON CONFLICT DO NOTHING
     RETURNING id, queue
