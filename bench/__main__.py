@@ -17,6 +17,8 @@ Scenarios (default: all):
                minute how many fired once and how soon, its CPU; 1,000 updates picked up
     keepup     #16 goal 1: eight pgbench producers, stoker.enqueue against a trigger-less INSERT,
                daemon keeping up and daemon busy; wait events, WAL flushes, top statements
+    limits     #17's cost: a drain with no limits, with global_concurrency = 100, with
+               key_concurrency over 1,000 keys, and with a rate limit it never reaches
     idle       #16 goal 4: a daemon serving 50 idle queues: statements/s (pg_stat_statements),
                its CPU, and commit->start of single jobs into random ones of them
 
@@ -51,6 +53,7 @@ SCENARIOS = (
     "schedules",
     "keepup",
     "idle",
+    "limits",
 )
 
 
@@ -149,6 +152,33 @@ async def drain(admin: str, args: argparse.Namespace) -> list[Row]:
         for row in rows:
             if row.system in ("pgqueuer", "procrastinate"):
                 row.note = f"stoker {one.median / row.median:.2f}x this"
+    return rows
+
+
+async def limits(admin: str, args: argparse.Namespace) -> list[Row]:
+    """#17: what a limit costs a drain of no-op jobs, against no limit in the same round."""
+    jobs, conc, batch = args.limit_jobs, args.concurrency, args.batch_size
+    variants = [
+        ("no limits", "", 0),
+        ("global_concurrency = 100", "global_concurrency = 100", 0),
+        ("key_concurrency = 1, 1,000 keys", "key_concurrency = 1", 1000),
+        ('rate_limit = "1000000/1s" (never reached)', 'rate_limit = "1000000/1s"', 0),
+    ]
+    plan: list[tuple[Row, Callable[[], Awaitable[float]]]] = [
+        (
+            Row("limits", "stoker", f"{label}, {jobs:,} jobs, conc {conc}", "jobs/s"),
+            lambda extra=extra, keys=keys: stoker.drain_once(  # type: ignore[misc]
+                admin, jobs, concurrency=conc, batch_size=batch, extra=extra, keys=keys
+            ),
+        )
+        for label, extra, keys in variants
+    ]
+    rows = await interleaved(args.runs, plan)
+    free = rows[0]
+    for row in rows[1:]:
+        ratio = statistics.median(v / b for v, b in zip(row.values, free.values, strict=True))
+        goal = " (goal >= 80%)" if "global" in row.setting else ""
+        row.note = f"{ratio:.0%} of no limits, paired by round{goal}"
     return rows
 
 
@@ -268,6 +298,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 )
             elif name == "keepup":
                 rows += await keepup_bench.keepup(admin, args.runs, args.producer_seconds)
+            elif name == "limits":
+                rows += await limits(admin, args)
             elif name == "idle":
                 rows += await idle_bench.idle(
                     admin, args.runs, args.idle_seconds, args.wake_samples
@@ -303,6 +335,9 @@ def main() -> None:
     )
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument(
+        "--limit-jobs", type=int, default=100_000, help="limits scenario's drain (default 100,000)"
+    )
     parser.add_argument("--samples", type=int, default=200, help="latency samples per run")
     parser.add_argument("--producer-seconds", type=int, default=8)
     parser.add_argument("--scale-jobs", type=int, default=1_000_000)

@@ -35,6 +35,7 @@ log_level = "WARNING"
 concurrency = {concurrency}
 batch_size = {batch_size}
 poll_interval = 2.0
+{extra}
 """
 
 
@@ -47,19 +48,25 @@ async def daemon(
     http_port: int = 0,
     name: str = "daemon",
     queue: str = QUEUE,
+    extra: str = "",
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
-    """A `stoker run` process, yielded once it listens for jobs."""
-    config = CONFIG.format(queue=queue, concurrency=concurrency, batch_size=batch_size)
+    """A `stoker run` process, yielded once it listens for jobs; `extra`: more keys of the
+    queue's section (its limits)."""
+    config = CONFIG.format(queue=queue, concurrency=concurrency, batch_size=batch_size, extra=extra)
     async with stoker_process(name, config, dsn, http_port=http_port) as proc:
         yield proc
 
 
-async def fill(conn: asyncpg.Connection, jobs: int, queue: str = QUEUE) -> None:
-    """`jobs` no-op jobs in one statement (the trigger fires once)."""
+async def fill(conn: asyncpg.Connection, jobs: int, queue: str = QUEUE, keys: int = 0) -> None:
+    """`jobs` no-op jobs in one statement (the trigger fires once); with `keys`, spread over
+    that many concurrency keys in turn."""
     await conn.execute(
-        "INSERT INTO stoker.jobs (queue, kind) SELECT $1, 'noop' FROM generate_series(1, $2)",
+        "INSERT INTO stoker.jobs (queue, kind, concurrency_key)"
+        " SELECT $1, 'noop', CASE WHEN $3 > 0 THEN 'k' || (i % $3) END"
+        "   FROM generate_series(1, $2) AS i",
         queue,
         jobs,
+        keys,
     )
 
 
@@ -130,13 +137,16 @@ async def drain_once(
     scrape_rate: float | None = None,
     peak_rss: list[float] | None = None,
     busy: list[float] | None = None,
+    extra: str = "",
+    keys: int = 0,
 ) -> float:
     """Jobs a second for `processes` daemons draining `jobs` queued no-op jobs; `busy` gets
-    how many cores the machine kept busy meanwhile."""
+    how many cores the machine kept busy meanwhile. `extra`: the queue's limits; `keys`: how
+    many concurrency keys the jobs are spread over."""
     async with fresh_database(admin_dsn) as dsn:
         conn = await asyncpg.connect(dsn)
         try:
-            await fill(conn, jobs)
+            await fill(conn, jobs, keys=keys)
             # Paused until every daemon listens: the drain starts for all of them at once, with
             # the statistics of the full table.
             await conn.execute(queries.SET_PAUSED, QUEUE, True)
@@ -151,6 +161,7 @@ async def drain_once(
                             batch_size=batch_size,
                             http_port=port if i == 0 else 0,
                             name="daemon" if i == 0 else f"daemon-{i + 1}",
+                            extra=extra,
                         )
                     )
                     for i in range(processes)

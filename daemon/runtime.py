@@ -211,6 +211,11 @@ class Runtime:
             flush_max=s.flush_max,
             on_requeued=self._on_requeued,
             on_released=self._on_released,
+            urgent_queues=frozenset(
+                name
+                for name, q in s.queues.items()
+                if q.global_concurrency is not None or q.key_concurrency is not None
+            ),
         )
         for name, config in s.queues.items():
             self.pools[name] = QueuePool(

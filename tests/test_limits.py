@@ -311,3 +311,17 @@ def test_rate_limit_is_read_as_starts_per_window(value: str, count: int, window:
 def test_bad_limits_are_refused_naming_the_field(config: dict[str, Any], says: str) -> None:
     with pytest.raises(ValueError, match=says):
         QueueConfig.model_validate(config)
+
+
+async def test_a_database_defaulting_to_repeatable_read_still_gets_its_limits(
+    daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(
+        f'ALTER DATABASE "{name}" SET default_transaction_isolation = "repeatable read"'
+    )
+    daemon = await daemons.start("[queues.capped]\nconcurrency = 10\nglobal_concurrency = 2\n")
+    await insert(db, "capped", [(None, 0.02, f"j{i}") for i in range(40)])
+    await wait_drained(db, "capped", 40, 60)
+    assert most_at_once([(r["start"], r["end"]) for r in records(tmp_path)]) <= 2
+    assert "limited claims set it themselves" in daemon.log()

@@ -1,5 +1,5 @@
 """Review of issue 17 (limits across daemons, commit 661c5b9): regression tests for bugs found.
-Each is xfail(strict) on the code as reviewed; it passes once the bug is fixed."""
+Each was seen failing (xfail, strict) on the code as reviewed, and passes since its fix."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import contextlib
 import time
 
 import asyncpg
-import pytest
 
 from tests.conftest import DaemonFactory, eventually
 
-CLAIM = "SELECT * FROM stoker.claim_limited($1, $2, $3, 30, false, $4, $5, $6, $7, $8)"
+CLAIM = "SELECT * FROM stoker.claim_limited($1, $2, $3, 30, false, $4, $5, $6, $7, $8, NULL)"
 
 
 async def active(db: asyncpg.Connection, queue: str) -> int:
@@ -21,13 +20,10 @@ async def active(db: asyncpg.Connection, queue: str) -> int:
     return n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="claim_limited counts the running jobs with the caller's snapshot: under REPEATABLE "
-    "READ (an explicit transaction, or default_transaction_isolation set on the database or "
-    "role) that snapshot predates the advisory lock, so claims committed meanwhile are not "
-    "counted and global_concurrency is exceeded",
-)
+# The bug: claim_limited counts the running jobs with the caller's snapshot: under REPEATABLE
+# READ (an explicit transaction, or default_transaction_isolation set on the database or role)
+# that snapshot predates the advisory lock, so claims committed meanwhile are not counted and
+# global_concurrency is exceeded
 async def test_global_limit_holds_for_a_repeatable_read_caller(
     db: asyncpg.Connection, dsn: str
 ) -> None:
@@ -56,12 +52,9 @@ async def test_global_limit_holds_for_a_repeatable_read_caller(
         await other.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="in a key-limited queue the claim's search for jobs without a key (the second arm "
-    "of `candidates`) has no index that skips keyed jobs: PostgreSQL scans stoker.jobs, so "
-    "every claim reads a saturated key's whole backlog, under the queue's lock",
-)
+# The bug: in a key-limited queue the claim's search for jobs without a key (the second arm of
+# `candidates`) has no index that skips keyed jobs: PostgreSQL scans stoker.jobs, so every claim
+# reads a saturated key's whole backlog, under the queue's lock
 async def test_key_limited_claim_does_not_read_a_saturated_keys_backlog(
     db: asyncpg.Connection,
 ) -> None:
@@ -89,13 +82,10 @@ async def test_key_limited_claim_does_not_read_a_saturated_keys_backlog(
     assert row["tuples"] < 1_000, f"one claim read {row['tuples']} of {backlog} jobs"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a claim held back by rate_limit_by_key reports blocked='key' with retry_at, but "
-    "QueuePool.run only waits for retry_at when held back by 'global' or 'rate': a key held "
-    "back by its rate window is looked for again only by the idle back-off (up to "
-    "MAX_IDLE_FLOOR = 1 s), so a short window is used a fraction of its limit",
-)
+# The bug: a claim held back by rate_limit_by_key reports blocked='key' with retry_at, but
+# QueuePool.run only waits for retry_at when held back by 'global' or 'rate': a key held back by
+# its rate window is looked for again only by the idle back-off (up to MAX_IDLE_FLOOR = 1 s), so
+# a short window is used a fraction of its limit
 async def test_rate_limit_by_key_claims_again_when_the_window_frees(
     daemons: DaemonFactory, db: asyncpg.Connection
 ) -> None:

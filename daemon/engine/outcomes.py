@@ -63,6 +63,7 @@ class Completer:
         flush_max: int,
         on_requeued: RequeuedFn,
         on_released: ReleasedFn | None = None,
+        urgent_queues: frozenset[str] = frozenset(),
     ) -> None:
         self._db = db
         self._worker_id = worker_id
@@ -70,6 +71,10 @@ class Completer:
         self._flush_max = flush_max
         self._on_requeued = on_requeued
         self._on_released = on_released
+        # Queues with a global or key concurrency limit: a slot is taken until the outcome is
+        # written, so their outcomes skip the batching window (it halved a limited drain).
+        self._urgent_queues = urgent_queues
+        self._urgent = False
         self._buffer: list[Outcome] = []
         self._pending = asyncio.Event()
         self._closing = False
@@ -92,6 +97,8 @@ class Completer:
 
     def add(self, outcome: Outcome) -> None:
         self._buffer.append(outcome)
+        if outcome.queue in self._urgent_queues:
+            self._urgent = True
         self._pending.set()
 
     @property
@@ -151,7 +158,8 @@ class Completer:
                     return
                 await self._pending.wait()
                 self._pending.clear()
-                if self._flush_interval and not self._closing:
+                urgent, self._urgent = self._urgent, False
+                if self._flush_interval and not self._closing and not urgent:
                     # A short window lets outcomes of jobs finishing together share a write.
                     await asyncio.sleep(self._flush_interval)
                 continue

@@ -136,6 +136,8 @@ class QueuePool:
         # What held the last claim back (a limited queue: see _claim): "global", "rate", "key".
         self.held_back: frozenset[str] = frozenset()
         self._retry_at: float | None = None  # a rate limit's window frees a start then (epoch)
+        self._key_cursor: str | None = None  # a key-limited claim goes on after this key
+        self._read_committed = False  # limited claims set READ COMMITTED themselves
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -253,6 +255,7 @@ class QueuePool:
                 continue
             failures = 0
             if jobs:
+                self._out_of_reach = 0
                 self._start(jobs)
             if self.held_back - {"key"}:
                 # The queue's global concurrency or rate limit is reached: new jobs would not
@@ -384,8 +387,7 @@ class QueuePool:
         lock, which the listener's connection must never do)."""
         c = self.config
         rate = c.rate_limit
-        rows = await self._db.fetch(
-            queries.CLAIM_LIMITED,
+        args = (
             self.name,
             limit,
             self._worker_id,
@@ -396,16 +398,34 @@ class QueuePool:
             rate.count if rate is not None else None,
             rate.window if rate is not None else None,
             c.rate_limit_by_key,
+            self._key_cursor,
         )
+        try:
+            rows = await self._fetch_limited(args)
+        except asyncpg.FeatureNotSupportedError as exc:
+            if self._read_committed or "READ COMMITTED" not in str(exc):
+                raise
+            # The database or role sets another default isolation: limited claims then run
+            # in transactions of their own, at the price of two more round trips each.
+            log.warning(
+                "queue %s: the default transaction isolation is not READ COMMITTED; its "
+                "limited claims set it themselves",
+                self.name,
+            )
+            self._read_committed = True
+            rows = await self._fetch_limited(args)
         self._notified = False
         if stop_waiting:
             self._row_may_exist = False
         jobs: list[ClaimedJob] = []
         held: set[str] = set()
         retry_at: float | None = None
+        keys: list[str] = []
         for r in rows:
             if r["id"] is not None:
                 jobs.append(ClaimedJob(*tuple(r)[:8]))
+                if r["concurrency_key"] is not None:
+                    keys.append(r["concurrency_key"])
             elif r["blocked"] is not None:
                 held.add(r["blocked"])
                 if r["retry_at"] is not None:
@@ -413,8 +433,20 @@ class QueuePool:
                     retry_at = at if retry_at is None else min(retry_at, at)
         self.held_back = frozenset(held)
         self._retry_at = retry_at
+        if keys:
+            # The keys were served in turn from the cursor, round to the start: the next
+            # claim goes on after the last of them in that order.
+            cursor = self._key_cursor
+            wrapped = [k for k in keys if cursor is not None and k <= cursor]
+            self._key_cursor = max(wrapped or keys)
         self.claimed_total += len(jobs)
         return jobs
+
+    async def _fetch_limited(self, args: tuple[object, ...]) -> list[asyncpg.Record]:
+        if not self._read_committed:
+            return list(await self._db.fetch(queries.CLAIM_LIMITED, *args))
+        async with self._db.acquire() as conn, conn.transaction(isolation="read_committed"):
+            return list(await conn.fetch(queries.CLAIM_LIMITED, *args))
 
     async def _idle(
         self, *, claimed_nothing: bool, next_due: datetime | None = None, looked: bool = False
@@ -435,6 +467,14 @@ class QueuePool:
                 next_due = await self._db.fetchval(queries.NEXT_DUE, self.name)
             except DB_ERRORS:
                 next_due = None
+        if next_due is not None and next_due.timestamp() <= now and "key" in self.held_back:
+            # The due jobs may all be of keys at their limit: claiming again would find none.
+            # A slot of theirs coming back wakes us (here: `released`; on another daemon: the
+            # idle sweep's look), as do a new job and a rate window's end (below).
+            next_due = None
+        if self._retry_at is not None:
+            deadline = min(deadline, self._retry_at + LIMIT_MARGIN)
+            floor = min(floor, deadline)
         if next_due is not None:
             due = next_due.timestamp()
             if claimed_nothing and due <= now:

@@ -84,8 +84,9 @@ CLAIM = _claim()
 # The claim of a queue with limits (global_concurrency, key_concurrency, rate_limit): see
 # stoker.claim_limited in sql/migrations/019_job_limits.sql. $1 queue, $2 how many, $3 worker,
 # $4 lease seconds, $5 stop waiting, $6 global limit, $7 key limit, $8 rate limit's starts,
-# $9 its window in seconds, $10 per key. The columns of CLAIM, then `blocked` and `retry_at`.
-CLAIM_LIMITED = "SELECT * FROM stoker.claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+# $9 its window in seconds, $10 per key, $11 the key to go on after (keys are served in turn).
+# The columns of CLAIM, then `blocked`, `retry_at` and the job's `concurrency_key`.
+CLAIM_LIMITED = "SELECT * FROM stoker.claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 
 # The claim of a pool that was waiting, woken by a NOTIFY (or a look that found work): it
 # stops saying it waits in the same statement, so that the producers of a burst that follows

@@ -14,6 +14,13 @@ ALTER TABLE stoker.jobs ADD COLUMN concurrency_key text
     CHECK (concurrency_key <> '' AND length(concurrency_key) <= 200);
 ALTER TABLE stoker.job_history ADD COLUMN concurrency_key text;
 
+-- The claim order, now with the key last: in a key-limited queue, the search for jobs without
+-- a key checks it in the index and skips keyed jobs without reading their rows (the order, and
+-- the plain claim's plan, are unchanged: id is unique).
+DROP INDEX stoker.jobs_fetch_idx;
+CREATE INDEX jobs_fetch_idx ON stoker.jobs (queue, priority DESC, run_at, id, concurrency_key)
+    WHERE state = 'queued';
+
 -- The running jobs of a queue (and of each key), counted by every limited claim. It replaces
 -- the lease index: the lease rescue reads all active rows of it, which are few (at most the
 -- daemons' total concurrency), so a queue without limits pays for no extra index.
@@ -26,18 +33,20 @@ CREATE INDEX jobs_active_idx ON stoker.jobs (queue, concurrency_key, lease_expir
 CREATE INDEX jobs_key_fetch_idx ON stoker.jobs (queue, concurrency_key, priority DESC, run_at, id)
     WHERE state = 'queued' AND concurrency_key IS NOT NULL;
 
--- The starts of a rate-limited queue, one row each, on the database's clock: a sliding window
+-- The starts of a rate-limited queue, one row per claim and key, on the database's clock: a sliding window
 -- counts them exactly (a bucket would let twice the limit through across a boundary). `key` is
 -- the job's concurrency key for a limit per key, '' for the queue's own window. A claim deletes
 -- the rows that have left its window.
 CREATE TABLE stoker.rate_starts (
-    queue text        NOT NULL,
-    key   text        NOT NULL,
-    at    timestamptz NOT NULL
+    queue  text        NOT NULL,
+    key    text        NOT NULL,
+    at     timestamptz NOT NULL,
+    starts integer     NOT NULL CHECK (starts > 0)  -- a claim's jobs of one key start at once
 ) WITH (autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000);
 CREATE INDEX rate_starts_idx ON stoker.rate_starts (queue, key, at);
 
--- The SQL API gains the key (a new argument at the end: calls by position still work).
+-- The SQL API gains the key (a new argument at the end: calls by position still work). The
+-- function is created anew: a DBA who restricted EXECUTE on it grants it again.
 DROP FUNCTION stoker.enqueue(text, text, jsonb, timestamptz, integer, text, integer, jsonb);
 CREATE FUNCTION stoker.enqueue(
     queue           text,
@@ -176,10 +185,11 @@ CREATE FUNCTION stoker.claim_limited(
     p_key_limit     integer,
     p_rate_limit    integer,
     p_rate_window_s float8,
-    p_rate_by_key   boolean
+    p_rate_by_key   boolean,
+    p_after_key     text
 ) RETURNS TABLE (id bigint, kind text, payload text, meta text, attempts integer,
                  max_attempts integer, run_at timestamptz, started_at timestamptz,
-                 blocked text, retry_at timestamptz)
+                 blocked text, retry_at timestamptz, concurrency_key text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -194,6 +204,15 @@ DECLARE
     v_window   interval := make_interval(secs => coalesce(p_rate_window_s, 0));
     v_keyed    boolean := p_key_limit IS NOT NULL OR (p_rate_limit IS NOT NULL AND p_rate_by_key);
 BEGIN
+    -- The counts below must see what other claims committed while this one waited for the
+    -- lock: only READ COMMITTED takes a new snapshot per statement.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'stoker.claim_limited needs READ COMMITTED isolation, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'run it in its own READ COMMITTED transaction: the limits count '
+                         'the claims other daemons committed meanwhile';
+    END IF;
     IF p_stop_waiting THEN
         DELETE FROM stoker.waiting w WHERE w.queue = p_queue AND w.worker = p_worker;
     END IF;
@@ -216,7 +235,8 @@ BEGIN
         -- more than the limit.
         DELETE FROM stoker.rate_starts s WHERE s.queue = p_queue AND s.at < v_t - v_window;
         IF NOT p_rate_by_key THEN
-            SELECT count(*), min(s.at) INTO v_n, v_oldest FROM stoker.rate_starts s
+            SELECT coalesce(sum(s.starts), 0), min(s.at) INTO v_n, v_oldest
+              FROM stoker.rate_starts s
              WHERE s.queue = p_queue AND s.key = '';
             IF p_rate_limit - v_n < v_room THEN
                 v_room := p_rate_limit - v_n;
@@ -227,7 +247,8 @@ BEGIN
     END IF;
     IF v_room <= 0 THEN
         RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::integer,
-                            NULL::integer, NULL::timestamptz, NULL::timestamptz, v_why, v_again;
+                            NULL::integer, NULL::timestamptz, NULL::timestamptz, v_why, v_again,
+                            NULL::text;
         RETURN;
     END IF;
 
@@ -267,69 +288,90 @@ BEGIN
                       j.max_attempts, j.run_at, j.started_at
         ),
         counted AS (
-            INSERT INTO stoker.rate_starts (queue, key, at)
-            SELECT p_queue, '', c.started_at FROM claimed c WHERE p_rate_limit IS NOT NULL
+            INSERT INTO stoker.rate_starts (queue, key, at, starts)
+            SELECT p_queue, '', min(c.started_at), count(*) FROM claimed c
+             WHERE p_rate_limit IS NOT NULL HAVING count(*) > 0
         )
         SELECT c.id, c.kind, c.payload, c.meta, c.attempts, c.max_attempts, c.run_at,
-               c.started_at, NULL::text, NULL::timestamptz
+               c.started_at, NULL::text, NULL::timestamptz, NULL::text
           FROM claimed c;
         GET DIAGNOSTICS v_got = ROW_COUNT;
     ELSE
         v_null := v_room;
         IF p_rate_limit IS NOT NULL AND p_rate_by_key THEN
-            SELECT count(*) INTO v_n FROM stoker.rate_starts s
+            SELECT coalesce(sum(s.starts), 0) INTO v_n FROM stoker.rate_starts s
              WHERE s.queue = p_queue AND s.key = '';
             v_null := least(v_null, p_rate_limit - v_n);
         END IF;
-        -- Each key with waiting jobs, found by one descent of jobs_key_fetch_idx per key, gets
-        -- the room its limits leave; the picks of all keys then go in priority and run_at
-        -- order. The last row says whether some key was held back.
+        -- The keys with waiting jobs, one descent of jobs_key_fetch_idx each, in turn from
+        -- the key after p_after_key (this daemon's last), round to the start: each key that
+        -- has room gives its next due jobs, until the claim has enough. A long backlog of one
+        -- key, or many keys, costs a claim only the keys it passes; and no key waits for more
+        -- than a turn. The last row says whether some key is at its limit.
         RETURN QUERY
         WITH RECURSIVE clock AS MATERIALIZED (SELECT clock_timestamp() AS t),
-        keys AS (
+        after_keys AS (
             (SELECT j.concurrency_key AS k FROM stoker.jobs j
               WHERE j.queue = p_queue AND j.state = 'queued' AND j.concurrency_key IS NOT NULL
+                AND (p_after_key IS NULL OR j.concurrency_key > p_after_key)
               ORDER BY j.concurrency_key LIMIT 1)
             UNION ALL
             SELECT (SELECT j.concurrency_key FROM stoker.jobs j
                      WHERE j.queue = p_queue AND j.state = 'queued'
-                       AND j.concurrency_key IS NOT NULL AND j.concurrency_key > keys.k
+                       AND j.concurrency_key IS NOT NULL AND j.concurrency_key > a.k
                      ORDER BY j.concurrency_key LIMIT 1)
-              FROM keys WHERE keys.k IS NOT NULL
+              FROM after_keys a WHERE a.k IS NOT NULL
         ),
-        busy AS (
-            SELECT j.concurrency_key AS k, count(*) AS n FROM stoker.jobs j
+        before_keys AS (
+            (SELECT j.concurrency_key AS k FROM stoker.jobs j
+              WHERE p_after_key IS NOT NULL AND j.queue = p_queue AND j.state = 'queued'
+                AND j.concurrency_key IS NOT NULL AND j.concurrency_key <= p_after_key
+              ORDER BY j.concurrency_key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT j.concurrency_key FROM stoker.jobs j
+                     WHERE j.queue = p_queue AND j.state = 'queued'
+                       AND j.concurrency_key IS NOT NULL AND j.concurrency_key > b.k
+                       AND j.concurrency_key <= p_after_key
+                     ORDER BY j.concurrency_key LIMIT 1)
+              FROM before_keys b WHERE b.k IS NOT NULL
+        ),
+        busy AS MATERIALIZED (
+            SELECT j.concurrency_key AS k, count(*)::integer AS n FROM stoker.jobs j
              WHERE p_key_limit IS NOT NULL AND j.queue = p_queue AND j.state = 'active'
                AND j.concurrency_key IS NOT NULL
              GROUP BY j.concurrency_key
         ),
-        rated AS (
-            SELECT s.key AS k, count(*) AS n, min(s.at) AS oldest FROM stoker.rate_starts s
+        rated AS MATERIALIZED (
+            SELECT s.key AS k, sum(s.starts)::integer AS n, min(s.at) AS oldest
+              FROM stoker.rate_starts s
              WHERE p_rate_by_key AND p_rate_limit IS NOT NULL AND s.queue = p_queue
                AND s.at >= (SELECT clock.t FROM clock) - v_window
              GROUP BY s.key
         ),
-        rooms AS (
-            SELECT keys.k,
-                   least(p_key_limit - coalesce(b.n, 0)::integer,
-                         CASE WHEN p_rate_by_key
-                              THEN p_rate_limit - coalesce(r.n, 0)::integer END) AS room,
-                   CASE WHEN p_rate_by_key AND p_rate_limit - coalesce(r.n, 0) <= 0
-                        THEN r.oldest + v_window END AS again
-              FROM keys
-              LEFT JOIN busy b ON b.k = keys.k
-              LEFT JOIN rated r ON r.k = keys.k
-             WHERE keys.k IS NOT NULL
+        turn AS (
+            SELECT a.k, 1 AS lap FROM after_keys a WHERE a.k IS NOT NULL
+            UNION ALL
+            SELECT b.k, 2 AS lap FROM before_keys b WHERE b.k IS NOT NULL
         ),
-        candidates AS (
-            SELECT c.id, c.priority, c.run_at FROM rooms r
+        keyed AS (
+            SELECT c.id, c.priority, c.run_at FROM turn
+              LEFT JOIN busy b ON b.k = turn.k
+              LEFT JOIN rated r ON r.k = turn.k
+             CROSS JOIN LATERAL (
+                SELECT least(p_key_limit - coalesce(b.n, 0),
+                             CASE WHEN p_rate_by_key THEN p_rate_limit - coalesce(r.n, 0)
+                             END) AS room) rm
              CROSS JOIN LATERAL (
                 SELECT j.id, j.priority, j.run_at FROM stoker.jobs j
-                 WHERE j.queue = p_queue AND j.state = 'queued' AND j.concurrency_key = r.k
+                 WHERE j.queue = p_queue AND j.state = 'queued' AND j.concurrency_key = turn.k
                    AND j.run_at <= v_t
                  ORDER BY j.priority DESC, j.run_at, j.id
-                 LIMIT least(r.room, v_room)) c
-             WHERE r.room > 0
+                 LIMIT greatest(least(rm.room, v_room), 0)) c
+             WHERE rm.room > 0
+             LIMIT v_room
+        ),
+        candidates AS (
+            SELECT kd.id, kd.priority, kd.run_at FROM keyed kd
             UNION ALL
             (SELECT j.id, j.priority, j.run_at FROM stoker.jobs j
               WHERE v_null > 0 AND j.queue = p_queue AND j.state = 'queued'
@@ -357,25 +399,30 @@ BEGIN
                       j.max_attempts, j.run_at, j.started_at, j.concurrency_key
         ),
         counted AS (
-            INSERT INTO stoker.rate_starts (queue, key, at)
+            INSERT INTO stoker.rate_starts (queue, key, at, starts)
             SELECT p_queue, CASE WHEN p_rate_by_key THEN coalesce(c.concurrency_key, '')
-                                 ELSE '' END, c.started_at
+                                 ELSE '' END, c.started_at, count(*)
               FROM claimed c WHERE p_rate_limit IS NOT NULL
+             GROUP BY 2, 3
         )
         SELECT c.id, c.kind, c.payload, c.meta, c.attempts, c.max_attempts, c.run_at,
-               c.started_at, NULL::text, NULL::timestamptz
+               c.started_at, NULL::text, NULL::timestamptz, c.concurrency_key
           FROM claimed c
         UNION ALL
         SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::integer, NULL::integer,
                NULL::timestamptz, NULL::timestamptz,
-               CASE WHEN EXISTS (SELECT 1 FROM rooms r WHERE r.room <= 0) THEN 'key' END,
-               (SELECT min(r.again) FROM rooms r WHERE r.room <= 0);
+               CASE WHEN EXISTS (SELECT 1 FROM busy b WHERE b.n >= p_key_limit)
+                      OR EXISTS (SELECT 1 FROM rated r WHERE r.n >= p_rate_limit)
+                    THEN 'key' END,
+               (SELECT min(r.oldest) + v_window FROM rated r WHERE r.n >= p_rate_limit),
+               NULL::text;
         GET DIAGNOSTICS v_got = ROW_COUNT;
         v_got := v_got - 1;
     END IF;
     IF v_why IS NOT NULL AND v_got >= v_room THEN
         RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text, NULL::text, NULL::integer,
-                            NULL::integer, NULL::timestamptz, NULL::timestamptz, v_why, v_again;
+                            NULL::integer, NULL::timestamptz, NULL::timestamptz, v_why, v_again,
+                            NULL::text;
     END IF;
 END
 $$;
