@@ -88,6 +88,9 @@ class Job(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    concurrency_key: str | None
+    cancel_requested_at: datetime | None = Field(description="a running job asked to stop")
+    cancel_requested_by: str | None
 
 
 class JobPage(BaseModel):
@@ -104,11 +107,27 @@ class Cancelled(BaseModel):
     cancel_requested: bool  # a running job: its daemon stops it, and it ends cancelled
 
 
+class QueueLimitsInfo(BaseModel):
+    global_concurrency: int | None
+    key_concurrency: int | None
+    rate_limit: str | None = Field(description='starts per window, such as "50/1s"')
+    rate_limit_by_key: bool
+    running: int = Field(description="jobs of the queue active now, all daemons")
+    keys_at_limit: int = Field(description="concurrency keys with key_concurrency jobs active")
+    rate_window_starts: int = Field(
+        description="starts in the current rate window (per key: the busiest key's)"
+    )
+    held_back: int = Field(description="due jobs waiting because a limit is reached")
+
+
 class QueueInfo(BaseModel):
     name: str
     paused: bool
     counts: dict[State, int]
     oldest_due_s: float | None
+    limits: QueueLimitsInfo | None = Field(
+        description="the queue's limits and its standing; null for a queue without limits"
+    )
 
 
 class QueueList(BaseModel):
