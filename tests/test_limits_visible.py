@@ -148,6 +148,23 @@ async def test_a_queue_held_back_by_its_global_limit_shows_it_everywhere(
             assert response.status == 200
             assert '<code class="concurrency-key">org_a</code>' in await response.text()
 
+        # The admin API enqueues with a key, and names the field of a bad one.
+        job = {"queue": "plain", "kind": "test.sleep", "run_at": "2100-01-01T00:00:00Z"}
+        async with http.post(
+            f"{base}/api/v1/jobs", headers=auth, json=job | {"concurrency_key": "org_c"}
+        ) as response:
+            assert response.status == 201
+            made = (await response.json())["id"]
+        assert (
+            await db.fetchval("SELECT concurrency_key FROM stoker.jobs WHERE id = $1", made)
+            == "org_c"
+        )
+        async with http.post(
+            f"{base}/api/v1/jobs", headers=auth, json=job | {"concurrency_key": ""}
+        ) as response:
+            assert response.status == 422
+            assert "concurrency_key" in await response.text()
+
 
 async def sign_in(http: aiohttp.ClientSession, base: str) -> dict[str, str]:
     async with http.post(
@@ -189,3 +206,15 @@ async def test_jobs_show_prints_a_pending_cancel_request(db: asyncpg.Connection,
     assert fields["concurrency_key"] == "org_9"
     assert fields["cancel_requested_by"] == "alice"
     assert fields["cancel_requested_at"] not in ("", "-")
+
+
+async def test_stoker_enqueue_takes_a_concurrency_key(db: asyncpg.Connection, dsn: str) -> None:
+    made = stoker_cli(dsn, "enqueue", "plain", "test.sleep", "--concurrency-key", "org_7")
+    assert made.returncode == 0, made.stderr
+    key = await db.fetchval(
+        "SELECT concurrency_key FROM stoker.jobs WHERE id = $1", int(made.stdout)
+    )
+    assert key == "org_7"
+    bad = stoker_cli(dsn, "enqueue", "plain", "test.sleep", "--concurrency-key", "x" * 201)
+    assert bad.returncode == 2
+    assert "--concurrency-key" in bad.stderr and "Traceback" not in bad.stderr

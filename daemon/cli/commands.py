@@ -90,6 +90,7 @@ def cmd_enqueue(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awai
             unique_key=args.unique_key,
             max_attempts=args.max_attempts,
             meta=args.meta,
+            concurrency_key=args.concurrency_key,
         )
         print(new_id)
         return 0

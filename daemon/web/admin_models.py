@@ -37,6 +37,8 @@ QueueName = Annotated[str, Field(pattern=QUEUE_NAME.pattern)]
 Kind = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text_safe)]
 # an index key: PostgreSQL refuses btree entries much larger than 2 kB
 UniqueKey = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_text_safe)]
+# as jobs.concurrency_key's check
+ConcurrencyKey = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text_safe)]
 
 
 class EnqueueRequest(BaseModel):
@@ -51,6 +53,9 @@ class EnqueueRequest(BaseModel):
     unique_key: UniqueKey | None = Field(None, description="skip if held")
     max_attempts: int | None = Field(None, ge=1, le=2**31 - 1)
     meta: JsonObject = Field(default_factory=dict)
+    concurrency_key: ConcurrencyKey | None = Field(
+        None, description="what the queue's key_concurrency and rate_limit_by_key count per"
+    )
 
 
 class JobsQuery(BaseModel):
