@@ -29,6 +29,7 @@ from daemon.errors import StokerError
 from daemon.observe.metrics import Metrics
 from daemon.observe.systemd import Notifier
 from daemon.operate import throughput, workers
+from daemon.operate.limits import configured_limits
 from daemon.store import queries
 from daemon.store.clock import DbClock
 from daemon.store.db import CONNECT_ERRORS, DB_ERRORS, create_pool, describe_failure
@@ -300,6 +301,8 @@ class Runtime:
         snap.skipped_by_reason = lambda: (
             dict(self.scheduler.skipped_by_reason) if self.scheduler else {}
         )
+        snap.limits = configured_limits(self.settings.queues)
+        snap.limited = lambda: {n: p.held_back for n, p in self.pools.items() if p.held_back}
 
     async def _run_tasks(self, db: asyncpg.Pool, completer: Completer) -> None:
         watch = LoopWatch(
@@ -431,6 +434,7 @@ class Runtime:
                         self.finished,
                         s.http.depth_sample_interval,
                         schedules=s.schedules,
+                        queues=s.queues,
                     ),
                     name="stoker-sampler",
                 ),

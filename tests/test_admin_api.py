@@ -451,6 +451,7 @@ async def test_queues_counts_pause_and_resume(api: Api, db: asyncpg.Connection) 
         "paused": False,
         "counts": zero,
         "oldest_due_s": None,
+        "limits": None,  # no limits configured
     }
     assert queues["emails"]["counts"] == zero | {"failed": 1}
     assert queues["reports"]["counts"] == zero | {"queued": 1}
@@ -475,6 +476,7 @@ async def test_queues_counts_pause_and_resume(api: Api, db: asyncpg.Connection) 
         "paused": False,
         "counts": zero,
         "oldest_due_s": None,
+        "limits": None,  # no limits configured
     }
 
 

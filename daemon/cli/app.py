@@ -39,7 +39,7 @@ def dispatch(settings: Settings, args: argparse.Namespace) -> int:
     elif args.command == "enqueue":
         work = cmd_enqueue(args)
     elif args.command == "status":
-        work = cmd_status
+        work = cmd_status(settings)
     elif args.command in ("pause", "resume"):
         work = cmd_pause(args.queue, paused=args.command == "pause")
     elif args.command == "schedules":

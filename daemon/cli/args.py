@@ -136,6 +136,14 @@ def priority(text: str) -> int:
     )
 
 
+def concurrency_key(text: str) -> str:
+    """As jobs.concurrency_key's check: 1-200 characters, and text PostgreSQL can store."""
+    text = utf8(text)
+    if not 1 <= len(text) <= 200 or "\x00" in text:
+        raise argparse.ArgumentTypeError("a concurrency key is 1-200 characters, without NUL")
+    return text
+
+
 def utf8(text: str) -> str:
     """Text PostgreSQL can store. Bytes the locale could not decode arrive as lone surrogates
     (surrogateescape), which no text column can hold."""
@@ -198,6 +206,9 @@ def build_parser() -> Parser:
     enq.add_argument("--run-at", type=when, help="ISO 8601 time with zone, or +30s/+5m/+2h")
     enq.add_argument("--priority", type=priority, default=0, help="higher runs first")
     enq.add_argument("--unique-key", type=utf8, help="skip if a live job holds this key")
+    enq.add_argument(
+        "--concurrency-key", type=concurrency_key, help="what key_concurrency counts per"
+    )
     enq.add_argument("--max-attempts", type=positive_int)
     enq.add_argument("--meta", type=json_value, default={}, help="JSON object")
 

@@ -23,6 +23,7 @@ from daemon.errors import StokerError
 from daemon.operate import jobs, queues, schedules
 from daemon.operate.errors import NotFound
 from daemon.operate.jobs import STATES
+from daemon.operate.limits import describe
 from daemon.store.db import CONNECT_ERRORS, connect, describe_failure
 from daemon.store.migrations import migrate
 
@@ -89,6 +90,7 @@ def cmd_enqueue(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awai
             unique_key=args.unique_key,
             max_attempts=args.max_attempts,
             meta=args.meta,
+            concurrency_key=args.concurrency_key,
         )
         print(new_id)
         return 0
@@ -145,6 +147,10 @@ def cmd_jobs_list(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Aw
     return work
 
 
+# Columns most jobs leave empty: printed only when set.
+SHOWN_WHEN_SET = frozenset({"concurrency_key", "cancel_requested_at", "cancel_requested_by"})
+
+
 def cmd_jobs_show(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
         row = await jobs.get_job(conn, args.id)
@@ -152,7 +158,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Aw
             print(json.dumps(_jsonable(row), default=str, indent=2))
             return 0
         for key, value in row.items():
-            if key == "errors":
+            if key == "errors" or (key in SHOWN_WHEN_SET and value is None):
                 continue
             shown = json.dumps(value) if isinstance(value, dict | list) else value
             print(f"{key:>16}: {'-' if shown is None else shown}")
@@ -212,17 +218,25 @@ def cmd_pause(queue: str, *, paused: bool) -> Callable[[asyncpg.Connection], Awa
     return work
 
 
-async def cmd_status(conn: asyncpg.Connection) -> int:
-    table = [
-        [
-            f"{q['name']} (paused)" if q["paused"] else q["name"],
-            *(q["counts"][s] for s in STATES),
-            "-" if q["oldest_due_s"] is None else f"{q['oldest_due_s']:.1f}s",
+def cmd_status(settings: Settings) -> Callable[[asyncpg.Connection], Awaitable[int]]:
+    async def work(conn: asyncpg.Connection) -> int:
+        found = await queues.queue_status(conn, limits=settings.queues)
+        table = [
+            [
+                f"{q['name']} (paused)" if q["paused"] else q["name"],
+                *(q["counts"][s] for s in STATES),
+                "-" if q["oldest_due_s"] is None else f"{q['oldest_due_s']:.1f}s",
+            ]
+            for q in found
         ]
-        for q in await queues.queue_status(conn)
-    ]
-    print(_table(["QUEUE", *(s.upper() for s in STATES), "OLDEST DUE"], table))
-    return 0
+        print(_table(["QUEUE", *(s.upper() for s in STATES), "OLDEST DUE"], table))
+        # Limits come from this configuration: the daemons' must match it (see the README).
+        lines = [f"{q['name']}: {describe(q['limits'])}" for q in found if q["limits"]]
+        if lines:
+            print("\nLIMITS (as configured here)", *lines, sep="\n")
+        return 0
+
+    return work
 
 
 def _when(value: datetime | None) -> str:

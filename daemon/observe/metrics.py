@@ -55,6 +55,10 @@ class Snapshot:
     oldest_due: dict[str, float] = field(default_factory=dict)  # queue -> seconds
     # schedule label -> (last success epoch or None, consecutive failures, late) (sampled)
     schedule_health: dict[str, tuple[float | None, int, bool]] = field(default_factory=dict)
+    # queue -> {"global" | "key" | "rate": the configured limit}: limited queues only
+    limits: dict[str, dict[str, int]] = field(default_factory=dict)
+    limited: Callable[[], dict[str, frozenset[str]]] = dict  # queue -> what held its pool back
+    held_back: dict[str, int] = field(default_factory=dict)  # queue -> due jobs (sampled)
 
 
 class _Histogram:
@@ -177,6 +181,7 @@ class _StateCollector(Collector):
         for queue, age in sorted(s.oldest_due.items()):
             oldest.add_metric([queue], age)
         yield oldest
+        yield from _limit_gauges(s)
         yield GaugeMetricFamily(
             "stoker_leader", "1 if this process fires the schedules.", value=int(s.leader())
         )
@@ -259,3 +264,32 @@ class _StateCollector(Collector):
         )
         info.add_metric([stoker_version(), platform.python_version()], 1)
         yield info
+
+
+def _limit_gauges(s: Snapshot) -> Iterable[Metric]:
+    limit = GaugeMetricFamily(
+        "stoker_queue_limit",
+        "A queue's configured limit: global (jobs running at once, all daemons), key (running "
+        "per concurrency_key), rate (starts per rate_limit window).",
+        labels=["queue", "limit"],
+    )
+    limited = GaugeMetricFamily(
+        "stoker_queue_limited",
+        "1 while this daemon's last claim of the queue was held back by the limit.",
+        labels=["queue", "limit"],
+    )
+    held = s.limited()
+    for queue, limits in sorted(s.limits.items()):
+        for name, value in sorted(limits.items()):
+            limit.add_metric([queue, name], value)
+            limited.add_metric([queue, name], int(name in held.get(queue, ())))
+    yield limit
+    yield limited
+    held_back = GaugeMetricFamily(
+        "stoker_queue_limit_held_back",
+        "Due jobs of a limited queue waiting because a limit is reached (sampled).",
+        labels=["queue"],
+    )
+    for queue, n in sorted(s.held_back.items()):
+        held_back.add_metric([queue], n)
+    yield held_back

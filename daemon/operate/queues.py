@@ -1,13 +1,16 @@
-"""Queues as an operator sees them: job counts by state, paused or not, and pause / resume."""
+"""Queues as an operator sees them: job counts by state, paused or not, limits and their
+standing, and pause / resume."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TypedDict
 
 import asyncpg
 
+from daemon.config import QueueConfig
 from daemon.operate.jobs import STATES
+from daemon.operate.limits import QueueLimits, limit_standing
 from daemon.store import queries
 
 
@@ -16,15 +19,22 @@ class QueueStatus(TypedDict):
     paused: bool
     counts: dict[str, int]  # jobs by state, history included
     oldest_due_s: float | None  # age of the oldest job due and waiting
+    limits: QueueLimits | None  # None: the queue has no limits (in `limits` given)
 
 
 async def queue_status(
-    conn: asyncpg.Connection, configured: Iterable[str] = ()
+    conn: asyncpg.Connection,
+    configured: Iterable[str] = (),
+    *,
+    limits: Mapping[str, QueueConfig] | None = None,
 ) -> list[QueueStatus]:
-    """Every queue that has jobs, a row in stoker.queues, or is in `configured`, by name."""
+    """Every queue that has jobs, a row in stoker.queues, or is in `configured`, by name; with
+    the limits of `limits` (the daemons' queue configuration) and each limited queue's standing.
+    A limited queue is listed even without jobs: its limits are news."""
     counts = await conn.fetch(queries.QUEUE_STATUS)
     flags = await conn.fetch(queries.QUEUE_ROWS)
-    names = {*configured, *(r["queue"] for r in counts), *(r["name"] for r in flags)}
+    standing = await limit_standing(conn, limits or {})
+    names = {*configured, *standing, *(r["queue"] for r in counts), *(r["name"] for r in flags)}
     paused = {r["name"] for r in flags if r["paused"]}
     tally: dict[str, dict[str, int]] = {n: dict.fromkeys(STATES, 0) for n in names}
     oldest: dict[str, float] = {}
@@ -33,7 +43,13 @@ async def queue_status(
         if r["oldest_due_s"] is not None:
             oldest[r["queue"]] = float(r["oldest_due_s"])
     return [
-        QueueStatus(name=n, paused=n in paused, counts=tally[n], oldest_due_s=oldest.get(n))
+        QueueStatus(
+            name=n,
+            paused=n in paused,
+            counts=tally[n],
+            oldest_due_s=oldest.get(n),
+            limits=standing.get(n),
+        )
         for n in sorted(names)
     ]
 

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from daemon.events import wait_any
+from daemon.operate.limits import QueueLimits
 from daemon.store.db import DB_ERRORS
 
 log = logging.getLogger("stoker.throughput")
@@ -72,6 +73,7 @@ class QueueSample:
     at: datetime
     counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     oldest_due_s: Mapping[str, float] = field(default_factory=dict)
+    limits: Mapping[str, QueueLimits] = field(default_factory=dict)  # limited queues only
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]]) -> QueueSample:

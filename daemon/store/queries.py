@@ -383,7 +383,7 @@ DELETE FROM stoker.job_history
 
 JOB_COLUMNS = """id, queue, kind, payload, meta, priority, state::text AS state, run_at, attempts,
 max_attempts, unique_key, worker, lease_expires_at, last_error, errors, result, progress,
-created_at, started_at, finished_at"""
+created_at, started_at, finished_at, concurrency_key, cancel_requested_at, cancel_requested_by"""
 
 GET_JOB = f"SELECT {JOB_COLUMNS} FROM stoker.all_jobs WHERE id = $1"
 

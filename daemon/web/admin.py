@@ -216,9 +216,12 @@ class Api:
         return _json({"cancelled": True, "cancel_requested": False})
 
     async def list_queues(self, request: web.Request) -> web.Response:
-        """Every known queue: job counts, pause state, oldest due job's age."""
+        """Every known queue: job counts, pause state, oldest due job's age, and its limits
+        with their standing (null for a queue without limits)."""
         async with self.conn() as conn:
-            found = await queues.queue_status(conn, self.settings.queues)
+            found = await queues.queue_status(
+                conn, self.settings.queues, limits=self.settings.queues
+            )
         return _json({"queues": found})
 
     async def set_paused(self, request: web.Request, paused: bool) -> web.Response:

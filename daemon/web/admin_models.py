@@ -37,6 +37,8 @@ QueueName = Annotated[str, Field(pattern=QUEUE_NAME.pattern)]
 Kind = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text_safe)]
 # an index key: PostgreSQL refuses btree entries much larger than 2 kB
 UniqueKey = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_text_safe)]
+# as jobs.concurrency_key's check
+ConcurrencyKey = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_text_safe)]
 
 
 class EnqueueRequest(BaseModel):
@@ -51,6 +53,9 @@ class EnqueueRequest(BaseModel):
     unique_key: UniqueKey | None = Field(None, description="skip if held")
     max_attempts: int | None = Field(None, ge=1, le=2**31 - 1)
     meta: JsonObject = Field(default_factory=dict)
+    concurrency_key: ConcurrencyKey | None = Field(
+        None, description="what the queue's key_concurrency and rate_limit_by_key count per"
+    )
 
 
 class JobsQuery(BaseModel):
@@ -88,6 +93,9 @@ class Job(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    concurrency_key: str | None
+    cancel_requested_at: datetime | None = Field(description="a running job asked to stop")
+    cancel_requested_by: str | None
 
 
 class JobPage(BaseModel):
@@ -104,11 +112,27 @@ class Cancelled(BaseModel):
     cancel_requested: bool  # a running job: its daemon stops it, and it ends cancelled
 
 
+class QueueLimitsInfo(BaseModel):
+    global_concurrency: int | None
+    key_concurrency: int | None
+    rate_limit: str | None = Field(description='starts per window, such as "50/1s"')
+    rate_limit_by_key: bool
+    running: int = Field(description="jobs of the queue active now, all daemons")
+    keys_at_limit: int = Field(description="concurrency keys with key_concurrency jobs active")
+    rate_window_starts: int = Field(
+        description="starts in the current rate window (per key: the busiest key's)"
+    )
+    held_back: int = Field(description="due jobs waiting because a limit is reached")
+
+
 class QueueInfo(BaseModel):
     name: str
     paused: bool
     counts: dict[State, int]
     oldest_due_s: float | None
+    limits: QueueLimitsInfo | None = Field(
+        description="the queue's limits and its standing; null for a queue without limits"
+    )
 
 
 class QueueList(BaseModel):

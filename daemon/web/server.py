@@ -9,21 +9,23 @@ they take a turn in the throttle, whose queue is capped (429 with Retry-After be
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from daemon.config import HttpConfig, ScheduleConfig
+from daemon.config import HttpConfig, QueueConfig, ScheduleConfig
 from daemon.cron.schedules import Sampled, Schedule
 from daemon.events import wait_any
 from daemon.observe.metrics import OTHER, Metrics
+from daemon.operate import limits as operate_limits
 from daemon.operate import schedules as operate_schedules
 from daemon.operate.throughput import QueueSample
 from daemon.store import queries
@@ -75,9 +77,11 @@ async def sample_database(
     stopping: asyncio.Event,
     interval: float,
     schedules: dict[str, ScheduleConfig] | None = None,
+    queues: Mapping[str, QueueConfig] | None = None,
 ) -> None:
     """Queue depth, oldest due job, migration state and, given the configured `schedules`,
-    each schedule's health; read on a timer, never per scrape."""
+    each schedule's health, and given the configured `queues`, the standing of those with
+    limits; read on a timer, never per scrape."""
     known = {m.name for m in load_migrations()}
     sampler = None
     if schedules is not None:
@@ -107,6 +111,8 @@ async def sample_database(
                 state.migrations_current = known <= applied
             except DB_ERRORS as exc:
                 log.debug("metrics sample failed: %s", exc)
+            if queues and state.queue_sample is not None:
+                await _sample_limits(state, metrics, db, queues)
             if sampler is not None:
                 try:
                     sampled = await sampler.sample(db)
@@ -114,6 +120,23 @@ async def sample_database(
                 except SAMPLE_ERRORS as exc:
                     log.debug("schedule health sample failed: %s", exc)
         await wait_any(stopping, seconds=interval)
+
+
+async def _sample_limits(
+    state: HealthState, metrics: Metrics, db: asyncpg.Pool, queues: Mapping[str, QueueConfig]
+) -> None:
+    """The limited queues' standing, for the held-back gauge and the dashboard."""
+    try:
+        async with asyncio.timeout(10):
+            standing = await operate_limits.limit_standing(db, queues)
+    except DB_ERRORS as exc:
+        log.debug("limits sample failed: %s", exc)
+        return
+    metrics.snapshot.held_back = {
+        metrics.queue_label(name): s["held_back"] for name, s in standing.items()
+    }
+    if state.queue_sample is not None:
+        state.queue_sample = dataclasses.replace(state.queue_sample, limits=standing)
 
 
 def schedule_gauges(sampled: list[Sampled]) -> dict[str, tuple[float | None, int, bool]]:

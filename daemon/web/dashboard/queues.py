@@ -12,6 +12,7 @@ from aiohttp import web
 
 from daemon.operate import queues as operate_queues
 from daemon.operate import throughput
+from daemon.operate.limits import QueueLimits
 from daemon.operate.throughput import QueueSample
 from daemon.web.dashboard.render import DB, SETTINGS, render
 from daemon.web.dashboard.security import action
@@ -33,6 +34,7 @@ class QueueRow:
     paused: bool
     completed_per_min: float
     failed_per_min: float
+    limits: QueueLimits | None = None  # a limited queue's, as of the sample
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ async def sampled_queues(request: web.Request, conn: asyncpg.Connection) -> Samp
                 paused=flags.get(name, False),
                 completed_per_min=done,
                 failed_per_min=failing,
+                limits=sample.limits.get(name) if sample else None,
             )
         )
     age = (datetime.now(UTC) - sample.at).total_seconds() if sample else None
