@@ -31,7 +31,7 @@ full_keys AS (
      GROUP BY concurrency_key HAVING count(*) >= $3::int
 ),
 recent AS (
-    SELECT s.key AS k, count(*)::int AS n FROM stoker.rate_starts s, clock
+    SELECT s.key AS k, sum(s.starts)::int AS n FROM stoker.rate_starts s, clock
      WHERE $4::int IS NOT NULL AND s.queue = $1
        AND s.at >= clock.t - make_interval(secs => $5::float8)
      GROUP BY s.key
