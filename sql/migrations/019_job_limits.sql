@@ -221,6 +221,9 @@ BEGIN
     END IF;
     -- 'lmts': the limits' lock space (the alerts use 'alrt').
     PERFORM pg_advisory_xact_lock(1819112563, hashtext(p_queue));
+    IF current_setting('synchronous_commit') = 'off' THEN
+        PERFORM set_config('synchronous_commit', 'on', true);  -- see above: durable
+    END IF;
     v_t := clock_timestamp();
     IF p_global_limit IS NOT NULL THEN
         SELECT count(*) INTO v_n FROM stoker.jobs j
