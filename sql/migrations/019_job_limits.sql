@@ -228,7 +228,9 @@ BEGIN
     IF p_global_limit IS NOT NULL THEN
         SELECT count(*) INTO v_n FROM stoker.jobs j
          WHERE j.queue = p_queue AND j.state = 'active';
-        IF p_global_limit - v_n < v_room THEN
+        -- A claim that takes what is left of the limit is held back by it too: its pool then
+        -- waits for a slot instead of claiming again at once for nothing.
+        IF p_global_limit - v_n <= v_room THEN
             v_room := p_global_limit - v_n;
             v_why := 'global';
         END IF;
@@ -241,7 +243,7 @@ BEGIN
             SELECT coalesce(sum(s.starts), 0), min(s.at) INTO v_n, v_oldest
               FROM stoker.rate_starts s
              WHERE s.queue = p_queue AND s.key = '';
-            IF p_rate_limit - v_n < v_room THEN
+            IF p_rate_limit - v_n <= v_room THEN
                 v_room := p_rate_limit - v_n;
                 v_why := 'rate';
                 v_again := v_oldest + v_window;
