@@ -32,7 +32,16 @@ from daemon.operate import throughput, workers
 from daemon.operate.limits import configured_limits
 from daemon.store import queries
 from daemon.store.clock import DbClock
-from daemon.store.db import CONNECT_ERRORS, DB_ERRORS, create_pool, describe_failure
+from daemon.store.db import (
+    CONNECT_ERRORS,
+    DB_ERRORS,
+    close_quietly,
+    connect,
+    create_pool,
+    describe_failure,
+    pooling_problem,
+    probe_pooling,
+)
 from daemon.store.migrations import migrate, pending_migrations
 from daemon.web.server import HealthState, HttpServer, build_app, loop_lag_probe, sample_database
 
@@ -59,6 +68,8 @@ class Runtime:
         self.pools: dict[str, QueuePool] = {}
         self.resources = Resources()
         self.listener: Listener | None = None
+        # database_url goes through a transaction pooler (found at start, see _check_pooling)
+        self.pooled = False
         self.completer: Completer | None = None
         self.db: asyncpg.Pool | None = None
         self._cancel_checks: set[asyncio.Task[None]] = set()
@@ -161,8 +172,42 @@ class Runtime:
 
     # -- life cycle ------------------------------------------------------------------------
 
+    async def _check_pooling(self) -> None:
+        """Refuse, before anything reports ready, a setup a transaction pooler breaks."""
+        s = self.settings
+        for name, dsn in (("database_url", s.database_url), ("listen_dsn", s.listen_dsn)):
+            if dsn is None:
+                continue
+            try:
+                pooling = await probe_pooling(dsn, statement_cache_size=s.statement_cache_size)
+            except CONNECT_ERRORS as exc:
+                raise StartupError(
+                    f"cannot connect to the database at {describe_failure(dsn, exc)} "
+                    f"(check {name} and that PostgreSQL is running)"
+                ) from exc
+            if name == "listen_dsn":
+                if pooling.transaction:
+                    raise StartupError(
+                        "listen_dsn goes through a transaction pooler: it must be a direct "
+                        "PostgreSQL connection (LISTEN, the cron leader's lock and migrations "
+                        "need a session of their own)"
+                    )
+                continue
+            self.pooled = pooling.transaction
+            problem = pooling_problem(
+                pooling,
+                statement_cache_size=s.statement_cache_size,
+                has_listen_dsn=s.listen_dsn is not None,
+                poll_only=s.poll_only,
+                run_scheduler=s.run_scheduler,
+                migrate_on_start=s.migrate_on_start,
+            )
+            if problem:
+                raise StartupError(problem)
+
     async def _connect(self) -> asyncpg.Pool:
         s = self.settings
+        await self._check_pooling()
         try:
             return await create_pool(
                 s.database_url,
@@ -177,8 +222,18 @@ class Runtime:
             ) from exc
 
     async def _prepare_schema(self, db: asyncpg.Pool) -> None:
+        s = self.settings
+        if s.migrate_on_start and self.pooled and s.listen_dsn:
+            # The migration lock is a session lock: through a transaction pooler it would be
+            # taken on one server session and released on another, or never.
+            conn = await connect(s.listen_dsn, application_name="stoker migrate")
+            try:
+                await migrate(conn)
+            finally:
+                await close_quietly(conn)
+            return
         async with db.acquire() as conn:
-            if self.settings.migrate_on_start:
+            if s.migrate_on_start:
                 await migrate(conn)
             elif await pending_migrations(conn):
                 raise StartupError(

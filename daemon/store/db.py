@@ -7,19 +7,27 @@ import contextlib
 import json
 import math
 import re
+import socket
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, unquote_plus
 
 import asyncpg
 from pydantic import SecretStr
 
-# Server-side keepalives let PostgreSQL notice a vanished daemon; the listener's own probe
-# notices a vanished server.
-SERVER_SETTINGS = {
-    "tcp_keepalives_idle": "30",
-    "tcp_keepalives_interval": "10",
-    "tcp_keepalives_count": "3",
-}
+# TCP keepalives: idle seconds before the first probe, seconds between probes, probes lost
+# before the connection is dropped. Never sent as startup parameters: pgbouncer refuses a
+# connection that carries tcp_keepalives_* (unless told to ignore them). The daemon's end is set
+# on its socket, for every connection; PostgreSQL's end (so that it notices a vanished daemon
+# and frees its backend and locks) is set with set_config, on direct connections only, where
+# the session is ours: through a pooler the server sessions are the pooler's, and its own
+# keepalive settings cover them.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
+SERVER_KEEPALIVES = (
+    ("tcp_keepalives_idle", KEEPALIVE_IDLE),
+    ("tcp_keepalives_interval", KEEPALIVE_INTERVAL),
+    ("tcp_keepalives_count", KEEPALIVE_COUNT),
+)
 
 
 # What a lost, refused or timed-out database round trip raises. The engine retries these;
@@ -40,7 +48,36 @@ CONNECT_ERRORS: tuple[type[Exception], ...] = (*DB_ERRORS, ValueError)
 COMMAND_TIMEOUT = 30.0
 
 
+def set_socket_keepalives(conn: asyncpg.Connection) -> None:
+    """Keepalives on the daemon's own socket: a vanished server or pooler is noticed by the
+    kernel even while no statement is in flight. A Unix socket has none."""
+    sock = conn._transport.get_extra_info("socket") if conn._transport else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+    ):
+        option = getattr(socket, name, None)  # not every platform has all three
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+def _server_keepalives_sql(pid: int) -> str:
+    # Applied only where pg_backend_pid() is the pid of the startup handshake: a pooler hands
+    # the client a key of its own, so through one nothing is set on a server session shared
+    # with other clients. The simple query protocol (no parameters): nothing is prepared.
+    calls = ", ".join(
+        f"set_config('{name}', '{value}', false)" for name, value in SERVER_KEEPALIVES
+    )
+    return f"SELECT {calls} WHERE pg_backend_pid() = {int(pid)}"
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
+    set_socket_keepalives(conn)
+    await conn.execute(_server_keepalives_sql(conn.get_server_pid()))
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
@@ -68,11 +105,7 @@ async def create_pool(
         reset=keep_session,
         statement_cache_size=statement_cache_size,
         command_timeout=COMMAND_TIMEOUT,
-        server_settings={
-            **SERVER_SETTINGS,
-            "application_name": application_name,
-            **(settings or {}),
-        },
+        server_settings={"application_name": application_name, **(settings or {})},
     )
     return pool
 
@@ -92,7 +125,7 @@ async def connect(
         timeout=connect_timeout,
         command_timeout=command_timeout,
         statement_cache_size=statement_cache_size,
-        server_settings={**SERVER_SETTINGS, "application_name": application_name},
+        server_settings={"application_name": application_name},
     )
     await init_connection(conn)
     return conn
@@ -223,3 +256,101 @@ async def close_quietly(conn: asyncpg.Connection) -> None:
     except Exception:  # a dead connection may fail to close in many ways
         with contextlib.suppress(Exception):
             conn.terminate()
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """What sits between the daemon and PostgreSQL on one DSN."""
+
+    pooler: bool  # not a direct connection: the startup handshake's key is not the backend's
+    transaction: bool  # one client connection's transactions run on different server sessions
+    prepared_broken: bool  # a prepared statement is lost when the server session changes
+
+
+DIRECT = Pooling(pooler=False, transaction=False, prepared_broken=False)
+# asyncpg's errors when its prepared statements land on a server session that does not have
+# them, or that has another client's of the same name.
+PREPARED_LOST = (asyncpg.InvalidSQLStatementNameError, asyncpg.DuplicatePreparedStatementError)
+
+
+async def probe_pooling(dsn: str, *, statement_cache_size: int, rounds: int = 3) -> Pooling:
+    """Find out whether `dsn` is a transaction pooler and whether prepared statements survive
+    it, with two plain connections (no pool, no init: init itself prepares statements).
+
+    Direct: pg_backend_pid() is the pid of the startup handshake; one round trip. Otherwise,
+    client A runs a (prepared, when the cache is on) statement, client B opens a transaction
+    and A runs it again: a session pooler keeps A on its server session; a transaction pooler
+    hands B the session A just released (pgbouncer reuses the most recent one) and A another,
+    where the statement is unknown unless the pooler re-prepares it (pgbouncer >= 1.21 with
+    max_prepared_statements). A few rounds, in case other clients of the pooler interleave."""
+    a: asyncpg.Connection = await asyncpg.connect(
+        dsn, statement_cache_size=statement_cache_size, timeout=10
+    )
+    b: asyncpg.Connection | None = None
+    backend = "SELECT pg_backend_pid()"
+    try:
+        if await a.fetchval(backend) == a.get_server_pid():
+            return DIRECT
+        b = await asyncpg.connect(dsn, statement_cache_size=0, timeout=10)
+        for _ in range(rounds):
+            first = await a.fetchval(backend)
+            async with b.transaction():
+                await b.fetchval(backend)
+                again = await a.fetchval(backend)
+            if again != first:
+                return Pooling(pooler=True, transaction=True, prepared_broken=False)
+        return Pooling(pooler=True, transaction=False, prepared_broken=False)
+    except PREPARED_LOST:
+        return Pooling(pooler=True, transaction=True, prepared_broken=True)
+    finally:
+        for conn in (a, b):
+            if conn is not None:
+                await close_quietly(conn)
+
+
+def pooling_problem(
+    pooling: Pooling,
+    *,
+    statement_cache_size: int,
+    has_listen_dsn: bool,
+    poll_only: bool,
+    run_scheduler: bool,
+    migrate_on_start: bool,
+) -> str | None:
+    """Why this configuration cannot work through the pooler found on database_url, as the fix
+    to make; None when it can. Checked at start, so that a wrong setup stops the daemon before
+    it reports ready instead of stranding jobs later."""
+    if not pooling.transaction:
+        return None
+    problems = []
+    if statement_cache_size > 0 and pooling.prepared_broken:
+        problems.append(
+            f"statement_cache_size = {statement_cache_size} keeps prepared statements, which "
+            "the pooler loses between transactions ('prepared statement does not exist'): "
+            "set statement_cache_size = 0, or max_prepared_statements in pgbouncer >= 1.21"
+        )
+    if not has_listen_dsn:
+        if not poll_only:
+            problems.append(
+                "LISTEN needs a session of its own, which a transaction pooler does not keep: "
+                "set listen_dsn to a direct PostgreSQL connection, or poll_only = true"
+            )
+        if run_scheduler:
+            problems.append(
+                "the cron leader holds a session advisory lock, which a transaction pooler "
+                "does not keep: set listen_dsn to a direct PostgreSQL connection, or "
+                "run_scheduler = false on this daemon (another one, with a direct "
+                "connection, fires the schedules)"
+            )
+        if migrate_on_start:
+            problems.append(
+                "migrations run under a session advisory lock: set listen_dsn to a direct "
+                "PostgreSQL connection, or run `stoker migrate` against PostgreSQL directly "
+                "and set migrate_on_start = false"
+            )
+    if not problems:
+        return None
+    return (
+        "database_url goes through a transaction pooler (pgbouncer pool_mode = transaction): "
+        + ("; ".join(problems))
+    )
