@@ -71,6 +71,8 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # systemd-analyze checks deploy/stoker.service in the tests; without it that one test skips.
+# pgbouncer (Debian's package, in /usr/sbin) runs in front of the test PostgreSQL in
+# tests/test_pgbouncer.py; Debian's package also installs a service, which the tests never use.
 # Chromium (Debian's package) runs the dashboard's browser tests, driven by Playwright through
 # its executable_path: no browser is ever downloaded.
 test-tools:
@@ -86,6 +88,13 @@ test-tools:
 			$(APT_UPDATE) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 		else \
 			echo "the dashboard's browser tests need Chromium: install Debian's chromium package"; exit 1; \
+		fi; }
+	@[ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing pgbouncer (for the tests behind a transaction pooler)"; \
+			$(APT_UPDATE) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null; \
+		else \
+			echo "the pgbouncer tests need pgbouncer: install Debian's pgbouncer package"; exit 1; \
 		fi; }
 
 test: install postgres-binaries test-tools lint

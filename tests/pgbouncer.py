@@ -45,7 +45,11 @@ class Bouncer:
         return parts._replace(netloc=f"{parts.username}@127.0.0.1:{self.port}").geturl()
 
     def log(self) -> str:
-        return (self.root / "pgbouncer.log").read_text(errors="replace")
+        return "".join(
+            (self.root / name).read_text(errors="replace")
+            for name in ("stderr.log", "pgbouncer.log")
+            if (self.root / name).exists()
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -102,14 +106,15 @@ logfile = {root}/pgbouncer.log
         entry = pwd.getpwnam(user)
         for path in (root, *root.iterdir()):
             os.chown(path, entry.pw_uid, entry.pw_gid)
-    proc = subprocess.Popen(
-        [binary, str(root / "pgbouncer.ini")],
-        user=user,
-        group=user,
-        extra_groups=[] if user else None,
-        stdout=subprocess.DEVNULL,
-        stderr=(root / "stderr.log").open("wb"),
-    )
+    with (root / "stderr.log").open("wb") as stderr:
+        proc = subprocess.Popen(
+            [binary, str(root / "pgbouncer.ini")],
+            user=user,
+            group=user,
+            extra_groups=[] if user else None,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     bouncer = Bouncer(proc, port, root)
     try:
         _wait_listening(bouncer)
@@ -119,8 +124,8 @@ logfile = {root}/pgbouncer.log
     return bouncer
 
 
-@pytest.fixture(scope="module")
-def pgbouncer(server_dsn: str) -> Iterator[Bouncer]:
+@pytest.fixture(scope="module", name="pgbouncer")
+def pgbouncer_fixture(server_dsn: str) -> Iterator[Bouncer]:
     """One pgbouncer per test module (each test has a database of its own behind it)."""
     bouncer = start_pgbouncer(server_dsn)
     try:
