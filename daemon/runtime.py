@@ -175,15 +175,24 @@ class Runtime:
     async def _check_pooling(self) -> None:
         """Refuse, before anything reports ready, a setup a transaction pooler breaks."""
         s = self.settings
-        for name, dsn in (("database_url", s.database_url), ("listen_dsn", s.listen_dsn)):
+        named = (
+            ("database_url", "database_url / DATABASE_URL", s.database_url),
+            ("listen_dsn", "listen_dsn / STOKER_LISTEN_DSN", s.listen_dsn),
+        )
+        for name, where, dsn in named:
             if dsn is None:
                 continue
             try:
                 pooling = await probe_pooling(dsn, statement_cache_size=s.statement_cache_size)
             except CONNECT_ERRORS as exc:
+                if name == "listen_dsn":
+                    # As before this check: the listener keeps trying to connect, and the
+                    # pools poll meanwhile; a listen_dsn down at start does not stop the daemon.
+                    log.warning("listen_dsn not checked: %s", describe_failure(dsn, exc))
+                    continue
                 raise StartupError(
                     f"cannot connect to the database at {describe_failure(dsn, exc)} "
-                    f"(check {name} and that PostgreSQL is running)"
+                    f"(check {where} and that PostgreSQL is running)"
                 ) from exc
             if name == "listen_dsn":
                 if pooling.transaction:

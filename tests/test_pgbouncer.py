@@ -177,8 +177,9 @@ async def test_a_setup_the_pooler_breaks_is_refused_at_start(
 ) -> None:
     env = {"STOKER_LISTEN_DSN": dsn} if direct_listen else {}
     daemon = await bounced.start(config, wait_ready=False, **env)
-    assert await daemon.wait_exit() != 0
+    assert await daemon.wait_exit() == 1
     log = daemon.log()
+    assert "stoker: error: database_url goes through a transaction pooler" in log
     assert "transaction pooler" in log
     for fix in expected:
         assert fix in log, log
@@ -192,6 +193,6 @@ async def test_listen_dsn_through_the_pooler_is_refused(
     daemon = await bounced.start(
         "statement_cache_size = 0\n", wait_ready=False, STOKER_LISTEN_DSN=pgbouncer.dsn(dsn)
     )
-    assert await daemon.wait_exit() != 0
+    assert await daemon.wait_exit() == 1
     assert "listen_dsn goes through a transaction pooler" in daemon.log()
     assert "Traceback" not in daemon.log()
