@@ -316,3 +316,50 @@ def test_a_multi_host_url_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(None)
     assert settings.database_url == url
     assert settings.listen_dsn == url
+
+
+async def test_a_running_daemon_whose_server_turns_read_only_says_so_and_recovers(
+    own_cluster: Cluster, tmp_path: Path
+) -> None:
+    """What a managed service does on a full disk, and what a single host name that now points
+    at a standby looks like: the same connections, no writes."""
+    dsn = own_cluster.dsn()
+    await _migrate(dsn)
+    factory = DaemonFactory(dsn, tmp_path)
+    admin = await asyncpg.connect(dsn)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client:
+            daemon = await factory.start(CONFIG)
+            port = await http_port(daemon)
+            await admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            await admin.execute("SELECT pg_reload_conf()")
+            line = (
+                f"the database server at 127.0.0.1:{own_cluster.port} is read-only "
+                "(transaction_read_only): claims and writes fail until a primary answers"
+            )
+            await daemon.wait_log(line)
+
+            async def not_ready() -> bool:
+                status, body = await get(client, port, "/ready")
+                return status == 503 and body["failing"] == ["database"]
+
+            await eventually(not_ready, timeout=10)
+            await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+            await admin.execute("SELECT pg_reload_conf()")
+            await daemon.wait_log("the database takes writes again")
+            job_id = await admin.fetchval("SELECT stoker.enqueue('default', 'noop')")
+
+            async def done() -> bool:
+                state: str | None = await admin.fetchval(
+                    "SELECT state FROM stoker.all_jobs WHERE id = $1", job_id
+                )
+                return state == "succeeded"
+
+            await eventually(done, timeout=10)
+            assert (await get(client, port, "/ready"))[0] == 200
+            assert daemon.proc.poll() is None
+            assert daemon.log().count(line) == 1
+            assert "Traceback" not in daemon.log()
+    finally:
+        await admin.close()
+        factory.stop_all()
