@@ -20,7 +20,7 @@ import pytest
 from daemon.dev.pgcluster import Cluster, ensure_database
 from daemon.errors import ConfigError
 from daemon.store.migrations import migrate
-from tests.conftest import DaemonFactory, DaemonProcess, eventually, run_sync
+from tests.conftest import DaemonFactory, DaemonProcess, eventually, run_sync, stoker_cli
 from tests.test_http import get, http_port
 
 SECRET = "Failover-Sekr3t"
@@ -273,6 +273,13 @@ async def test_a_daemon_on_a_standby_says_so_and_starts_once_it_is_promoted(
 
         await eventually(looked_again)
         assert daemon.proc.poll() is None
+        migrated = stoker_cli(url, "migrate")
+        assert migrated.returncode == 1
+        assert f"127.0.0.1:{standby.port} is a standby (in recovery): read-only" in (
+            migrated.stderr
+        )
+        assert "Traceback" not in migrated.stderr
+        assert SECRET not in migrated.stderr
         assert daemon.log().count(line) == 1  # said once, however often it looks again
         standby.promote()
         await daemon.wait_log('"message": "listening on channel stoker_jobs"', timeout=15)
