@@ -75,7 +75,10 @@ class StartupError(StokerError):
 class Runtime:
     def __init__(self, settings: Settings, registry: Registry = REGISTRY) -> None:
         serve_alert_queue(settings)  # alert messages and pings: a queue of their own
-        logging.getLogger("asyncpg.pool").addFilter(PoolFloorFilter(settings.database_url))
+        pool_log = logging.getLogger("asyncpg.pool")
+        for old in [f for f in pool_log.filters if isinstance(f, PoolFloorFilter)]:
+            pool_log.removeFilter(old)  # one per process, however many runtimes a test builds
+        pool_log.addFilter(PoolFloorFilter(settings.database_url))
         self.settings = settings
         self.registry = registry
         self.stopping = asyncio.Event()
