@@ -26,6 +26,7 @@ from daemon.engine.registry import REGISTRY, Registry
 from daemon.engine.resources import Resources
 from daemon.engine.waiting import IdleSweep
 from daemon.errors import StokerError
+from daemon.events import wait_any
 from daemon.observe.metrics import Metrics
 from daemon.observe.systemd import Notifier
 from daemon.operate import throughput, workers
@@ -33,6 +34,7 @@ from daemon.operate.limits import configured_limits
 from daemon.store import queries
 from daemon.store.clock import DbClock
 from daemon.store.db import (
+    COMMAND_TIMEOUT,
     CONNECT_ERRORS,
     DB_ERRORS,
     close_quietly,
@@ -42,12 +44,32 @@ from daemon.store.db import (
     pooling_problem,
     probe_pooling,
 )
-from daemon.store.migrations import migrate, pending_migrations
+from daemon.store.migrations import ReadOnlyServer, migrate, pending_migrations, read_only
 from daemon.web.server import HealthState, HttpServer, build_app, loop_lag_probe, sample_database
 
 log = logging.getLogger("stoker")
 
 FLUSH_AT_EXIT_TIMEOUT = 10.0
+# Seconds between looks for a writable server while the one found is a standby: a failover's
+# promotion takes a second or two, and each look is one connection.
+READ_ONLY_RETRY = 1.0
+
+
+class PoolFloorFilter(logging.Filter):
+    """asyncpg's pool logs each failed try to reopen its minimum connection with a traceback,
+    every second of an outage (a failover): one line with the error, scrubbed, is enough."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__()
+        self._dsn = dsn
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            failure = describe_failure(self._dsn, record.exc_info[1])
+            record.msg = f"{record.getMessage()}: {failure}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
 
 
 class StartupError(StokerError):
@@ -57,6 +79,10 @@ class StartupError(StokerError):
 class Runtime:
     def __init__(self, settings: Settings, registry: Registry = REGISTRY) -> None:
         serve_alert_queue(settings)  # alert messages and pings: a queue of their own
+        pool_log = logging.getLogger("asyncpg.pool")
+        for old in [f for f in pool_log.filters if isinstance(f, PoolFloorFilter)]:
+            pool_log.removeFilter(old)  # one per process, however many runtimes a test builds
+        pool_log.addFilter(PoolFloorFilter(settings.database_url))
         self.settings = settings
         self.registry = registry
         self.stopping = asyncio.Event()
@@ -82,6 +108,7 @@ class Runtime:
         self.http: HttpServer | None = None
         self.me = workers.Worker(settings.worker_id, list(settings.queues))
         self._announced = False
+        self.read_only: str | None = None  # why the pool's server takes no writes, if it does not
 
     # -- wiring ----------------------------------------------------------------------------
 
@@ -232,6 +259,10 @@ class Runtime:
 
     async def _prepare_schema(self, db: asyncpg.Pool) -> None:
         s = self.settings
+        async with db.acquire() as conn:
+            reason = await read_only(conn)
+        if reason is not None:
+            raise ReadOnlyServer(reason)
         if s.migrate_on_start and self.pooled and s.listen_dsn:
             # The migration lock is a session lock: through a transaction pooler it would be
             # taken on one server session and released on another, or never.
@@ -255,17 +286,69 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
-            self.db = db = await self._connect()
-            try:
-                await self._prepare_schema(db)
-                await self._serve(db)
-            finally:
-                await db.close()
+            db = await self._connect_writable()
+            if db is not None:
+                self.db = db
+                try:
+                    await self._serve(db)
+                finally:
+                    await db.close()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         log.info("stopped")
         return 0
+
+    async def _connect_writable(self) -> asyncpg.Pool | None:
+        """A pool on a server that takes writes, with the schema current; None if the daemon
+        is stopped while the only server found is a standby. Each try connects afresh, so
+        that a multi-host DATABASE_URL finds the new primary once one is promoted."""
+        said: str | None = None
+        while True:
+            db = await self._connect()
+            try:
+                await self._prepare_schema(db)
+                if said is not None:
+                    log.info("the database takes writes now: starting")
+                return db
+            except ReadOnlyServer as exc:
+                await db.close()
+                if str(exc) != said:  # one line per server found, not one per try
+                    log.warning(
+                        "%s; not starting: looking again every %.0fs (point DATABASE_URL at the "
+                        "primary, or list every host with target_session_attrs=read-write)",
+                        exc,
+                        READ_ONLY_RETRY,
+                    )
+                said = str(exc)
+            except BaseException:
+                await db.close()
+                raise
+            await wait_any(self.stopping, seconds=READ_ONLY_RETRY)
+            if self.stopping.is_set():
+                return None
+
+    async def _watch_writable(self, db: asyncpg.Pool) -> None:
+        """Says once when the pool's server turns read-only (a failover behind a single host
+        name, default_transaction_read_only) and drops the pool's connections, so that a
+        multi-host URL reconnects them to the new primary; /ready fails meanwhile."""
+        while not self.stopping.is_set():
+            await wait_any(self.stopping, seconds=self.settings.rescue_interval)
+            if self.stopping.is_set():
+                return
+            try:
+                async with asyncio.timeout(COMMAND_TIMEOUT), db.acquire() as conn:
+                    reason = await read_only(conn)
+            except DB_ERRORS:
+                continue  # a server that is down: the pools and the readiness probe say so
+            if reason is not None:
+                db.expire_connections()
+            if reason != self.read_only:
+                if reason is not None:
+                    log.warning("%s: claims and writes fail until a primary answers", reason)
+                else:
+                    log.info("the database takes writes again")
+                self.read_only = self.health.read_only = reason
 
     async def _serve(self, db: asyncpg.Pool) -> None:
         s = self.settings
@@ -491,6 +574,7 @@ class Runtime:
             )
             background += [
                 tg.create_task(loop_lag_probe(self.health, self.finished), name="stoker-lag"),
+                tg.create_task(self._watch_writable(db), name="stoker-writable"),
                 tg.create_task(
                     sample_database(
                         self.health,

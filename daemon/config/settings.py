@@ -7,7 +7,7 @@ import re
 import socket
 import uuid
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -196,12 +196,49 @@ def handler_config(settings: Settings, name: str, model: type[M]) -> M:
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 
+# asyncpg's values (libpq has the same ones).
+SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+
+
 def check_dsn(dsn: str) -> None:
-    """A PostgreSQL URL asyncpg can use: postgresql://user:pass@host:port/database."""
+    """A PostgreSQL URL asyncpg can use: postgresql://user:pass@host:port/database, or with
+    several hosts for failover, postgresql://user:pass@h1:p1,h2:p2/db?target_session_attrs=...
+
+    The messages never quote the URL: a password with a raw @ or / in it ends the userinfo
+    early, and the rest of it would then be read as a host or a port."""
     parts = urlsplit(dsn)
     if parts.scheme not in ("postgresql", "postgres"):
         raise ValueError("must be a URL like postgresql://user:password@host:5432/database")
-    try:
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        raise ValueError("has a port that is not a number") from None
+    hosts = parts.netloc.rpartition("@")[2]
+    entries = hosts.split(",") if hosts else []
+    for number, entry in enumerate(entries, 1):
+        where = f" (host {number} of {len(entries)})" if len(entries) > 1 else ""
+        if entry.startswith("["):
+            address, bracket, port = entry[1:].partition("]")
+            if not bracket or not address or (port and not port.startswith(":")):
+                raise ValueError(f"has an IPv6 address that is not in [brackets]{where}")
+            port = port[1:]
+        else:
+            address, _, port = entry.partition(":")
+        if not address and len(entries) > 1:
+            raise ValueError(f"has an empty host name in its list of hosts{where}")
+        if port and not _is_port(port):
+            raise ValueError(
+                f"has a port that is not a number from 1 to 65535{where}; several hosts are "
+                "written postgresql://user:password@host1:5432,host2:5432/database"
+            )
+    query = parse_qs(parts.query, keep_blank_values=True)
+    for port in ",".join(query.get("port", [])).split(",") if "port" in query else []:
+        if port and not _is_port(port):
+            raise ValueError("has a port parameter that is not a number from 1 to 65535")
+    for attrs in query.get("target_session_attrs", []):
+        if attrs not in SESSION_ATTRS:
+            raise ValueError(
+                "has a target_session_attrs that asyncpg does not know: use one of "
+                + ", ".join(SESSION_ATTRS)
+                + " (read-write for a primary that may fail over)"
+            )
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535

@@ -83,6 +83,10 @@ class Cluster:
     root: Path
     fast: bool = False  # tests: fsync off; never for data someone keeps
     settings: tuple[str, ...] = ()  # extra `-c name=value` server settings
+    # A streaming standby of this running cluster: its data dir is a pg_basebackup -R of it.
+    primary: Cluster | None = None
+    # The name the standby gives itself on the primary, what synchronous_standby_names lists.
+    application_name: str = "standby"
 
     @property
     def data(self) -> Path:
@@ -151,7 +155,9 @@ class Cluster:
         bindir = find_bindir()
         self.root.mkdir(parents=True, exist_ok=True)
         self._chown(self.root)
-        if not (self.data / "PG_VERSION").exists():
+        if not (self.data / "PG_VERSION").exists() and self.primary is not None:
+            self._base_backup(bindir, self.primary)
+        elif not (self.data / "PG_VERSION").exists():
             self.data.mkdir(exist_ok=True)
             self._chown(self.data)
             argv = [str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres"]
@@ -159,6 +165,7 @@ class Cluster:
             if self.fast:
                 argv.append("--no-sync")
             self._run(argv)
+            self._allow_replication()
         if self.pid() is not None and self.port_file.exists():
             return self.dsn()
         # The same port as last time when it is free, so that DSNs survive a restart.
@@ -168,6 +175,9 @@ class Cluster:
             "-c listen_addresses=127.0.0.1",
             f"-c unix_socket_directories={self.root}",
             "-c max_connections=200",
+            # PostgreSQL's defaults, stated: a standby can be made from any cluster of ours.
+            "-c wal_level=replica",
+            "-c max_wal_senders=10",
         ]
         if self.fast:
             options += ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"]
@@ -193,12 +203,60 @@ class Cluster:
         self.port_file.write_text(f"{port}\n")
         return self.dsn()
 
-    def stop(self) -> None:
-        """Stop the postmaster by its PID (fast shutdown), waiting until it is gone."""
+    def _allow_replication(self) -> None:
+        """A standby connects to the replication pseudo-database from loopback: initdb's -A
+        trust usually lists that already, but a packaged template may not."""
+        hba = self.data / "pg_hba.conf"
+        entry = "host replication all 127.0.0.1/32 trust"
+        lines = [" ".join(line.split()) for line in hba.read_text().splitlines()]
+        if entry not in lines:
+            with hba.open("a") as out:
+                out.write(f"{entry}\n")
+
+    def _base_backup(self, bindir: Path, primary: Cluster) -> None:
+        if primary.pid() is None:
+            raise ClusterError(f"the primary in {primary.root} is not running")
+        # -R writes standby.signal and a primary_conninfo; ours, appended after it, wins and
+        # carries the application_name that the primary's synchronous_standby_names names.
+        self._run(
+            [
+                str(bindir / "pg_basebackup"),
+                "-D",
+                str(self.data),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(primary.port),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+            ]
+        )
+        conninfo = (
+            f"host=127.0.0.1 port={primary.port} user=postgres "
+            f"application_name={self.application_name}"
+        )
+        auto = self.data / "postgresql.auto.conf"
+        with auto.open("a") as out:
+            out.write(f"primary_conninfo = '{conninfo}'\n")
+
+    def promote(self) -> None:
+        """Make this standby a primary (`pg_ctl promote`), waiting until it accepts writes."""
+        bindir = find_bindir()
+        self._run([str(bindir / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "promote"])
+
+    def stop(self, immediate: bool = False) -> None:
+        """Stop the postmaster by its PID (fast shutdown, or `immediate`: as if it crashed),
+        waiting until it is gone."""
         pid = self.pid()
         if pid is None:
             return
-        os.kill(pid, signal.SIGINT)  # PostgreSQL's "fast" shutdown
+        # SIGQUIT is PostgreSQL's "immediate" shutdown, SIGINT its "fast" one.
+        os.kill(pid, signal.SIGQUIT if immediate else signal.SIGINT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.pid() is None:

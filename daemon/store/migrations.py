@@ -23,6 +23,29 @@ MIGRATION_LOCK_POLL = 0.1  # seconds between tries while another process migrate
 FILE_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
+# Where the connection landed, for the one line that says it is read-only. No TCP address on a
+# Unix socket: then the socket's directory.
+READ_ONLY = """
+SELECT pg_is_in_recovery() AS recovery,
+       current_setting('transaction_read_only') = 'on' AS read_only,
+       coalesce(host(inet_server_addr()) || ':' || inet_server_port(),
+                'the Unix socket in ' || current_setting('unix_socket_directories')) AS server"""
+
+
+class ReadOnlyServer(MigrationError):
+    """The server takes no writes: a standby, or one with transaction_read_only on."""
+
+
+async def read_only(conn: asyncpg.Connection) -> str | None:
+    """Why the server on this connection takes no writes, naming it; None when it does."""
+    row = await conn.fetchrow(READ_ONLY)
+    if row["recovery"]:
+        return f"the database server at {row['server']} is a standby (in recovery): read-only"
+    if row["read_only"]:
+        return f"the database server at {row['server']} is read-only (transaction_read_only)"
+    return None
+
+
 @dataclass(frozen=True)
 class Migration:
     name: str
@@ -84,7 +107,11 @@ async def pending_migrations(conn: asyncpg.Connection) -> list[Migration]:
 
 
 async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply pending migrations; return the names applied. Safe to run concurrently."""
+    """Apply pending migrations; return the names applied. Safe to run concurrently.
+    Raises ReadOnlyServer on a standby, before taking any lock."""
+    reason = await read_only(conn)
+    if reason is not None:
+        raise ReadOnlyServer(reason)
     # Tried, not waited for inside a statement: a statement waiting on a lock holds a snapshot,
     # which would keep VACUUM from cleaning up any table while another process migrates.
     while True:
@@ -92,14 +119,18 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             break
         await asyncio.sleep(MIGRATION_LOCK_POLL)  # polling the database: no event to wait on
     try:
-        async with conn.transaction():
-            await conn.execute("CREATE SCHEMA IF NOT EXISTS stoker")
-            await conn.execute(
-                """CREATE TABLE IF NOT EXISTS stoker.migrations (
-                       name text PRIMARY KEY,
-                       checksum text NOT NULL,
-                       applied_at timestamptz NOT NULL DEFAULT now())"""
-            )
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE SCHEMA IF NOT EXISTS stoker")
+                await conn.execute(
+                    """CREATE TABLE IF NOT EXISTS stoker.migrations (
+                           name text PRIMARY KEY,
+                           checksum text NOT NULL,
+                           applied_at timestamptz NOT NULL DEFAULT now())"""
+                )
+        except asyncpg.ReadOnlySQLTransactionError as exc:
+            # Turned read-only since the look above (a failover, default_transaction_read_only).
+            raise ReadOnlyServer(f"the database server is read-only: {exc}") from exc
         done = []
         for migration in await pending_migrations(conn):
             async with conn.transaction():

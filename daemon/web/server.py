@@ -53,6 +53,7 @@ class HealthState:
     listener_up: Callable[[], bool] = lambda: False  # not ready until the runtime wires it
     draining: Callable[[], bool] = lambda: False
     migrations_current: bool = True
+    read_only: str | None = None  # why the database takes no writes (a standby), if it does not
     last_beat: float = field(default_factory=time.monotonic)
     lag: float = 0.0
     db_checked_at: float = 0.0
@@ -236,7 +237,7 @@ def build_app(
     async def ready(request: web.Request) -> web.Response:
         checks: dict[str, str] = {}
         db_error = await _check_database(state)
-        checks["database"] = db_error or "ok"
+        checks["database"] = db_error or state.read_only or "ok"
         checks["listener"] = "ok" if state.listener_up() else "not connected"
         checks["migrations"] = "ok" if state.migrations_current else "schema is not current"
         checks["draining"] = "shutting down" if state.draining() else "ok"
