@@ -235,3 +235,56 @@ async def test_save_schedule_names_the_bad_field(
 async def test_unsupported_connection_is_a_clear_type_error() -> None:
     with pytest.raises(TypeError, match="unsupported connection"):
         await client.enqueue(object(), queue="q", kind="k")
+
+
+async def test_wait_for_sees_an_end_whose_statement_ran_before_it_registered(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    """The outcome's statement ran with no waiter in sight (so it will not NOTIFY) and commits
+    only after wait_for has registered and looked: the look waits on the job's row lock."""
+    job_id = await client.enqueue(db, queue="default", kind="k")
+    await db.fetch(queries.CLAIM, "default", 1, "w", 30.0)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        tx = db.transaction()
+        await tx.start()
+        await write_outcome(db, job_id, attempt=1, outcome="succeeded", worker="w")
+        waiting = asyncio.create_task(client.wait_for(pool, job_id, timeout=20))
+
+        async def blocked_on_the_row() -> bool:
+            return bool(
+                await pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%FOR KEY SHARE%'"
+                )
+            )
+
+        await eventually(blocked_on_the_row)
+        await tx.commit()
+        done = await waiting
+    finally:
+        await pool.close()
+    assert (done.id, done.state) == (job_id, "succeeded")
+
+
+@pytest.mark.parametrize("how", ["stoker.cancel", "bulk"])
+async def test_wait_for_a_cancelled_job(dsn: str, db: asyncpg.Connection, how: str) -> None:
+    from daemon.operate import jobs as operate_jobs
+
+    job_id = await client.enqueue(db, queue="default", kind="k")
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        waiting = asyncio.create_task(client.wait_for(pool, job_id, timeout=20))
+
+        async def registered() -> bool:
+            return bool(await db.fetchval("SELECT count(*) FROM stoker.job_waiters"))
+
+        await eventually(registered)
+        if how == "bulk":
+            await operate_jobs.cancel_jobs(db, [job_id])
+        else:
+            await db.execute("SELECT stoker.cancel($1, 'test')", job_id)
+        done = await waiting
+    finally:
+        await pool.close()
+    assert (done.id, done.state) == (job_id, "cancelled")
