@@ -19,6 +19,8 @@ Scenarios (default: all):
                daemon keeping up and daemon busy; wait events, WAL flushes, top statements
     limits     #17's cost: a drain with no limits, with global_concurrency = 100, with
                key_concurrency over 1,000 keys, and with a rate limit it never reaches
+    meta       #18: jobs by meta (an organisation's) among 1,000,000 finished ones, and what
+               migration 020 (wait_for's trigger, the meta indexes) costs a drain
     idle       #16 goal 4: a daemon serving 50 idle queues: statements/s (pg_stat_statements),
                its CPU, and commit->start of single jobs into random ones of them
 
@@ -41,6 +43,7 @@ from bench import ceiling, peers, stoker
 from bench import dashboard as dashboard_bench
 from bench import idle as idle_bench
 from bench import keepup as keepup_bench
+from bench import meta as meta_bench
 from bench import schedules as schedules_bench
 from bench.common import Row, fresh_database, pct, print_table, server_dsn
 
@@ -54,6 +57,7 @@ SCENARIOS = (
     "keepup",
     "idle",
     "limits",
+    "meta",
 )
 
 
@@ -308,6 +312,15 @@ async def main_async(args: argparse.Namespace) -> None:
                 rows += await keepup_bench.keepup(admin, args.runs, args.producer_seconds)
             elif name == "limits":
                 rows += await limits(admin, args)
+            elif name == "meta":
+                rows += await meta_bench.meta(
+                    admin,
+                    args.runs,
+                    args.meta_history,
+                    args.limit_jobs,
+                    args.concurrency,
+                    args.batch_size,
+                )
             elif name == "idle":
                 rows += await idle_bench.idle(
                     admin, args.runs, args.idle_seconds, args.wake_samples
@@ -340,6 +353,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--bare-jobs", type=int, default=300_000, help="rows for the bare claim-and-delete loop"
+    )
+    parser.add_argument(
+        "--meta-history", type=int, default=1_000_000, help="meta scenario's history rows"
     )
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=100)

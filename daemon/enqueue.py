@@ -1,31 +1,22 @@
-"""Enqueue from Python on the caller's own asyncpg connection, inside its transaction."""
+"""Enqueue from Python on the caller's own asyncpg connection, inside its transaction.
+
+The daemon's own path (its admin API and CLI, handlers): asyncpg only, on the daemon's
+prepared statements. Apps on other drivers (psycopg 3, SQLAlchemy) use daemon.client."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+# One Job for both: daemon.client.enqueue_many takes the same objects on any driver.
+from daemon.client.jobs import Job
 from daemon.store import queries
 from daemon.store.db import as_json_text
 
-
-@dataclass(frozen=True)
-class Job:
-    """One job to enqueue with enqueue_many."""
-
-    queue: str
-    kind: str
-    payload: Any = field(default_factory=dict)
-    run_at: datetime | None = None
-    priority: int = 0
-    unique_key: str | None = None
-    max_attempts: int | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict)
-    concurrency_key: str | None = None
+__all__ = ["Job", "enqueue", "enqueue_many"]
 
 
 async def enqueue(

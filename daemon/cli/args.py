@@ -17,7 +17,7 @@ from daemon.cli.alerts import add_alerts_parser
 from daemon.config import QUEUE_NAME
 from daemon.config.models import parse_duration
 from daemon.errors import StokerError
-from daemon.operate.jobs import STATES
+from daemon.operate.jobs import STATES, meta_filter, meta_pair
 from daemon.store.db import json_problem
 
 EXIT_USAGE = 2
@@ -37,6 +37,16 @@ class Parser(argparse.ArgumentParser):
 
 
 # -- argument types ------------------------------------------------------------------------
+
+
+def meta_condition(text: str) -> tuple[str, str]:
+    """--meta org=org_123: one condition on a job's meta."""
+    try:
+        pair = meta_pair(text)
+        meta_filter([pair])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return pair
 
 
 def _no_constant(name: str) -> Any:
@@ -220,6 +230,15 @@ def build_parser() -> Parser:
     lst.add_argument("--limit", type=positive_int, default=50)
     lst.add_argument("--before", type=job_id, help="only jobs with a smaller id (paging)")
     lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    lst.add_argument(
+        "--meta",
+        type=meta_condition,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only jobs whose meta has this string value (repeatable: all of them)",
+    )
+    lst.add_argument("--count", action="store_true", help="with --meta: print how many")
     show = jsub.add_parser("show", help="one job with its errors and tracebacks")
     show.add_argument("id", type=job_id)
     show.add_argument("--json", action="store_true")

@@ -117,9 +117,24 @@ def _jsonable(record: asyncpg.Record) -> dict[str, Any]:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> Callable[[asyncpg.Connection], Awaitable[int]]:
+    try:
+        meta = jobs.meta_filter(args.meta, field="--meta")
+    except ValueError as exc:
+        raise UsageError(f"argument {exc}") from None
+    if args.count and not meta:
+        raise UsageError("jobs list: --count goes with --meta")
+
     async def work(conn: asyncpg.Connection) -> int:
+        if args.count:
+            print(await jobs.count_jobs(conn, meta, state=args.state, queue=args.queue))
+            return 0
         rows = await jobs.list_jobs(
-            conn, state=args.state, queue=args.queue, before=args.before, limit=args.limit
+            conn,
+            state=args.state,
+            queue=args.queue,
+            before=args.before,
+            limit=args.limit,
+            meta=meta,
         )
         if args.json:
             for row in rows:

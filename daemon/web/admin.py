@@ -179,8 +179,10 @@ class Api:
         return _json({"id": new_id}, 201)
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        """Jobs, newest first; page with next_before."""
-        q = _query(request, JobsQuery)
+        """Jobs, newest first; page with next_before. `meta.KEY=VALUE` (repeatable over keys)
+        keeps the jobs whose meta has each KEY with that string value (indexed)."""
+        q = _query(request, JobsQuery, skip=META_PREFIX)  # first: it refuses repeated keys
+        meta = _meta_query(request)
         async with self.conn() as conn:
             rows = await jobs.list_jobs(
                 conn,
@@ -189,6 +191,7 @@ class Api:
                 kind=q.kind,
                 before=q.before,
                 limit=q.limit + 1,  # one more than asked: is there a next page?
+                meta=meta,
             )
         more = len(rows) > q.limit
         page = [dict(r) for r in rows[: q.limit]]
@@ -276,15 +279,33 @@ class Api:
         return _json(self.spec)
 
 
-def _query(request: web.Request, model: type[M]) -> M:
+def _query(request: web.Request, model: type[M], *, skip: str | None = None) -> M:
+    """The query string as `model`; parameters starting with `skip` are another's to read."""
     repeated = sorted({k for k in request.query if len(request.query.getall(k)) > 1})
     if repeated:
         fields = [{"loc": f"query.{k}", "msg": "given more than once"} for k in repeated]
         raise ApiError(422, "invalid request", fields=fields)
+    values = {k: v for k, v in request.query.items() if not (skip and k.startswith(skip))}
     try:
-        return model.model_validate(dict(request.query))
+        return model.model_validate(values)
     except ValidationError as exc:
         raise _invalid("query", exc) from None
+
+
+META_PREFIX = "meta."
+
+
+def _meta_query(request: web.Request) -> dict[str, str]:
+    """?meta.org=org_123&meta.user=u_1 as {"org": "org_123", "user": "u_1"}; a bad one is a
+    422 naming its parameter."""
+    pairs = [(k, v) for k, v in request.query.items() if k.startswith(META_PREFIX)]
+    for k, v in pairs:
+        try:
+            jobs.meta_filter([(k.removeprefix(META_PREFIX), v)])
+        except ValueError as exc:
+            loc = [{"loc": f"query.{k}", "msg": str(exc)}]
+            raise ApiError(422, "invalid request", fields=loc) from None
+    return jobs.meta_filter((k.removeprefix(META_PREFIX), v) for k, v in pairs)
 
 
 def _job_id(request: web.Request) -> int:
