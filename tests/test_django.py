@@ -15,18 +15,25 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 
-pytest.importorskip(
-    "django.tasks",
+from daemon.config import Settings
+from tests.conftest import DaemonFactory, finished, run_sync, scratch_database, stoker_cli
+
+try:
+    import django
+    from django.db import connections, transaction
+    from django.tasks import TaskResultStatus
+    from django.tasks.exceptions import TaskResultDoesNotExist
+    from django.utils import timezone
+
+    HAVE_DJANGO = True
+except ImportError:
+    HAVE_DJANGO = False
+
+needs_django = pytest.mark.skipif(
+    not HAVE_DJANGO,
     reason="needs Django >= 6.0 (Python >= 3.12): `make test-django` runs it in .venv-django",
 )
 
-import django
-from django.db import connections, transaction
-from django.tasks import TaskResultStatus
-from django.tasks.exceptions import TaskResultDoesNotExist
-from django.utils import timezone
-
-from tests.conftest import DaemonFactory, finished, run_sync, scratch_database
 
 T = TypeVar("T")
 
@@ -95,6 +102,7 @@ async def effects(pg: asyncpg.Connection, label: str) -> int:
     return count
 
 
+@needs_django
 async def test_a_task_enqueued_in_a_committed_transaction_runs_once(
     daemon: Any, pg: asyncpg.Connection
 ) -> None:
@@ -125,6 +133,7 @@ async def test_a_task_enqueued_in_a_committed_transaction_runs_once(
     assert result.finished_at is not None
 
 
+@needs_django
 async def test_a_task_enqueued_in_a_rolled_back_transaction_never_runs(
     daemon: Any, pg: asyncpg.Connection
 ) -> None:
@@ -152,6 +161,7 @@ async def test_a_task_enqueued_in_a_rolled_back_transaction_never_runs(
         await in_django(lambda: record.get_result(str(gone)))
 
 
+@needs_django
 async def test_async_task_with_context_on_its_queue_with_its_priority(
     daemon: Any, pg: asyncpg.Connection
 ) -> None:
@@ -173,6 +183,7 @@ async def test_async_task_with_context_on_its_queue_with_its_priority(
     assert (await in_django(lambda: record.get_result(str(deferred)))).status == "READY"
 
 
+@needs_django
 async def test_a_failing_task_fails_with_its_exception(daemon: Any, pg: asyncpg.Connection) -> None:
     from tests.django_project.tasksapp.tasks import explode
 
@@ -187,6 +198,7 @@ async def test_a_failing_task_fails_with_its_exception(daemon: Any, pg: asyncpg.
     assert "raise LookupError(message)" in result.errors[0].traceback
 
 
+@needs_django
 @pytest.mark.parametrize(
     ("path", "why"),
     [
@@ -207,3 +219,32 @@ async def test_a_payload_naming_anything_but_a_task_fails_permanently(
     assert row["attempts"] == 1  # permanent: not retried
     assert row["last_error"].startswith(f"PermanentJobError: {path!r} {why}")
     assert await effects(pg, "forged") == 0
+
+
+def test_django_settings_must_be_a_module_path() -> None:
+    assert Settings(django_settings="mysite.settings").django_settings == "mysite.settings"
+    with pytest.raises(ValueError, match=r"is not a Python module path like 'mysite\.settings'"):
+        Settings(django_settings="mysite/settings.py")
+
+
+@pytest.mark.skipif(HAVE_DJANGO, reason="Django is installed here: the message is for without")
+def test_django_settings_without_django_stops_the_daemon_saying_what_to_install(
+    dsn: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "stoker.toml"
+    config.write_text('django_settings = "mysite.settings"\n', encoding="utf-8")
+    out = stoker_cli(dsn, "run", config=config)
+    assert out.returncode == 1
+    assert "django_settings is set but Django is not installed" in out.stderr
+    assert "pip install 'stoker[django]'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@needs_django
+def test_django_settings_naming_no_module_stops_the_daemon(dsn: str, tmp_path: Path) -> None:
+    config = tmp_path / "stoker.toml"
+    config.write_text('django_settings = "no_such_project.settings"\n', encoding="utf-8")
+    out = stoker_cli(dsn, "run", config=config)
+    assert out.returncode == 1
+    assert "cannot set up Django with 'no_such_project.settings'" in out.stderr
+    assert "Traceback" not in out.stderr
