@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
+import os
 import signal
 from datetime import datetime
 from functools import partial
@@ -25,7 +27,7 @@ from daemon.engine.pool import QueuePool
 from daemon.engine.registry import REGISTRY, Registry
 from daemon.engine.resources import Resources
 from daemon.engine.waiting import IdleSweep
-from daemon.errors import StokerError
+from daemon.errors import ConfigError, StokerError
 from daemon.events import wait_any
 from daemon.observe.metrics import Metrics
 from daemon.observe.systemd import Notifier
@@ -620,6 +622,28 @@ class Runtime:
             await asyncio.gather(*background)
             with contextlib.suppress(*DB_ERRORS):
                 await workers.unregister(db, s.worker_id)  # after the last heartbeat
+
+
+def setup_django(settings: Settings) -> None:
+    """With `django_settings`: Django set up before handler_modules are imported (they may
+    use its models), and the handler of django.tasks jobs registered."""
+    if settings.django_settings is None:
+        return
+    try:
+        import django
+    except ImportError:
+        raise ConfigError(
+            "django_settings is set but Django is not installed: pip install 'stoker[django]'"
+        ) from None
+    os.environ["DJANGO_SETTINGS_MODULE"] = settings.django_settings
+    try:
+        django.setup()
+    except Exception as exc:
+        raise ConfigError(
+            f"django_settings: cannot set up Django with {settings.django_settings!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    importlib.import_module("daemon.contrib.django.handler")
 
 
 def loop_time() -> float:

@@ -33,9 +33,10 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
     from daemon.engine.registry import import_handler_modules
     from daemon.observe.logs import setup_logging
-    from daemon.runtime import Runtime
+    from daemon.runtime import Runtime, setup_django
 
     setup_logging(settings.log_level, settings.log_format)
+    setup_django(settings)
     import_handler_modules(settings.handler_modules)
     result: int = uvloop.run(Runtime(settings).run())
     return result

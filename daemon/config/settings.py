@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, ge=2, le=500)
     worker_id: str = Field(default_factory=default_worker_id, min_length=1, max_length=200)
     handler_modules: list[str] = Field(default_factory=list)
+    # Django's settings module (stoker[django]): Django is set up before handler_modules are
+    # imported, and the daemon runs the django.tasks enqueued through StokerBackend.
+    django_settings: str | None = None
     queues: dict[str, QueueConfig] = Field(default_factory=lambda: {"default": QueueConfig()})
     schedules: dict[str, ScheduleConfig] = Field(default_factory=dict)
     http: HttpConfig = Field(default_factory=HttpConfig)
@@ -164,6 +167,13 @@ class Settings(BaseSettings):
         for name in value:
             if not MODULE_NAME.match(name):
                 raise ValueError(f"{name!r} is not a Python module path like 'myapp.jobs'")
+        return value
+
+    @field_validator("django_settings")
+    @classmethod
+    def _django_settings(cls, value: str | None) -> str | None:
+        if value is not None and not MODULE_NAME.match(value):
+            raise ValueError(f"{value!r} is not a Python module path like 'mysite.settings'")
         return value
 
     @classmethod
