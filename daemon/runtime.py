@@ -643,7 +643,14 @@ def setup_django(settings: Settings) -> None:
             f"django_settings: cannot set up Django with {settings.django_settings!r}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    importlib.import_module("daemon.contrib.django.handler")
+    django_handler = importlib.import_module("daemon.contrib.django.handler")
+    try:
+        django_handler.import_tasks_modules()
+    except Exception as exc:
+        raise ConfigError(
+            f"django_settings: an installed app's tasks module does not import: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def loop_time() -> float:

@@ -248,3 +248,33 @@ def test_django_settings_naming_no_module_stops_the_daemon(dsn: str, tmp_path: P
     assert out.returncode == 1
     assert "cannot set up Django with 'no_such_project.settings'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def side_effect_module(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A module in the installed test app's package that is not a task module and does
+    something when imported (as a script, a test module or a settings variant would)."""
+    app = Path(__file__).parent / "django_project" / "tasksapp"
+    module = app / "review18_script.py"
+    marker = tmp_path / "imported"
+    module.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    try:
+        yield "tests.django_project.tasksapp.review18_script", marker
+    finally:
+        module.unlink()
+
+
+# Review of #18: resolve() imported the module a payload names (any module under an installed
+# app's package) before checking that the attribute is a Task, so a forged job ran that
+# module's top-level code.
+@needs_django
+def test_the_handler_never_imports_a_payload_named_module_that_is_no_task(
+    side_effect_module: tuple[str, Path], django_dsn: str
+) -> None:
+    from daemon import PermanentJobError
+    from daemon.contrib.django.handler import resolve
+
+    module, marker = side_effect_module
+    with pytest.raises(PermanentJobError, match="was not imported at start"):
+        resolve(f"{module}.main")
+    assert not marker.exists(), "the payload-named module was imported (its code ran)"

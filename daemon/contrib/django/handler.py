@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import sys
 from inspect import iscoroutinefunction
 from typing import Any
 
@@ -30,8 +31,22 @@ class DjangoTaskPayload(BaseModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+def import_tasks_modules() -> None:
+    """Each installed app's `tasks` module, imported once at start: with the modules Django's
+    setup imported (models, apps), these are where a Task may be looked up."""
+    for config in apps.get_app_configs():
+        name = f"{config.name}.tasks"
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise  # the tasks module exists and fails to import: say so at start
+
+
 def resolve(path: str) -> Task:
-    """The Task at `path`, imported only from an installed app's package."""
+    """The Task at `path`, looked up only in a module already imported (by Django's setup, or
+    an installed app's `tasks` module at start): a payload never makes the daemon import a
+    module, whose top-level code would run whatever it is."""
     module_name, _, attribute = path.rpartition(".")
     packages = [config.name for config in apps.get_app_configs()]
     if not module_name or not any(
@@ -41,10 +56,12 @@ def resolve(path: str) -> Task:
             f"{path!r} is not in an installed app's package: only django.tasks Tasks of "
             "INSTALLED_APPS are run"
         )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise PermanentJobError(f"cannot import the module of {path!r}: {exc}") from exc
+    module = sys.modules.get(module_name)
+    if module is None:
+        raise PermanentJobError(
+            f"{path!r}: module {module_name!r} was not imported at start; a Task is run only "
+            "from an installed app's tasks module or a module Django's setup imports"
+        )
     found = getattr(module, attribute, None)
     if not isinstance(found, Task):
         raise PermanentJobError(f"{path!r} is not a django.tasks Task (a @task function)")
