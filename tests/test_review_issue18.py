@@ -1,12 +1,12 @@
 """Review of issue #18 (client, wait_for, meta filter, pooler probe, failover, Django): each
-test is a bug found in review, xfail(strict) until it is fixed."""
+test is a bug found in review, seen failing (xfail, strict) before its fix and passing since.
+The Django one lives in tests/test_django.py (it needs Django's setup of that module)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -27,12 +27,9 @@ def small_bouncer(server_dsn: str) -> Iterator[Bouncer]:
         bouncer.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="probe_pooling deadlocks on a transaction pooler with one server connection: client "
-    "B holds the only server session in its open transaction while client A's statement waits "
-    "for a server session (until pgbouncer's query_wait_timeout, 120 s by default)",
-)
+# The bug: probe_pooling deadlocks on a transaction pooler with one server connection: client B
+# holds the only server session in its open transaction while client A's statement waits for a
+# server session (until pgbouncer's query_wait_timeout, 120 s by default)
 async def test_pooling_probe_does_not_deadlock_on_a_one_connection_pool(
     small_bouncer: Bouncer, dsn: str
 ) -> None:
@@ -51,13 +48,10 @@ async def _idle_after_look(db: asyncpg.Connection) -> bool:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="announce_finished() checks stoker.job_waiters with the finishing transaction's "
-    "snapshot: a REPEATABLE READ (or SERIALIZABLE) transaction whose snapshot predates the "
-    "waiter's REGISTER cancels the job after the waiter looked, sends no NOTIFY, and "
-    "wait_for times out on a cancelled job",
-)
+# The bug: announce_finished() checks stoker.job_waiters with the finishing transaction's
+# snapshot: a REPEATABLE READ (or SERIALIZABLE) transaction whose snapshot predates the waiter's
+# REGISTER cancels the job after the waiter looked, sends no NOTIFY, and wait_for times out on a
+# cancelled job
 async def test_wait_for_sees_a_cancel_from_a_repeatable_read_transaction(
     dsn: str, db: asyncpg.Connection
 ) -> None:
@@ -101,52 +95,10 @@ async def test_timeout_while_the_look_waits_on_a_row_lock_cleans_up(
         await locker.close()
 
 
-@pytest.fixture
-def side_effect_module(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A module in the installed test app's package that is not a task module and does
-    something when imported (as a script, a test module or a settings variant would)."""
-    app = Path(__file__).parent / "django_project" / "tasksapp"
-    module = app / "review18_script.py"
-    marker = tmp_path / "imported"
-    module.write_text(f"open({str(marker)!r}, 'w').close()\n")
-    try:
-        yield "tests.django_project.tasksapp.review18_script", marker
-    finally:
-        module.unlink()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon.contrib.django.handler.resolve imports the module a payload names (any "
-    "module under an installed app's package) before checking that the attribute is a "
-    "django.tasks Task: a forged job runs that module's top-level code",
-)
-def test_django_handler_never_imports_a_payload_named_module_that_is_no_task(
-    side_effect_module: tuple[str, Path], dsn: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    pytest.importorskip("django.tasks", reason="Django 6 (Python 3.12): .venv-django")
-    import django
-
-    monkeypatch.setenv("DATABASE_URL", dsn)
-    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "tests.django_project.settings")
-    django.setup()
-    from daemon import PermanentJobError
-    from daemon.contrib.django.handler import resolve
-
-    module, marker = side_effect_module
-    with pytest.raises(PermanentJobError):
-        resolve(f"{module}.main")
-    assert not marker.exists(), "the payload-named module was imported (its code ran)"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="probe_pooling takes 'A ran on the same server session before and during B's "
-    "transaction' for a session pooler; with pgbouncer's server_round_robin = 1 and two idle "
-    "server sessions, A alternates back to its own session every round, so a transaction "
-    "pooler is reported as transaction=False and the LISTEN/leader-lock/migration checks "
-    "are skipped",
-)
+# The bug: probe_pooling takes 'A ran on the same server session before and during B's
+# transaction' for a session pooler; with pgbouncer's server_round_robin = 1 and two idle server
+# sessions, A alternates back to its own session every round, so a transaction pooler is reported
+# as transaction=False and the LISTEN/leader-lock/migration checks are skipped
 async def test_pooling_probe_finds_a_round_robin_transaction_pooler(
     small_bouncer: Bouncer, dsn: str
 ) -> None:

@@ -61,6 +61,14 @@ LISTEN = "LISTEN stoker_done"
 UNLISTEN = "UNLISTEN stoker_done"
 CHANNEL = "stoker_done"
 
+# Held while waiting: a transaction that ends a job under REPEATABLE READ or SERIALIZABLE
+# cannot see waiters' rows registered after its snapshot, so it tries this lock instead (see
+# sql/migrations/021_waiters_any_isolation.sql): held, it wakes every waiter ('*'); free, it
+# keeps it until it commits, and a waiter arriving meanwhile waits here until then.
+HOLD = "SELECT pg_advisory_lock_shared(8319396919015205236)"
+RELEASE = "SELECT pg_advisory_unlock_shared(8319396919015205236)"
+ANY_JOB = "*"  # a NOTIFY payload: look again, whatever job you wait for
+
 # The waiter's row, and the rows of waiters whose sessions ended without removing theirs.
 REGISTER = """
 WITH stale AS (

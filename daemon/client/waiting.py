@@ -91,18 +91,22 @@ class _PsycopgAsyncListener:
 async def _wait_async(listener: Any, job_id: int) -> JobStatus:
     await listener.listen()
     try:
-        await listener.rows(statements.REGISTER, [job_id])
+        await listener.rows(statements.HOLD, [])
         try:
-            while True:
-                live = await listener.rows(statements.LIVE_STATE, [job_id])
-                if not live or live[0][0] in FINISHED_STATES:
-                    done = _look(await listener.rows(statements.GET_JOB, [job_id]), job_id)
-                    if done is not None:
-                        return done
-                while await listener.next_payload() != str(job_id):
-                    pass
+            await listener.rows(statements.REGISTER, [job_id])
+            try:
+                while True:
+                    live = await listener.rows(statements.LIVE_STATE, [job_id])
+                    if not live or live[0][0] in FINISHED_STATES:
+                        done = _look(await listener.rows(statements.GET_JOB, [job_id]), job_id)
+                        if done is not None:
+                            return done
+                    while await listener.next_payload() not in (str(job_id), statements.ANY_JOB):
+                        pass
+            finally:
+                await listener.rows(statements.UNREGISTER, [job_id])
         finally:
-            await listener.rows(statements.UNREGISTER, [job_id])
+            await listener.rows(statements.RELEASE, [])
     finally:
         await listener.unlisten()
 
@@ -197,18 +201,22 @@ def _wait_psycopg_sync(conn: Any, job_id: int, deadline: float) -> JobStatus:
     listener = _PsycopgSyncListener(conn, deadline)
     listener.rows(statements.LISTEN, [])
     try:
-        listener.rows(statements.REGISTER, [job_id])
+        listener.rows(statements.HOLD, [])
         try:
-            while True:
-                live = listener.rows(statements.LIVE_STATE, [job_id])
-                if not live or live[0][0] in FINISHED_STATES:
-                    done = _look(listener.rows(statements.GET_JOB, [job_id]), job_id)
-                    if done is not None:
-                        return done
-                while listener.next_payload(job_id) != str(job_id):
-                    pass
+            listener.rows(statements.REGISTER, [job_id])
+            try:
+                while True:
+                    live = listener.rows(statements.LIVE_STATE, [job_id])
+                    if not live or live[0][0] in FINISHED_STATES:
+                        done = _look(listener.rows(statements.GET_JOB, [job_id]), job_id)
+                        if done is not None:
+                            return done
+                    while listener.next_payload(job_id) not in (str(job_id), statements.ANY_JOB):
+                        pass
+            finally:
+                listener.rows(statements.UNREGISTER, [job_id])
         finally:
-            listener.rows(statements.UNREGISTER, [job_id])
+            listener.rows(statements.RELEASE, [])
     finally:
         listener.rows(statements.UNLISTEN, [])
 

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import re
+import secrets
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -278,28 +279,43 @@ async def probe_pooling(dsn: str, *, statement_cache_size: int, rounds: int = 3)
     it, with two plain connections (no pool, no init: init itself prepares statements).
 
     Direct: pg_backend_pid() is the pid of the startup handshake; one round trip. Otherwise,
-    client A runs a (prepared, when the cache is on) statement, client B opens a transaction
-    and A runs it again: a session pooler keeps A on its server session; a transaction pooler
-    hands B the session A just released (pgbouncer reuses the most recent one) and A another,
-    where the statement is unknown unless the pooler re-prepares it (pgbouncer >= 1.21 with
-    max_prepared_statements). A few rounds, in case other clients of the pooler interleave."""
+    client A sets a session setting to a token of its own, and A and B (each with the
+    statement cache asked for) read it in turns: through a session pooler only A ever sees it;
+    through a transaction pooler B sees it once it runs on the server session A used, or A
+    loses it once A runs on another (whichever way the pooler hands out sessions: most
+    recently used, round robin, or a single one). No statement waits on another client, so
+    a pool of one server connection cannot deadlock the probe. Prepared statements survive
+    only a pooler that manages them (pgbouncer >= 1.21 with max_prepared_statements), which
+    renames them on the server."""
     a: asyncpg.Connection = await asyncpg.connect(
         dsn, statement_cache_size=statement_cache_size, timeout=10
     )
     b: asyncpg.Connection | None = None
-    backend = "SELECT pg_backend_pid()"
     try:
-        if await a.fetchval(backend) == a.get_server_pid():
+        if await a.fetchval("SELECT pg_backend_pid()") == a.get_server_pid():
             return DIRECT
-        b = await asyncpg.connect(dsn, statement_cache_size=0, timeout=10)
+        b = await asyncpg.connect(dsn, statement_cache_size=statement_cache_size, timeout=10)
+        token = secrets.token_hex(8)
+        await a.fetchval("SELECT set_config('stoker.pooling_probe', $1, false)", token)
+        read = "SELECT current_setting('stoker.pooling_probe', true)"
+        transaction = False
         for _ in range(rounds):
-            first = await a.fetchval(backend)
-            async with b.transaction():
-                await b.fetchval(backend)
-                again = await a.fetchval(backend)
-            if again != first:
-                return Pooling(pooler=True, transaction=True, prepared_broken=False)
-        return Pooling(pooler=True, transaction=False, prepared_broken=False)
+            # B, then A twice: A's own consecutive transactions move on under round robin.
+            seen = [await b.fetchval(read) == token]
+            seen += [await a.fetchval(read) != token for _ in range(2)]
+            if any(seen):
+                transaction = True
+                break
+        if not transaction:
+            return Pooling(pooler=True, transaction=False, prepared_broken=False)
+        if statement_cache_size > 0:
+            # A pooler that carries prepared statements across server sessions renames them
+            # (pgbouncer >= 1.21: PGBOUNCER_n); asyncpg's own names mean they pass through,
+            # to be lost, or to clash with another client's, on the next session.
+            names = await a.fetch("SELECT name FROM pg_prepared_statements")
+            if any(r["name"].startswith("__asyncpg") for r in names):
+                return Pooling(pooler=True, transaction=True, prepared_broken=True)
+        return Pooling(pooler=True, transaction=True, prepared_broken=False)
     except PREPARED_LOST:
         return Pooling(pooler=True, transaction=True, prepared_broken=True)
     finally:
