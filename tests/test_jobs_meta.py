@@ -166,3 +166,27 @@ async def test_api_jobs_by_meta(
         status, body = await _get(http, query)
         assert status == 422, (query, body)
         assert loc in [f["loc"] for f in body["fields"]], body
+
+
+async def test_api_counts_jobs_by_meta(
+    http: TestClient[web.Request, web.Application], db: asyncpg.Connection
+) -> None:
+    await _org_jobs(db)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def count(query: str) -> tuple[int, Any]:
+        async with http.get("/api/v1/jobs/count?" + query, headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    assert await count("meta.org=org_x") == (200, {"count": 2})
+    assert await count("meta.org=org_x&meta.user=u1") == (200, {"count": 1})
+    assert await count("meta.org=org_x&state=active") == (200, {"count": 1})
+    assert await count("meta.org=nobody") == (200, {"count": 0})
+    for query, loc in [
+        ("", "query.meta"),
+        ("state=active", "query.meta"),
+        ("meta.=x", "query.meta."),
+    ]:
+        status, body = await count(query)
+        assert status == 422, (query, body)
+        assert loc in [f["loc"] for f in body["fields"]], body

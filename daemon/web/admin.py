@@ -34,7 +34,9 @@ from daemon.web.admin_models import (
     EnqueueRequest,
     ErrorBody,
     Job,
+    JobCount,
     JobPage,
+    JobsCountQuery,
     JobsQuery,
     QueueList,
     QueuePaused,
@@ -197,6 +199,18 @@ class Api:
         page = [dict(r) for r in rows[: q.limit]]
         return _json({"jobs": page, "next_before": page[-1]["id"] if more else None})
 
+    async def count_jobs(self, request: web.Request) -> web.Response:
+        """How many jobs, live and finished, match every `meta.KEY=VALUE` given (at least one;
+        indexed), narrowed by state, queue and kind."""
+        q = _query(request, JobsCountQuery, skip=META_PREFIX)
+        meta = _meta_query(request)
+        if not meta:
+            loc = [{"loc": "query.meta", "msg": "give at least one meta.KEY=VALUE to count by"}]
+            raise ApiError(422, "invalid request", fields=loc)
+        async with self.conn() as conn:
+            n = await jobs.count_jobs(conn, meta, state=q.state, queue=q.queue, kind=q.kind)
+        return _json({"count": n})
+
     async def get_job(self, request: web.Request) -> web.Response:
         """One job, with every attempt's error."""
         async with self.conn() as conn:
@@ -332,6 +346,7 @@ class Route:
 ROUTES = (
     Route("POST /jobs", "enqueue_job", Created, 201, body=EnqueueRequest),
     Route("GET /jobs", "list_jobs", JobPage, query=JobsQuery),
+    Route("GET /jobs/count", "count_jobs", JobCount, query=JobsCountQuery),
     Route("GET /jobs/{id}", "get_job", Job, errors=(404,)),
     Route("POST /jobs/{id}/retry", "retry_job", Retried, errors=(404, 409)),
     Route("POST /jobs/{id}/cancel", "cancel_job", Cancelled, errors=(404, 409)),

@@ -68,6 +68,18 @@ class JobsQuery(BaseModel):
     before: int | None = Field(None, ge=1, le=BIGINT_MAX, description="only smaller ids")
 
 
+class JobsCountQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # lax: query values arrive as text
+
+    state: State | None = None
+    queue: QueueName | None = None
+    kind: Kind | None = None
+
+
+class JobCount(BaseModel):
+    count: int
+
+
 class Created(BaseModel):
     id: int
 
