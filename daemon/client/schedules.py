@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
-
 from daemon.client import statements
 from daemon.client.drivers import async_runner, sync_runner
 from daemon.client.jobs import _json
-from daemon.config.models import SCHEDULE_NAME, ScheduleConfig
+from daemon.config.models import checked_schedule
 from daemon.cron.cronspec import CronSpec, parse_zone
 
 
@@ -28,17 +26,7 @@ def _schedule_args(name: str, fields: dict[str, Any]) -> list[Any]:
             check()
         except ValueError as exc:
             raise ValueError(f"invalid schedule {name!r}: {field}: {exc}") from None
-    try:
-        cfg = ScheduleConfig(**fields)
-    except ValidationError as exc:
-        # Its text would repeat the values, and a ping URL may hold a token: name the fields.
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'schedule'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        raise ValueError(f"invalid schedule {name!r}: {problems}") from None
-    if not SCHEDULE_NAME.match(name):
-        raise ValueError(f"schedule name {name!r} is not valid: use lowercase a-z 0-9 _ . : -")
+    cfg = checked_schedule(name, fields)
     return [
         name,
         cfg.cron,

@@ -12,6 +12,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -177,6 +178,23 @@ class ScheduleConfig(Strict):
         if not QUEUE_NAME.match(self.queue):
             raise ValueError(f"queue {self.queue!r} is not a valid queue name")
         return self
+
+
+def checked_schedule(name: str, fields: dict[str, Any]) -> ScheduleConfig:
+    """A schedule saved at run time (stoker.schedules), checked as the daemon checks its own:
+    ValueError naming each field at fault, never repeating a value (a ping URL may hold a
+    token), so a bad schedule never reaches the table, where the leader could only log it."""
+    try:
+        cfg = ScheduleConfig(**fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'schedule'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        raise ValueError(f"invalid schedule {name!r}: {problems}") from None
+    if not SCHEDULE_NAME.match(name):
+        raise ValueError(f"schedule name {name!r} is not valid: use lowercase a-z 0-9 _ . : -")
+    return cfg
 
 
 class HttpConfig(Strict):

@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 import asyncpg
-from pydantic import ValidationError
 
-from daemon.config import SCHEDULE_NAME, ScheduleConfig
+from daemon.config import ScheduleConfig
+from daemon.config.models import checked_schedule
 from daemon.cron import queries
 from daemon.cron.cronspec import CronSpec
 from daemon.cron.firing import CAUGHT_UP_AFTER, Due, fire_many, overlap_reason, tick_key
@@ -609,31 +609,24 @@ async def save_schedule(
 
     The expression, zone and options are validated here (raising ValueError naming the
     problem), so a bad schedule never reaches the table."""
-    try:
-        cfg = ScheduleConfig(
-            cron=cron,
-            timezone=timezone,
-            kind=kind,
-            queue=queue,
-            payload=payload or {},
-            meta=meta or {},
-            enabled=enabled,
-            catch_up=catch_up,
-            max_catch_up=max_catch_up,
-            overlap=overlap,
-            description=description,
-            skip_grace=skip_grace,
-            ping_url=ping_url,
-        )
-    except ValidationError as exc:
-        # Its text would repeat the values, and a ping URL may hold a token: name the fields.
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'schedule'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        raise ValueError(f"invalid schedule {name!r}: {problems}") from None
-    if not SCHEDULE_NAME.match(name):
-        raise ValueError(f"schedule name {name!r} is not valid: use lowercase a-z 0-9 _ . : -")
+    cfg = checked_schedule(
+        name,
+        {
+            "cron": cron,
+            "timezone": timezone,
+            "kind": kind,
+            "queue": queue,
+            "payload": payload or {},
+            "meta": meta or {},
+            "enabled": enabled,
+            "catch_up": catch_up,
+            "max_catch_up": max_catch_up,
+            "overlap": overlap,
+            "description": description,
+            "skip_grace": skip_grace,
+            "ping_url": ping_url,
+        },
+    )
     await conn.execute(
         queries.SAVE_SCHEDULE,
         name,
