@@ -21,7 +21,13 @@ from daemon.cron.schedules import prune_ticks
 from daemon.cron.timer import Scheduler
 from daemon.engine.listener import Listener
 from daemon.engine.loopwatch import LoopWatch
-from daemon.engine.maintenance import heartbeat_loop, maintenance_loop, purge_loop, vacuum_loop
+from daemon.engine.maintenance import (
+    heartbeat_loop,
+    maintenance_loop,
+    prune_rate_starts,
+    purge_loop,
+    vacuum_loop,
+)
 from daemon.engine.outcomes import Completer
 from daemon.engine.pool import QueuePool
 from daemon.engine.registry import REGISTRY, Registry
@@ -497,6 +503,7 @@ class Runtime:
                         also=[
                             partial(prune_ticks, keep_days=s.ledger_retention_days),
                             workers.prune,
+                            prune_rate_starts,
                         ],
                     ),
                     name="stoker-purge",

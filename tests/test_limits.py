@@ -391,3 +391,20 @@ async def test_global_concurrency_holds_through_a_database_crash(
     assert most_at_once([(r["start"], r["end"]) for r in runs]) <= 3
     ran = [r["id"] for r in runs]
     assert len(ran) == len(set(ran)) == 300, "a job ran twice, or not at all"
+
+
+async def test_starts_of_a_rate_limit_that_was_removed_are_pruned(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    # A queue that once had a rate limit, and one that has it now: only day-old starts go.
+    await db.execute(
+        "INSERT INTO stoker.rate_starts (queue, key, at, starts) VALUES"
+        " ('once_limited', '', now() - interval '2 days', 5), ('api', '', now(), 1)"
+    )
+    await daemons.start("[queues.default]\n")
+
+    async def pruned() -> bool:
+        left = await db.fetch("SELECT queue FROM stoker.rate_starts ORDER BY queue")
+        return [r["queue"] for r in left] == ["api"]
+
+    await eventually(pruned, 30)

@@ -149,6 +149,10 @@ async def move_parked(db: asyncpg.Pool, limit: int = 100) -> int:
     return moved
 
 
+async def prune_rate_starts(db: asyncpg.Pool | asyncpg.Connection) -> None:
+    await db.execute(queries.PRUNE_RATE_STARTS)
+
+
 async def purge_loop(
     db: asyncpg.Pool,
     *,

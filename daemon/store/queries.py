@@ -372,6 +372,11 @@ UPDATE stoker.jobs j
 RETURNING j.id, j.queue, j.attempts, j.state = 'cancelled' AS cancelled
 """
 
+# Starts older than the longest rate window (a day): a queue's own claims delete those of its
+# window, but a queue whose rate limit was removed (or whose daemons are gone) never claims
+# through stoker.claim_limited again, and its rows would stay.
+PRUNE_RATE_STARTS = "DELETE FROM stoker.rate_starts WHERE at < now() - interval '25 hours'"
+
 PURGE_HISTORY = """
 DELETE FROM stoker.job_history
  WHERE id IN (SELECT id FROM stoker.job_history
