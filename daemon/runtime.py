@@ -181,6 +181,12 @@ class Runtime:
         if pool is not None:
             pool.note_requeued(run_at)
 
+    def _rider(self, queue: str) -> QueuePool | None:
+        """The pool whose claims may ride along with its outcome writes: one with a global
+        concurrency limit (see Completer)."""
+        pool = self.pools.get(queue)
+        return pool if pool is not None and pool.config.global_concurrency is not None else None
+
     def _on_released(self, queue: str) -> None:
         pool = self.pools.get(queue)
         if pool is not None:
@@ -367,6 +373,7 @@ class Runtime:
             flush_max=s.flush_max,
             on_requeued=self._on_requeued,
             on_released=self._on_released,
+            rider=self._rider,
             urgent_queues=frozenset(
                 name
                 for name, q in s.queues.items()

@@ -22,6 +22,7 @@ import pytest
 from daemon.config import QueueConfig
 from daemon.dev.pgcluster import Cluster
 from daemon.enqueue import Job, enqueue, enqueue_many
+from daemon.store import queries
 from daemon.store.migrations import migrate
 from tests.conftest import DaemonFactory, eventually
 
@@ -329,6 +330,70 @@ async def test_a_database_defaulting_to_repeatable_read_still_gets_its_limits(
     await wait_drained(db, "capped", 40, 60)
     assert most_at_once([(r["start"], r["end"]) for r in records(tmp_path)]) <= 2
     assert "limited claims set it themselves" in daemon.log()
+
+
+def limited_args(queue: str, wanted: int, worker: str, global_limit: int) -> tuple[object, ...]:
+    """CLAIM_LIMITED's arguments for a queue with only a global limit."""
+    return (queue, wanted, worker, 30.0, False, global_limit, None, None, None, False, None)
+
+
+async def test_outcomes_written_with_a_claim_along_are_those_of_the_plain_write(
+    db: asyncpg.Connection,
+) -> None:
+    """stoker.complete_and_claim (a queue held back by its global limit claims in the write of
+    its outcomes) writes history rows like COMPLETE_SUCCEEDED, fences a stale attempt out like
+    it, and its claim counts the slots its own outcomes just freed."""
+    await db.execute(
+        """
+        INSERT INTO stoker.jobs (queue, kind, payload, meta, priority, max_attempts,
+                                 concurrency_key)
+        SELECT 'along', 'test.record', '{"seconds": 0, "label": "x"}', '{"org": "acme"}', 3, 7,
+               'k' FROM generate_series(1, 5)
+        """
+    )
+    claimed = await db.fetch(queries.CLAIM_LIMITED, *limited_args("along", 3, "w1", 3))
+    plain, along, stale = sorted(r["id"] for r in claimed if r["id"] is not None)
+    assert [r["blocked"] for r in claimed if r["id"] is None] == ["global"]
+    result = '{"sent": 1}'
+    await db.fetch(queries.COMPLETE_SUCCEEDED, [plain], [1], [result], "w1")
+    rows = await db.fetch(
+        queries.COMPLETE_AND_CLAIM,
+        [along, stale],
+        [1, 2],  # the stale one's attempt is 1: this outcome is fenced out
+        [result, result],
+        *limited_args("along", 5, "w1", 3),
+    )
+    assert [r["done_id"] for r in rows if r["done_id"] is not None] == [along]
+    # Two slots were free (plain's and along's): the claim takes both of the two jobs left,
+    # and says the limit holds it back.
+    assert len([r for r in rows if r["id"] is not None]) == 2
+    assert [r["blocked"] for r in rows if r["done_id"] is None and r["id"] is None] == ["global"]
+    assert await db.fetchval("SELECT state::text FROM stoker.jobs WHERE id = $1", stale) == (
+        "active"
+    )
+    history = await db.fetch(
+        "SELECT * FROM stoker.job_history WHERE id = ANY($1) ORDER BY id", [plain, along]
+    )
+    assert len(history) == 2
+    moments = {"id", "created_at", "started_at", "finished_at", "run_at", "updated_at"}
+    first, second = dict(history[0]), dict(history[1])
+    differ = {k for k in first if k not in moments and first[k] != second[k]}
+    assert not differ, f"columns written differently: {sorted(differ)}"
+    assert history[1]["state"] == "succeeded" and history[1]["result"] == {"sent": 1}
+
+
+async def test_a_claim_along_that_postgresql_refuses_leaves_the_outcomes_written(
+    daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The statement that writes outcomes and claims along is refused (here: the function is
+    gone): the outcomes are written alone, the pool claims by itself, the limit holds."""
+    await db.execute("ALTER FUNCTION stoker.complete_and_claim RENAME TO complete_and_claim_off")
+    daemon = await daemons.start("[queues.capped]\nconcurrency = 10\nglobal_concurrency = 3\n")
+    await insert(db, "capped", [(None, 0.01, f"j{i}") for i in range(60)])
+    await wait_drained(db, "capped", 60, 60)
+    runs = records(tmp_path)
+    assert len(runs) == 60 and most_at_once([(r["start"], r["end"]) for r in runs]) <= 3
+    assert "Traceback" not in daemon.log() and "ERROR" not in daemon.log()
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import asyncpg
 
@@ -44,6 +44,23 @@ RequeuedFn = Callable[[str, datetime], None]
 ReleasedFn = Callable[[str], None]
 
 
+class Rider(Protocol):
+    """A pool whose next claim may ride along with a write of its queue's outcomes."""
+
+    def claim_along(self) -> tuple[object, ...] | None:
+        """CLAIM_LIMITED's arguments for a claim made with the next write, or None. Once
+        given, `claimed_along` is called exactly once."""
+        ...
+
+    def claimed_along(self, rows: list[asyncpg.Record] | None) -> None:
+        """What the claim found (rows as stoker.complete_and_claim returns them), or None:
+        it was not made, and the pool claims by itself."""
+        ...
+
+
+RiderFn = Callable[[str], Rider | None]
+
+
 class Completer:
     """One per daemon. `add` never waits; the flusher task writes what has accumulated.
 
@@ -64,6 +81,7 @@ class Completer:
         on_requeued: RequeuedFn,
         on_released: ReleasedFn | None = None,
         urgent_queues: frozenset[str] = frozenset(),
+        rider: RiderFn | None = None,
     ) -> None:
         self._db = db
         self._worker_id = worker_id
@@ -75,6 +93,11 @@ class Completer:
         # written, so their outcomes skip the batching window (it halved a limited drain).
         self._urgent_queues = urgent_queues
         self._urgent = False
+        # A queue held back by its global limit claims with the write of its outcomes: a slot
+        # is free only once its outcome is written, so the limit's jobs drain in a serial
+        # cycle, and this takes a round trip and a commit out of each turn.
+        self._rider = rider
+        self._along: tuple[Rider, list[asyncpg.Record]] | None = None  # to hand over
         self._buffer: list[Outcome] = []
         self._pending = asyncio.Event()
         self._closing = False
@@ -252,7 +275,7 @@ class Completer:
         transient errors, to be retried unchanged (a batch is halved on those too when
         `stuck`); never drops or rewrites an outcome for a transient error."""
         try:
-            await self._write(batch)
+            await self._write(batch, along=True)
         except Exception as exc:
             transient = is_transient(exc)
             if len(batch) == 1:
@@ -277,6 +300,16 @@ class Completer:
             await self._write_split(batch[half:], stuck=stuck)
             return
         self._taken(len(batch))
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Start what a claim made with the write found, once the written outcomes are off the
+        buffer: a job it claimed again is then matched against what is still to be written
+        (see adopt), never against what was."""
+        along, self._along = self._along, None
+        if along is not None:
+            rider, rows = along
+            rider.claimed_along(rows)
 
     async def _write_one(self, outcome: Outcome, refused: Exception) -> None:
         """One outcome PostgreSQL refused for itself: write it with the refused value replaced
@@ -346,15 +379,25 @@ class Completer:
         self._closing = True
         self._pending.set()
 
-    async def _write(self, batch: list[Outcome]) -> None:
+    async def _write(self, batch: list[Outcome], *, along: bool = False) -> None:
+        """Write `batch`. `along`: a pool of the batch's queues held back by its global limit
+        may claim in the same statement (its rows are handed over by _hand_over)."""
         # Acquiring is apart from the statement: failing to connect is always worth a retry,
         # whatever the error says (a database refusing connections is not a refused outcome).
         try:
             conn = await self._db.acquire()
         except Exception as exc:
             raise ConnectionUnavailable(_one_line(exc)) from exc
+        rows: list[Any]  # records, or the dicts _write_along makes of its rows
         try:
-            if all(o.outcome == "succeeded" for o in batch):
+            succeeded = all(o.outcome == "succeeded" for o in batch)
+            ride = self._ride(batch) if along and succeeded else None
+            written = None
+            if ride is not None:
+                written = await self._write_along(conn, batch, *ride)
+            if written is not None:
+                rows = written
+            elif succeeded:
                 rows = await conn.fetch(
                     queries.COMPLETE_SUCCEEDED,
                     [o.job_id for o in batch],
@@ -370,6 +413,50 @@ class Completer:
         cancelled = [row["id"] for row in rows if row.get("cancelled_here")]
         if cancelled:
             await self._move_cancelled(cancelled)
+
+    def _ride(self, batch: list[Outcome]) -> tuple[Rider, tuple[object, ...]] | None:
+        if self._rider is None:
+            return None
+        for queue in dict.fromkeys(o.queue for o in batch):
+            rider = self._rider(queue)
+            args = rider.claim_along() if rider is not None else None
+            if rider is not None and args is not None:
+                return rider, args
+        return None
+
+    async def _write_along(
+        self,
+        conn: asyncpg.Connection,
+        batch: list[Outcome],
+        rider: Rider,
+        args: tuple[object, ...],
+    ) -> list[Mapping[str, Any]] | None:
+        """The outcomes and the rider's claim in one statement; None if PostgreSQL refused it
+        (the claim may be what it refused: a REPEATABLE READ default, say), and the outcomes
+        are then written alone. A transient error is raised, the claim left to the pool."""
+        try:
+            rows = await conn.fetch(
+                queries.COMPLETE_AND_CLAIM,
+                [o.job_id for o in batch],
+                [o.attempt for o in batch],
+                [o.result for o in batch],
+                *args,
+            )
+        except Exception as exc:
+            rider.claimed_along(None)
+            if is_transient(exc):
+                raise
+            log.debug("outcomes written without a claim along: %s", _one_line(exc))
+            return None
+        done: list[Mapping[str, Any]] = []
+        claimed: list[asyncpg.Record] = []
+        for row in rows:
+            if row["done_id"] is not None:
+                done.append({"id": row["done_id"], "queue": row["done_queue"], "run_at": None})
+            else:
+                claimed.append(row)
+        self._along = (rider, claimed)
+        return done
 
     async def _move_cancelled(self, ids: list[int]) -> None:
         """Requeues that a cancel request turned into 'cancelled' in stoker.jobs go on to
@@ -408,7 +495,7 @@ class Completer:
         )
         return rows
 
-    def _account(self, batch: list[Outcome], rows: list[asyncpg.Record]) -> None:
+    def _account(self, batch: list[Outcome], rows: list[Any]) -> None:
         # A batch holds one outcome per job (see _next_batch): rows match outcomes by id.
         self.written += len(rows)
         if len(rows) != len(batch):

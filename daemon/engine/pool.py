@@ -138,6 +138,12 @@ class QueuePool:
         self._retry_at: float | None = None  # a rate limit's window frees a start then (epoch)
         self._key_cursor: str | None = None  # a key-limited claim goes on after this key
         self._read_committed = False  # limited claims set READ COMMITTED themselves
+        self._waiting_for_limit = False  # in _wait_for_limit: the completer may claim for us
+        # Set while a claim rides along with an outcome write (claim_along): the pool makes
+        # none of its own meanwhile, or it could claim past its concurrency.
+        self._along_done = asyncio.Event()
+        self._along_done.set()
+        self._along_stops_waiting = False
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -165,8 +171,9 @@ class QueuePool:
     def released(self) -> None:
         """Outcomes of this queue's jobs were written here: their slots are free in the
         database now. A limited queue's pool claims again at once (a claim in flight may be
-        about to say a limit held it back)."""
-        if self.config.limited:
+        about to say a limit held it back). Not while a claim rides along with the write that
+        released them: that claim saw the slots free."""
+        if self.config.limited and self._along_done.is_set():
             self._fetch_needed = True
             self._wake.set()
 
@@ -238,6 +245,9 @@ class QueuePool:
                 # here would fence out its buffered outcome and run it a second time.
                 await wait_any(self._completer.settled, self._stopping)
                 continue
+            if not self._along_done.is_set():
+                await self._along_done.wait()
+                continue
             want = min(free, self.config.batch_size)
             self._wake.clear()
             self._fetch_needed = False
@@ -283,15 +293,59 @@ class QueuePool:
                 await self._idle(claimed_nothing=True)
 
     async def _wait_for_limit(self) -> None:
-        deadline = self._clock.now() + self.config.poll_interval
-        if self._retry_at is not None:
-            deadline = min(deadline, self._retry_at + LIMIT_MARGIN)
-        while not self._stopping.is_set() and not self._fetch_needed:
-            remaining = deadline - self._clock.now()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            await wait_any(self._wake, seconds=remaining)
+        poll = self._clock.now() + self.config.poll_interval
+        self._waiting_for_limit = True
+        try:
+            while not self._stopping.is_set() and not self._fetch_needed:
+                # A claim made along with an outcome write meanwhile may have moved retry_at.
+                deadline = poll
+                if self._retry_at is not None:
+                    deadline = min(deadline, self._retry_at + LIMIT_MARGIN)
+                remaining = deadline - self._clock.now()
+                if remaining <= 0:
+                    return
+                self._wake.clear()
+                await wait_any(self._wake, seconds=remaining)
+        finally:
+            self._waiting_for_limit = False
+
+    def claim_along(self) -> tuple[object, ...] | None:
+        """The arguments of a claim the completer makes in the statement that writes this
+        queue's outcomes (Completer's rider), while the pool waits for its global limit.
+        Then `claimed_along` gets what it found, and the pool claims nothing meanwhile."""
+        if (
+            not self._waiting_for_limit
+            or "global" not in self.held_back
+            or not self._along_done.is_set()
+            or self._read_committed  # its claims need a transaction of their own
+            or self._stopping.is_set()
+            or not self._completer.settled.is_set()
+        ):
+            return None
+        want = min(self.free_slots, self.config.batch_size)
+        if want <= 0:
+            return None
+        self._along_done.clear()
+        self._along_stops_waiting = self._row_may_exist
+        return self._limited_args(want, stop_waiting=self._along_stops_waiting)
+
+    def claimed_along(self, rows: list[asyncpg.Record] | None) -> None:
+        """The claim made with an outcome write: start what it found; None, it was not made.
+        Still held back by a limit, the pool goes on waiting; else it claims again itself."""
+        try:
+            if rows is not None:
+                jobs = self._took(rows, stopped_waiting=self._along_stops_waiting, offset=2)
+                if jobs:
+                    self._out_of_reach = 0
+                    self._start(jobs)
+            if rows is None or not self.held_back - {"key"}:
+                self._fetch_needed = True
+        except Exception:  # never leave the pool waiting on a claim that is over
+            log.exception("queue %s: starting the jobs of a claim along failed", self.name)
+            self._fetch_needed = True
+        finally:
+            self._along_done.set()
+            self._wake.set()
 
     async def _wait_registered(self) -> None:
         """After a claim that found nothing: say we wait, look once more, and sleep.
@@ -385,21 +439,7 @@ class QueuePool:
     async def _claim_limited(self, limit: int, *, stop_waiting: bool) -> list[ClaimedJob]:
         """The claim of a queue with limits, on the pool (a claim waits for the queue's limits
         lock, which the listener's connection must never do)."""
-        c = self.config
-        rate = c.rate_limit
-        args = (
-            self.name,
-            limit,
-            self._worker_id,
-            self._lease_seconds,
-            stop_waiting,
-            c.global_concurrency,
-            c.key_concurrency,
-            rate.count if rate is not None else None,
-            rate.window if rate is not None else None,
-            c.rate_limit_by_key,
-            self._key_cursor,
-        )
+        args = self._limited_args(limit, stop_waiting=stop_waiting)
         try:
             rows = await self._fetch_limited(args)
         except asyncpg.FeatureNotSupportedError as exc:
@@ -415,7 +455,31 @@ class QueuePool:
             self._read_committed = True
             rows = await self._fetch_limited(args)
         self._notified = False
-        if stop_waiting:
+        return self._took(rows, stopped_waiting=stop_waiting)
+
+    def _limited_args(self, limit: int, *, stop_waiting: bool) -> tuple[object, ...]:
+        c = self.config
+        rate = c.rate_limit
+        return (
+            self.name,
+            limit,
+            self._worker_id,
+            self._lease_seconds,
+            stop_waiting,
+            c.global_concurrency,
+            c.key_concurrency,
+            rate.count if rate is not None else None,
+            rate.window if rate is not None else None,
+            c.rate_limit_by_key,
+            self._key_cursor,
+        )
+
+    def _took(
+        self, rows: list[asyncpg.Record], *, stopped_waiting: bool, offset: int = 0
+    ) -> list[ClaimedJob]:
+        """The jobs of a limited claim's rows (stoker.claim_limited's columns from `offset`
+        on), and what held it back."""
+        if stopped_waiting:
             self._row_may_exist = False
         jobs: list[ClaimedJob] = []
         held: set[str] = set()
@@ -423,7 +487,7 @@ class QueuePool:
         keys: list[str] = []
         for r in rows:
             if r["id"] is not None:
-                jobs.append(ClaimedJob(*tuple(r)[:8]))
+                jobs.append(ClaimedJob(*tuple(r)[offset : offset + 8]))
                 if r["concurrency_key"] is not None:
                     keys.append(r["concurrency_key"])
             elif r["blocked"] is not None:

@@ -88,6 +88,14 @@ CLAIM = _claim()
 # The columns of CLAIM, then `blocked`, `retry_at` and the job's `concurrency_key`.
 CLAIM_LIMITED = "SELECT * FROM stoker.claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 
+# Succeeded outcomes written and the next claim of a queue held back by its global limit, in
+# one round trip and one commit (022_complete_and_claim.sql): $1 ids, $2 attempts, $3 results,
+# then CLAIM_LIMITED's arguments. The written outcomes come first (done_id set), then the claim.
+COMPLETE_AND_CLAIM = (
+    "SELECT * FROM stoker.complete_and_claim("
+    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+)
+
 # The claim of a pool that was waiting, woken by a NOTIFY (or a look that found work): it
 # stops saying it waits in the same statement, so that the producers of a burst that follows
 # send no more NOTIFYs (each serialises commits: see QueuePool.run). A data-modifying CTE runs
