@@ -38,7 +38,7 @@ from daemon.events import wait_any
 from daemon.observe.metrics import Metrics
 from daemon.observe.systemd import Notifier
 from daemon.operate import throughput, workers
-from daemon.operate.limits import configured_limits
+from daemon.operate.limits import MismatchWatch, configured_limits, daemon_text, served_limits
 from daemon.store import queries
 from daemon.store.clock import DbClock
 from daemon.store.db import (
@@ -114,7 +114,14 @@ class Runtime:
         self.health = HealthState(draining=self.stopping.is_set)
         self.notifier = Notifier()
         self.http: HttpServer | None = None
-        self.me = workers.Worker(settings.worker_id, list(settings.queues))
+        self.me = workers.Worker(
+            settings.worker_id,
+            list(settings.queues),
+            limits=served_limits(settings.queues),
+            gone_after_s=workers.gone_after(settings.lease_seconds),
+        )
+        me = {"worker": self.me.worker, "host": self.me.host, "pid": self.me.pid}
+        self.limits_watch = MismatchWatch(daemon_text(me), served_limits(settings.queues))
         self._announced = False
         self.read_only: str | None = None  # why the pool's server takes no writes, if it does not
 
@@ -400,9 +407,11 @@ class Runtime:
         self._wire_metrics(db, completer)
         self.health.db = db
         try:
-            await workers.register(db, self.me)
+            peers = await workers.register(db, self.me)
         except DB_ERRORS as exc:
             log.warning("cannot write this daemon into stoker.workers: %s", exc)
+        else:
+            self._compare_limits(peers)
         if s.http.enabled:
             app = build_app(
                 s.http, self.health, self.metrics, self._admin_app(db), self._dashboard_app(db)
@@ -465,6 +474,20 @@ class Runtime:
         )
         snap.limits = configured_limits(self.settings.queues)
         snap.limited = lambda: {n: p.held_back for n, p in self.pools.items() if p.held_back}
+        snap.limits_mismatch = self.limits_watch.mismatched
+
+    async def _beat(self, db: asyncpg.Pool) -> None:
+        """The registry's "still here", and a look at the daemons started since: one deployed
+        later with other limits is noticed by those already running."""
+        self._compare_limits(await workers.seen(db, self.me))
+
+    def _compare_limits(self, peers: list[asyncpg.Record]) -> None:
+        # Only a warning rides on it: a row it cannot read (written by some other version)
+        # must not stop the start, nor the heartbeat that renews the running jobs' leases.
+        try:
+            self.limits_watch.note(peers)
+        except Exception:
+            log.exception("cannot compare this daemon's queue limits with the other daemons'")
 
     async def _run_tasks(self, db: asyncpg.Pool, completer: Completer) -> None:
         watch = LoopWatch(
@@ -488,7 +511,7 @@ class Runtime:
                         lease_seconds=s.lease_seconds,
                         running_ids=self._running_ids,
                         stopping=self.finished,
-                        on_beat=partial(workers.seen, db, self.me),
+                        on_beat=partial(self._beat, db),
                         on_cancel=self._on_cancel,
                     ),
                     name="stoker-heartbeat",

@@ -452,6 +452,7 @@ async def test_queues_counts_pause_and_resume(api: Api, db: asyncpg.Connection) 
         "counts": zero,
         "oldest_due_s": None,
         "limits": None,  # no limits configured
+        "limits_mismatch": None,  # no daemons configured apart
     }
     assert queues["emails"]["counts"] == zero | {"failed": 1}
     assert queues["reports"]["counts"] == zero | {"queued": 1}
@@ -477,6 +478,7 @@ async def test_queues_counts_pause_and_resume(api: Api, db: asyncpg.Connection) 
         "counts": zero,
         "oldest_due_s": None,
         "limits": None,  # no limits configured
+        "limits_mismatch": None,  # no daemons configured apart
     }
 
 

@@ -20,10 +20,10 @@ from daemon.config import Settings
 from daemon.cron.schedules import delete_schedule, save_schedule
 from daemon.enqueue import enqueue
 from daemon.errors import StokerError
-from daemon.operate import jobs, queues, schedules
+from daemon.operate import jobs, queues, schedules, workers
 from daemon.operate.errors import NotFound
 from daemon.operate.jobs import STATES
-from daemon.operate.limits import describe
+from daemon.operate.limits import describe, describe_mismatch, mismatch_fix
 from daemon.store.db import CONNECT_ERRORS, connect, describe_failure
 from daemon.store.migrations import migrate
 
@@ -236,7 +236,9 @@ def cmd_pause(queue: str, *, paused: bool) -> Callable[[asyncpg.Connection], Awa
 
 def cmd_status(settings: Settings) -> Callable[[asyncpg.Connection], Awaitable[int]]:
     async def work(conn: asyncpg.Connection) -> int:
-        found = await queues.queue_status(conn, limits=settings.queues)
+        found = await queues.queue_status(
+            conn, limits=settings.queues, gone_after=workers.gone_after(settings.lease_seconds)
+        )
         table = [
             [
                 f"{q['name']} (paused)" if q["paused"] else q["name"],
@@ -248,6 +250,12 @@ def cmd_status(settings: Settings) -> Callable[[asyncpg.Connection], Awaitable[i
         print(_table(["QUEUE", *(s.upper() for s in STATES), "OLDEST DUE"], table))
         # Limits come from this configuration: the daemons' must match it (see the README).
         lines = [f"{q['name']}: {describe(q['limits'])}" for q in found if q["limits"]]
+        # Read from the live daemons' rows, whatever this configuration says.
+        lines += [
+            f"{q['name']}: {describe_mismatch(q['limits_mismatch'])}; {mismatch_fix(q['name'])}"
+            for q in found
+            if q["limits_mismatch"]
+        ]
         if lines:
             print("\nLIMITS (as configured here)", *lines, sep="\n")
         return 0

@@ -59,6 +59,8 @@ class Snapshot:
     limits: dict[str, dict[str, int]] = field(default_factory=dict)
     limited: Callable[[], dict[str, frozenset[str]]] = dict  # queue -> what held its pool back
     held_back: dict[str, int] = field(default_factory=dict)  # queue -> due jobs (sampled)
+    # queue -> 1 while a live daemon serving it has other limits than this one, else 0
+    limits_mismatch: Callable[[], dict[str, int]] = dict
 
 
 class _Histogram:
@@ -293,3 +295,12 @@ def _limit_gauges(s: Snapshot) -> Iterable[Metric]:
     for queue, n in sorted(s.held_back.items()):
         held_back.add_metric([queue], n)
     yield held_back
+    mismatch = GaugeMetricFamily(
+        "stoker_queue_limits_mismatch",
+        "1 while another live daemon serving the queue is configured with other limits: the "
+        "limit that holds then depends on which daemon claims (heartbeat).",
+        labels=["queue"],
+    )
+    for queue, n in sorted(s.limits_mismatch().items()):
+        mismatch.add_metric([queue], n)
+    yield mismatch

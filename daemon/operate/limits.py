@@ -4,12 +4,16 @@ daemons' configuration, so the reader passes them in."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TypedDict
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, TypedDict
 
 import asyncpg
 
 from daemon.config import QueueConfig
+
+log = logging.getLogger("stoker.limits")
 
 # One queue's standing, counted as stoker.claim_limited counts it (019_job_limits.sql): running
 # jobs from the active rows (jobs_active_idx), starts from stoker.rate_starts on the database
@@ -144,3 +148,172 @@ def configured_limits(configured: Mapping[str, QueueConfig]) -> dict[str, dict[s
         if chosen := {k: v for k, v in limits.items() if v is not None}:
             found[name] = chosen
     return found
+
+
+# -- daemons configured apart ------------------------------------------------------------------
+
+# The limits a claim carries, in the order people read them.
+LIMIT_FIELDS = ("global_concurrency", "key_concurrency", "rate_limit", "rate_limit_by_key")
+
+
+class ConfiguredLimits(TypedDict):
+    """One queue's limits as one daemon is configured (stoker.workers.limits, per queue)."""
+
+    global_concurrency: int | None
+    key_concurrency: int | None
+    rate_limit: str | None  # as RateLimit prints it ("100/60s"), so "100/1m" compares equal
+    rate_limit_by_key: bool
+
+
+class DaemonRef(TypedDict):
+    worker: str
+    host: str
+    pid: int
+
+
+class LimitsVariant(TypedDict):
+    """One of the configurations a mismatched queue is served with, and who has it."""
+
+    limits: dict[str, object]
+    workers: list[DaemonRef]
+
+
+def served_limits(configured: Mapping[str, QueueConfig]) -> dict[str, ConfiguredLimits]:
+    """Every queue of `configured` with its limits, unlimited ones too: a daemon claiming a
+    queue without limits disagrees with one that limits it."""
+    return {
+        name: ConfiguredLimits(
+            global_concurrency=c.global_concurrency,
+            key_concurrency=c.key_concurrency,
+            rate_limit=None if c.rate_limit is None else str(c.rate_limit),
+            rate_limit_by_key=c.rate_limit_by_key,
+        )
+        for name, c in sorted(configured.items())
+    }
+
+
+# Each live daemon's limits, a row per queue it serves. A row written before 023 has '{}' and
+# yields nothing: unknown limits are not taken for different ones. $1: seconds after which a
+# daemon not seen is gone.
+LIVE_LIMITS = """
+SELECT q.key AS queue, q.value AS limits, w.worker, w.host, w.pid
+  FROM stoker.workers w, jsonb_each(w.limits) q
+ WHERE w.seen_at >= now() - make_interval(secs => $1::float8)
+ ORDER BY q.key, w.started_at, w.worker
+"""
+
+
+async def limit_mismatches(
+    db: asyncpg.Pool | asyncpg.Connection, gone_after: float
+) -> dict[str, list[LimitsVariant]]:
+    """Queues that live daemons serve with different limits: per queue, each configuration and
+    the daemons that have it, in the order they started. Consistent queues are left out."""
+    found: dict[str, list[LimitsVariant]] = {}
+    for r in await db.fetch(LIVE_LIMITS, gone_after):
+        variants = found.setdefault(r["queue"], [])
+        daemon = DaemonRef(worker=r["worker"], host=r["host"], pid=r["pid"])
+        for v in variants:
+            if not differing([v["limits"], r["limits"]]):
+                v["workers"].append(daemon)
+                break
+        else:
+            variants.append(LimitsVariant(limits=dict(r["limits"]), workers=[daemon]))
+    return {q: v for q, v in found.items() if len(v) > 1}
+
+
+def differing(configurations: list[Mapping[str, object]]) -> list[str]:
+    """The limits whose values differ between `configurations`, in LIMIT_FIELDS order (then
+    any a newer daemon writes that this one does not know)."""
+    keys = {k for c in configurations for k in c}
+    ordered = [*LIMIT_FIELDS, *sorted(keys - set(LIMIT_FIELDS))]
+    return [k for k in ordered if len({repr(c.get(k)) for c in configurations}) > 1]
+
+
+def _value(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def daemon_text(d: Mapping[str, object]) -> str:
+    return f"{d['worker']} (host {d['host']}, pid {d['pid']})"
+
+
+def limits_text(limits: Mapping[str, object], fields: list[str]) -> str:
+    """ "global_concurrency 4, rate_limit unset" """
+    return ", ".join(f"{k} {_value(limits.get(k))}" for k in fields)
+
+
+def describe_mismatch(variants: list[LimitsVariant]) -> str:
+    """One line for people: "limits differ across daemons: global_concurrency 4 on w1 (host a,
+    pid 1); global_concurrency 10 on w2 (host b, pid 2)"."""
+    fields = differing([v["limits"] for v in variants])
+    each = [
+        f"{limits_text(v['limits'], fields)} on {', '.join(daemon_text(d) for d in v['workers'])}"
+        for v in variants
+    ]
+    return "limits differ across daemons: " + "; ".join(each)
+
+
+def mismatch_fix(queue: str) -> str:
+    return f"configure every daemon serving queue {queue} with the same limits"
+
+
+class MismatchWatch:
+    """This daemon's look at the other live daemons serving its queues (the rows its REGISTER
+    and heartbeat answer with): one warning when a daemon configured apart appears, not one a
+    heartbeat; a line when the queue's daemons agree again."""
+
+    def __init__(self, me: str, mine: Mapping[str, ConfiguredLimits]) -> None:
+        self._me = me
+        self._mine = mine
+        # queue -> (worker, its limits) of the daemons differing from this one, as last seen
+        self._apart: dict[str, set[tuple[str, str]]] = {}
+
+    def note(self, peers: Iterable[Mapping[str, Any]]) -> None:
+        found: dict[str, list[Mapping[str, Any]]] = {}
+        for p in peers:
+            for queue, limits in p["limits"].items():
+                mine = self._mine.get(queue)
+                # Compared field by field: a field a newer daemon adds, unset, differs in nothing.
+                if mine is not None and differing([mine, limits]):
+                    found.setdefault(queue, []).append(p)
+        for queue in self._mine:
+            apart = found.get(queue, [])
+            seen = {(p["worker"], json.dumps(p["limits"][queue], sort_keys=True)) for p in apart}
+            before = self._apart.get(queue, set())
+            if seen - before:
+                self._warn(queue, apart)
+            elif before and not seen:
+                log.info("queue %s: the live daemons serving it agree on its limits again", queue)
+            self._apart[queue] = seen
+
+    def _warn(self, queue: str, apart: list[Mapping[str, Any]]) -> None:
+        mine = self._mine[queue]
+        fields = differing([mine, *(p["limits"][queue] for p in apart)])
+        others = "; ".join(
+            f"{daemon_text(p)} has {limits_text(p['limits'][queue], fields)}" for p in apart
+        )
+        log.warning(
+            "queue %s: limits differ across daemons: this daemon, %s, has %s; %s. The limit that "
+            "holds depends on which daemon claims: %s",
+            queue,
+            self._me,
+            limits_text(mine, fields),
+            others,
+            mismatch_fix(queue),
+        )
+
+    def mismatched(self) -> dict[str, int]:
+        """Per limited queue served here, and any served queue a daemon limits otherwise: 1
+        while a live daemon serving it has other limits."""
+        return {
+            q: int(bool(self._apart.get(q)))
+            for q, limits in self._mine.items()
+            if self._apart.get(q)
+            or limits["global_concurrency"] is not None
+            or limits["key_concurrency"] is not None
+            or limits["rate_limit"] is not None
+        }

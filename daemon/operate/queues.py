@@ -10,7 +10,7 @@ import asyncpg
 
 from daemon.config import QueueConfig
 from daemon.operate.jobs import STATES
-from daemon.operate.limits import QueueLimits, limit_standing
+from daemon.operate.limits import LimitsVariant, QueueLimits, limit_mismatches, limit_standing
 from daemon.store import queries
 
 
@@ -20,6 +20,8 @@ class QueueStatus(TypedDict):
     counts: dict[str, int]  # jobs by state, history included
     oldest_due_s: float | None  # age of the oldest job due and waiting
     limits: QueueLimits | None  # None: the queue has no limits (in `limits` given)
+    # Each configuration live daemons serve the queue with, when they differ; None when not.
+    limits_mismatch: list[LimitsVariant] | None
 
 
 async def queue_status(
@@ -27,14 +29,23 @@ async def queue_status(
     configured: Iterable[str] = (),
     *,
     limits: Mapping[str, QueueConfig] | None = None,
+    gone_after: float,
 ) -> list[QueueStatus]:
     """Every queue that has jobs, a row in stoker.queues, or is in `configured`, by name; with
-    the limits of `limits` (the daemons' queue configuration) and each limited queue's standing.
-    A limited queue is listed even without jobs: its limits are news."""
+    the limits of `limits` (the daemons' queue configuration) and each limited queue's standing,
+    and the queues live daemons (seen within `gone_after` seconds) serve with different limits.
+    A limited or mismatched queue is listed even without jobs: its limits are news."""
     counts = await conn.fetch(queries.QUEUE_STATUS)
     flags = await conn.fetch(queries.QUEUE_ROWS)
     standing = await limit_standing(conn, limits or {})
-    names = {*configured, *standing, *(r["queue"] for r in counts), *(r["name"] for r in flags)}
+    apart = await limit_mismatches(conn, gone_after)
+    names = {
+        *configured,
+        *standing,
+        *apart,
+        *(r["queue"] for r in counts),
+        *(r["name"] for r in flags),
+    }
     paused = {r["name"] for r in flags if r["paused"]}
     tally: dict[str, dict[str, int]] = {n: dict.fromkeys(STATES, 0) for n in names}
     oldest: dict[str, float] = {}
@@ -49,6 +60,7 @@ async def queue_status(
             counts=tally[n],
             oldest_due_s=oldest.get(n),
             limits=standing.get(n),
+            limits_mismatch=apart.get(n),
         )
         for n in sorted(names)
     ]

@@ -25,7 +25,7 @@ from pydantic.json_schema import models_json_schema
 
 from daemon.config import QUEUE_NAME, Settings
 from daemon.enqueue import enqueue
-from daemon.operate import jobs, queues, schedules
+from daemon.operate import jobs, queues, schedules, workers
 from daemon.operate.errors import NotFound, OperationRefused
 from daemon.web.admin_models import (
     BIGINT_MAX,
@@ -233,11 +233,15 @@ class Api:
         return _json({"cancelled": True, "cancel_requested": False})
 
     async def list_queues(self, request: web.Request) -> web.Response:
-        """Every known queue: job counts, pause state, oldest due job's age, and its limits
-        with their standing (null for a queue without limits)."""
+        """Every known queue: job counts, pause state, oldest due job's age, its limits with
+        their standing (null for a queue without limits), and the configurations of live
+        daemons serving it with different limits (null when they agree)."""
         async with self.conn() as conn:
             found = await queues.queue_status(
-                conn, self.settings.queues, limits=self.settings.queues
+                conn,
+                self.settings.queues,
+                limits=self.settings.queues,
+                gone_after=workers.gone_after(self.settings.lease_seconds),
             )
         return _json({"queues": found})
 

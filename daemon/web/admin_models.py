@@ -137,6 +137,20 @@ class QueueLimitsInfo(BaseModel):
     held_back: int = Field(description="due jobs waiting because a limit is reached")
 
 
+class DaemonRefInfo(BaseModel):
+    worker: str
+    host: str
+    pid: int
+
+
+class LimitsVariantInfo(BaseModel):
+    limits: dict[str, Any] = Field(
+        description="global_concurrency, key_concurrency, rate_limit and rate_limit_by_key, as "
+        "these daemons are configured"
+    )
+    workers: list[DaemonRefInfo] = Field(description="the live daemons configured so")
+
+
 class QueueInfo(BaseModel):
     name: str
     paused: bool
@@ -144,6 +158,11 @@ class QueueInfo(BaseModel):
     oldest_due_s: float | None
     limits: QueueLimitsInfo | None = Field(
         description="the queue's limits and its standing; null for a queue without limits"
+    )
+    limits_mismatch: list[LimitsVariantInfo] | None = Field(
+        description="each configuration the live daemons serving the queue have, when their "
+        "limits differ (the limit that holds then depends on which daemon claims: configure "
+        "them alike); null when they agree"
     )
 
 

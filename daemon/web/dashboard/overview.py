@@ -17,7 +17,6 @@ from daemon.web.dashboard.render import DB, SETTINGS, render
 
 routes = web.RouteTableDef()
 
-GONE_AFTER_BEATS = 10  # a daemon not seen for this many heartbeats is shown as gone
 WIDTH, HEIGHT, TOP, BOTTOM = 720, 150, 14, 128  # the chart's box and its plot area
 
 
@@ -96,8 +95,9 @@ async def overview(request: web.Request) -> web.Response:
         queues = await sampled_queues(request, conn)
         hour = await throughput.series(conn, timedelta(minutes=1), timedelta(hours=1))
         day = await throughput.series(conn, timedelta(minutes=15), timedelta(days=1))
-        beat = settings.lease_seconds / 3
-        daemons = await workers.registered(conn, gone_after=GONE_AFTER_BEATS * beat)
+        daemons = await workers.registered(
+            conn, gone_after=workers.gone_after(settings.lease_seconds)
+        )
         leader = await operate_schedules.leader(conn)
     return render(
         request,

@@ -11,8 +11,15 @@ import asyncpg
 from aiohttp import web
 
 from daemon.operate import queues as operate_queues
-from daemon.operate import throughput
-from daemon.operate.limits import QueueLimits
+from daemon.operate import throughput, workers
+from daemon.operate.limits import (
+    LimitsVariant,
+    QueueLimits,
+    daemon_text,
+    differing,
+    limit_mismatches,
+    limits_text,
+)
 from daemon.operate.throughput import QueueSample
 from daemon.web.dashboard.render import DB, SETTINGS, render
 from daemon.web.dashboard.security import action
@@ -35,6 +42,22 @@ class QueueRow:
     completed_per_min: float
     failed_per_min: float
     limits: QueueLimits | None = None  # a limited queue's, as of the sample
+    # Each configuration live daemons serve the queue with, when they differ (read per request)
+    limits_mismatch: list[LimitsVariant] | None = None
+
+    @property
+    def limits_differing(self) -> list[str]:
+        """The limits the daemons disagree on, for the warning."""
+        return differing([v["limits"] for v in self.limits_mismatch or []])
+
+    @property
+    def limits_variants(self) -> list[tuple[str, str]]:
+        """Per configuration: its differing limits, and the daemons that have it."""
+        fields = self.limits_differing
+        return [
+            (limits_text(v["limits"], fields), ", ".join(daemon_text(d) for d in v["workers"]))
+            for v in self.limits_mismatch or []
+        ]
 
 
 @dataclass(frozen=True)
@@ -48,12 +71,14 @@ class Sampled:
 
 async def sampled_queues(request: web.Request, conn: asyncpg.Connection) -> Sampled:
     """Every configured, sampled or paused queue: counts from the sample, paused from
-    stoker.queues, rates from stoker.throughput (all small reads)."""
+    stoker.queues, rates from stoker.throughput, limits mismatched between live daemons from
+    stoker.workers (all small reads)."""
     sample = request.app[SAMPLE]()
     settings = request.app[SETTINGS]
     flags = await throughput.paused(conn)
     rates = await throughput.rates(conn)
-    names = {*settings.queues, *flags, *rates, *(sample.counts if sample else ())}
+    apart = await limit_mismatches(conn, workers.gone_after(settings.lease_seconds))
+    names = {*settings.queues, *flags, *rates, *apart, *(sample.counts if sample else ())}
     rows = []
     for name in sorted(names):
         counts = sample.counts.get(name, {}) if sample else None
@@ -69,6 +94,7 @@ async def sampled_queues(request: web.Request, conn: asyncpg.Connection) -> Samp
                 completed_per_min=done,
                 failed_per_min=failing,
                 limits=sample.limits.get(name) if sample else None,
+                limits_mismatch=apart.get(name),
             )
         )
     age = (datetime.now(UTC) - sample.at).total_seconds() if sample else None

@@ -1,0 +1,13 @@
+-- Stoker 023: each daemon's queue limits in the daemons registry, so that daemons serving one
+-- queue with different limits are found (issue 17's limits are configured per daemon).
+--
+-- stoker.claim_limited (019) takes the limits from each claim: two daemons configured apart
+-- (one deployed with global_concurrency 4, one still with 10) both claim, and the limit that
+-- holds depends on who claims. Nothing in the database knew what each daemon was told, so
+-- nothing could say they disagree. Each daemon writes, for every queue it serves, its limits
+-- as configured (all four, null or false when not set): a queue served without limits is
+-- listed too, since a daemon that claims it unlimited disagrees with one that limits it. A
+-- queue missing from the object is one whose limits are unknown (a row written by a daemon
+-- older than this migration, whose default is '{}'), and it is never taken for a mismatch
+-- during a rolling upgrade.
+ALTER TABLE stoker.workers ADD COLUMN limits jsonb NOT NULL DEFAULT '{}';
