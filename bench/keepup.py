@@ -42,6 +42,8 @@ class Window:
     wal_mb: float = 0.0  # WAL the cluster wrote over the window, MB
     daemon_cores: float = 0.0  # the daemon process's CPU over the window, in cores
     machine_cores: float = 0.0  # every process's, in cores busy of the machine
+    # WAL record kind -> (records, bytes) over the window (pg_waldump), None if unreadable
+    wal_records: dict[str, tuple[int, int]] | None = None
 
     @property
     def wal_bytes_per_tx(self) -> float:
@@ -64,6 +66,7 @@ async def window(
     await pgstats.reset(admin, dbid)
     flushes, _ = await pgstats.wal_syncs(admin)
     wal_before = await pgstats.wal_bytes(admin)
+    lsn_before = await pgstats.wal_lsn(admin)
     stop = asyncio.Event()
     sampler = asyncio.create_task(pgstats.sample_waits(dsn, stop))
 
@@ -87,7 +90,10 @@ async def window(
     after, _ = await pgstats.wal_syncs(admin)
     wal_mb = (await pgstats.wal_bytes(admin) - wal_before) / 1e6
     statements = await pgstats.statements(admin, dbid)
-    return Window(tps, seconds, after - flushes, waits, statements, wal_mb, daemon_cores, machine)
+    records = await pgstats.wal_records(admin, lsn_before, await pgstats.wal_lsn(admin))
+    return Window(
+        tps, seconds, after - flushes, waits, statements, wal_mb, daemon_cores, machine, records
+    )
 
 
 async def keepup_once(admin_dsn: str, seconds: int, regime: str) -> tuple[Window, Window]:
@@ -154,6 +160,11 @@ async def keepup(admin: str, runs: int, seconds: int) -> list[Row]:
                 pgstats.merge(w.statements for w in windows),
                 sum(w.seconds for w in windows),
                 by="time",
+            )
+            pgstats.print_wal_records(
+                title + ", WAL",
+                [w.wal_records for w in windows if w.wal_records is not None],
+                sum(w.tps * w.seconds for w in windows if w.wal_records is not None),
             )
     rows = []
     for regime in REGIMES:

@@ -8,6 +8,8 @@ import asyncio
 import collections
 import os
 import re
+import shutil
+import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -192,6 +194,63 @@ async def wal_syncs(conn: asyncpg.Connection) -> tuple[int, int]:
 async def wal_bytes(conn: asyncpg.Connection) -> int:
     """WAL written by the whole cluster so far."""
     return int(await conn.fetchval("SELECT wal_bytes FROM pg_stat_wal"))
+
+
+async def wal_lsn(conn: asyncpg.Connection) -> str:
+    return str(await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text"))
+
+
+async def wal_records(
+    conn: asyncpg.Connection, start: str, end: str
+) -> dict[str, tuple[int, int]] | None:
+    """What the cluster's WAL between two LSNs is made of, from `pg_waldump --stats=record`:
+    record kind (Heap/UPDATE, Btree/INSERT_LEAF, ...) -> (records, bytes, full-page images
+    included). None when the WAL cannot be read here (a server given by STOKER_BENCH_DSN on
+    another machine, or no pg_waldump)."""
+    from daemon.dev.pgcluster import find_bindir  # only where the bench's own cluster runs
+
+    wal = Path(str(await conn.fetchval("SHOW data_directory"))) / "pg_wal"
+    try:
+        waldump = find_bindir() / "pg_waldump"
+    except Exception:
+        return None
+    argv = [str(waldump), "--stats=record", "-p", str(wal), "-s", start, "-e", end]
+    if os.geteuid() == 0 and shutil.which("runuser"):
+        argv = ["runuser", "-u", "postgres", "--", *argv]  # pg_wal is the server user's
+    try:
+        out = await asyncio.to_thread(
+            subprocess.run, argv, capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    records: dict[str, tuple[int, int]] = {}
+    for line in out.stdout.splitlines():
+        # "Heap/UPDATE   50455 (  8.86)   7476042 ( 14.68)   0 (  0.00)   7476042 ( 14.67)"
+        m = re.match(r"^(\S+/\S+)\s+(\d+)\s+\(.*?\)\s+\d+.*?(\d+)\s+\(\s*[\d.]+\)\s*$", line)
+        if m:
+            records[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    return records or None
+
+
+def print_wal_records(
+    title: str, records: Sequence[dict[str, tuple[int, int]]], transactions: float, top: int = 10
+) -> None:
+    """Bytes of WAL per producer transaction by record kind, summed over windows."""
+    if not records or transactions <= 0:
+        return
+    total: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for r in records:
+        for kind, (n, size) in r.items():
+            total[kind] += size
+            count[kind] += n
+    print(
+        f"\n{title}: {sum(total.values()) / transactions:,.0f} bytes of WAL per producer "
+        "transaction (pg_waldump --stats)"
+    )
+    print("   records/tx   bytes/tx  record kind")
+    for kind, size in total.most_common(top):
+        print(f"   {count[kind] / transactions:10.2f} {size / transactions:10.0f}  {kind}")
 
 
 def cpu_seconds(pid: int) -> float | None:
