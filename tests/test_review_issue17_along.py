@@ -1,6 +1,7 @@
 """Review of the claim along (issue 17, commit 24b8c29): a queue held back by its global limit
 claims in the statement that writes its outcomes (stoker.complete_and_claim). Real daemons and
-a real PostgreSQL. Tests marked xfail(strict) show bugs found in the review."""
+a real PostgreSQL. Two tests show a bug the review found (jobs claimed along as the daemon
+stops were left active), fixed since."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 
 from tests.conftest import DaemonFactory, eventually
 
@@ -70,12 +70,7 @@ def runs(tmp: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs a claim along finds after the pool drained are started outside the drain: "
-    "the daemon exits with them active in stoker.jobs (neither run to an outcome nor handed "
-    "back)",
-)
+# Review finding (fixed): jobs claimed along once the daemon stops were left active.
 async def test_jobs_claimed_along_while_shutting_down_are_run_or_handed_back(
     daemons: DaemonFactory, db: asyncpg.Connection, dsn: str
 ) -> None:
@@ -283,11 +278,7 @@ async def test_a_job_rescued_while_its_outcome_is_written_along_is_not_claimed_a
     assert attempts == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a job claimed along once the completer was told to close is started with nobody "
-    "left to write its outcome or hand it back: the daemon exits with it active",
-)
+# Review finding (fixed): jobs claimed along once the daemon stops were left active.
 async def test_a_job_claimed_along_as_the_completer_closes_is_not_left_active(
     daemons: DaemonFactory, db: asyncpg.Connection, dsn: str, tmp_path: Path
 ) -> None:

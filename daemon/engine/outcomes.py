@@ -277,6 +277,8 @@ class Completer:
         try:
             await self._write(batch, along=True)
         except Exception as exc:
+            # A claim along that committed before the failure still reaches its pool.
+            self._hand_over()
             transient = is_transient(exc)
             if len(batch) == 1:
                 if transient and stuck:

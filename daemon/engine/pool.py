@@ -246,7 +246,7 @@ class QueuePool:
                 await wait_any(self._completer.settled, self._stopping)
                 continue
             if not self._along_done.is_set():
-                await self._along_done.wait()
+                await wait_any(self._along_done, self._stopping)
                 continue
             want = min(free, self.config.batch_size)
             self._wake.clear()
@@ -335,7 +335,9 @@ class QueuePool:
         try:
             if rows is not None:
                 jobs = self._took(rows, stopped_waiting=self._along_stops_waiting, offset=2)
-                if jobs:
+                if jobs and self._stopping.is_set():
+                    self._hand_back_along(jobs)
+                elif jobs:
                     self._out_of_reach = 0
                     self._start(jobs)
             if rows is None or not self.held_back - {"key"}:
@@ -346,6 +348,20 @@ class QueuePool:
         finally:
             self._along_done.set()
             self._wake.set()
+
+    def _hand_back_along(self, jobs: list[ClaimedJob]) -> None:
+        """Jobs a claim along found once the daemon was stopping: this pool may have drained
+        already, so they are handed back unstarted (their attempt not counted). The completer
+        writes that before it ends: this runs inside its write."""
+        for job in jobs:
+            if job.attempt > 1 and self._claimed_again(job):
+                continue  # an older attempt's outcome answers for it
+            log.info(
+                "job %s claimed while the daemon stops; handed back to the queue unstarted",
+                job.id,
+                extra=job_fields(job, self.name),
+            )
+            self._completer.add(Outcome(job.id, job.attempt, self.name, "handback"))
 
     async def _wait_registered(self) -> None:
         """After a claim that found nothing: say we wait, look once more, and sleep.
