@@ -394,6 +394,8 @@ async def test_a_claim_along_that_postgresql_refuses_leaves_the_outcomes_written
     runs = records(tmp_path)
     assert len(runs) == 60 and most_at_once([(r["start"], r["end"]) for r in runs]) <= 3
     assert "Traceback" not in daemon.log() and "ERROR" not in daemon.log()
+    # Said once, and not tried again: every statement along would have failed the same way.
+    assert daemon.log().count("written without their next claim") == 1
 
 
 @pytest.fixture

@@ -98,6 +98,7 @@ class Completer:
         # cycle, and this takes a round trip and a commit out of each turn.
         self._rider = rider
         self._along: tuple[Rider, list[asyncpg.Record]] | None = None  # to hand over
+        self._along_refused = False  # the database cannot claim along: never try again
         self._buffer: list[Outcome] = []
         self._pending = asyncio.Event()
         self._closing = False
@@ -417,7 +418,7 @@ class Completer:
             await self._move_cancelled(cancelled)
 
     def _ride(self, batch: list[Outcome]) -> tuple[Rider, tuple[object, ...]] | None:
-        if self._rider is None:
+        if self._rider is None or self._along_refused:
             return None
         for queue in dict.fromkeys(o.queue for o in batch):
             rider = self._rider(queue)
@@ -448,7 +449,14 @@ class Completer:
             rider.claimed_along(None)
             if is_transient(exc):
                 raise
-            log.debug("outcomes written without a claim along: %s", _one_line(exc))
+            if isinstance(exc, ALONG_UNAVAILABLE):
+                # Every statement along would fail the same way: one warning, then none.
+                self._along_refused = True
+                log.warning(
+                    "outcomes of limited queues are written without their next claim from now "
+                    "on (%s); their pools claim by themselves, a round trip more each",
+                    _one_line(exc),
+                )
             return None
         done: list[Mapping[str, Any]] = []
         claimed: list[asyncpg.Record] = []
@@ -531,6 +539,14 @@ class Completer:
             if len(self._fenced) > FENCED_KEPT:
                 self._fenced.popitem(last=False)
 
+
+# Errors of the statement along itself, not of the outcomes it writes (a missing migration, a
+# revoked EXECUTE, an isolation level claim_limited refuses): they would recur on every write.
+ALONG_UNAVAILABLE = (
+    asyncpg.UndefinedFunctionError,
+    asyncpg.InsufficientPrivilegeError,
+    asyncpg.FeatureNotSupportedError,
+)
 
 # Consecutive failures after which a database that answers makes a batch that keeps failing
 # split, and a single outcome that does go to the back (see Completer._reachable).
