@@ -54,7 +54,7 @@ def summarise(raw: Path, top: int) -> str:
     return "\n".join(out)
 
 
-async def profile(jobs: int, raw: Path) -> float:
+async def profile(jobs: int, raw: Path, extra: str = "") -> float:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         sys.exit("py-spy is not installed: run `make bench-profile`")
@@ -65,7 +65,7 @@ async def profile(jobs: int, raw: Path) -> float:
             try:
                 await stoker.fill(conn, jobs)
                 await settle(conn, "stoker.jobs")
-                async with stoker.daemon(dsn) as proc:
+                async with stoker.daemon(dsn, extra=extra) as proc:
                     recorder = subprocess.Popen(
                         [
                             *(spy, "record", "--pid", str(proc.pid), "--rate", "250"),
@@ -93,10 +93,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument(
+        "--extra",
+        default="",
+        help='more keys of the queue\'s section, e.g. "global_concurrency = 100"',
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "profile.txt"
-        rate = asyncio.run(profile(args.jobs, raw))
+        rate = asyncio.run(profile(args.jobs, raw, args.extra))
         print(f"drained {args.jobs:,} no-op jobs at {rate:,.0f} jobs/s under py-spy (250 Hz)\n")
         print(summarise(raw, args.top))
 

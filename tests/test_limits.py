@@ -382,6 +382,48 @@ async def test_outcomes_written_with_a_claim_along_are_those_of_the_plain_write(
     assert history[1]["state"] == "succeeded" and history[1]["result"] == {"sent": 1}
 
 
+async def test_a_limited_claim_takes_due_jobs_in_claim_order_and_skips_locked_ones(
+    db: asyncpg.Connection, dsn: str
+) -> None:
+    """A queue with a global limit claims like any other: higher priority first, then by
+    run_at and id, never a job not yet due, never one another transaction holds; the same
+    over many calls (its statement runs on a plan kept across calls, 024)."""
+    ids = await db.fetch(
+        """
+        INSERT INTO stoker.jobs (queue, kind, priority, run_at)
+        SELECT 'ordered', 'test.record', p, now() - make_interval(secs => 100 - i)
+          FROM generate_series(1, 30) AS i, (VALUES (0), (5), (-3)) AS pr(p)
+        RETURNING id, priority, run_at
+        """
+    )
+    later = await db.fetchval(
+        "INSERT INTO stoker.jobs (queue, kind, priority, run_at)"
+        " VALUES ('ordered', 'test.record', 9, now() + interval '1 hour') RETURNING id"
+    )
+    expected = [r["id"] for r in sorted(ids, key=lambda r: (-r["priority"], r["run_at"], r["id"]))]
+    holder = await asyncpg.connect(dsn)
+    try:
+        held = expected[7]
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM stoker.jobs WHERE id = $1 FOR UPDATE", held)
+        calls: list[list[int]] = []
+        for _ in range(15):  # past the plan cache's five custom plans
+            rows = await db.fetch(queries.CLAIM_LIMITED, *limited_args("ordered", 3, "w1", 1000))
+            calls.append(sorted(r["id"] for r in rows if r["id"] is not None))
+        await lock.rollback()
+    finally:
+        await holder.close()
+    due = [i for i in expected if i != held]
+    assert calls == [sorted(due[n : n + 3]) for n in range(0, 45, 3)]
+    assert all(later not in call for call in calls)
+    states = await db.fetch(
+        "SELECT state::text AS state, count(*) AS n FROM stoker.jobs WHERE queue = 'ordered'"
+        " GROUP BY 1 ORDER BY 1"
+    )
+    assert [(r["state"], r["n"]) for r in states] == [("active", 45), ("queued", 46)]
+
+
 async def test_a_claim_along_that_postgresql_refuses_leaves_the_outcomes_written(
     daemons: DaemonFactory, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
