@@ -337,12 +337,22 @@ def limited_args(queue: str, wanted: int, worker: str, global_limit: int) -> tup
     return (queue, wanted, worker, 30.0, False, global_limit, None, None, None, False, None)
 
 
+# stoker.complete_and_claim (022) is kept for daemons older than 025: same arguments, a row
+# per outcome written (done_id) before the claim's rows.
+COMPLETE_AND_CLAIM_022 = (
+    "SELECT * FROM stoker.complete_and_claim("
+    "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+)
+
+
+@pytest.mark.parametrize("function", ["finish_and_claim", "complete_and_claim"])
 async def test_outcomes_written_with_a_claim_along_are_those_of_the_plain_write(
-    db: asyncpg.Connection,
+    db: asyncpg.Connection, function: str
 ) -> None:
-    """stoker.complete_and_claim (a queue held back by its global limit claims in the write of
-    its outcomes) writes history rows like COMPLETE_SUCCEEDED, fences a stale attempt out like
-    it, and its claim counts the slots its own outcomes just freed."""
+    """stoker.finish_and_claim (a queue held back by its global limit claims in the write of
+    its outcomes), and complete_and_claim that older daemons call, write history rows like
+    COMPLETE_SUCCEEDED, fence a stale attempt out like it, and their claim counts the slots
+    their own outcomes just freed."""
     await db.execute(
         """
         INSERT INTO stoker.jobs (queue, kind, payload, meta, priority, max_attempts,
@@ -357,17 +367,22 @@ async def test_outcomes_written_with_a_claim_along_are_those_of_the_plain_write(
     result = '{"sent": 1}'
     await db.fetch(queries.COMPLETE_SUCCEEDED, [plain], [1], [result], "w1")
     rows = await db.fetch(
-        queries.COMPLETE_AND_CLAIM,
+        queries.FINISH_AND_CLAIM if function == "finish_and_claim" else COMPLETE_AND_CLAIM_022,
         [along, stale],
         [1, 2],  # the stale one's attempt is 1: this outcome is fenced out
         [result, result],
         *limited_args("along", 5, "w1", 3),
     )
-    assert [r["done_id"] for r in rows if r["done_id"] is not None] == [along]
+    if function == "finish_and_claim":
+        done, claim = rows[0]["done_ids"], rows[1:]
+    else:
+        done = [r["done_id"] for r in rows if r["done_id"] is not None]
+        claim = [r for r in rows if r["done_id"] is None]
+    assert done == [along]
     # Two slots were free (plain's and along's): the claim takes both of the two jobs left,
     # and says the limit holds it back.
-    assert len([r for r in rows if r["id"] is not None]) == 2
-    assert [r["blocked"] for r in rows if r["done_id"] is None and r["id"] is None] == ["global"]
+    assert len([r for r in claim if r["id"] is not None]) == 2
+    assert [r["blocked"] for r in claim if r["id"] is None] == ["global"]
     assert await db.fetchval("SELECT state::text FROM stoker.jobs WHERE id = $1", stale) == (
         "active"
     )
@@ -429,7 +444,7 @@ async def test_a_claim_along_that_postgresql_refuses_leaves_the_outcomes_written
 ) -> None:
     """The statement that writes outcomes and claims along is refused (here: the function is
     gone): the outcomes are written alone, the pool claims by itself, the limit holds."""
-    await db.execute("ALTER FUNCTION stoker.complete_and_claim RENAME TO complete_and_claim_off")
+    await db.execute("ALTER FUNCTION stoker.finish_and_claim RENAME TO finish_and_claim_off")
     daemon = await daemons.start("[queues.capped]\nconcurrency = 10\nglobal_concurrency = 3\n")
     await insert(db, "capped", [(None, 0.01, f"j{i}") for i in range(60)])
     await wait_drained(db, "capped", 60, 60)

@@ -387,3 +387,68 @@ async def test_an_outcome_fenced_out_before_the_pool_learns_of_its_reclaim_is_ke
 
 async def _true_async(value: bool) -> bool:
     return value
+
+
+class _Rider:
+    """A pool held back by its global limit of 3 on queue 'capped', as QueuePool answers."""
+
+    def __init__(self) -> None:
+        self.found: list[list[asyncpg.Record] | None] = []
+
+    def claim_along(self) -> tuple[object, ...] | None:
+        return ("capped", 3, WORKER, 60.0, False, 3, None, None, None, False, None)
+
+    def claimed_along(self, rows: list[asyncpg.Record] | None) -> None:
+        self.found.append(rows)
+
+
+async def test_a_write_along_counts_written_and_fenced_outcomes_and_hands_over_the_claim(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """The write of a limited queue's succeeded outcomes with its next claim
+    (stoker.finish_and_claim): the outcomes written are counted and their queue released, one
+    whose attempt was taken over is fenced out (discarded, not written), and the rider gets
+    the jobs the claim found: as many as the written outcomes freed."""
+    ids = [
+        await db.fetchval(
+            "INSERT INTO stoker.jobs (queue, kind) VALUES ('capped', 'noop') RETURNING id"
+        )
+        for _ in range(6)
+    ]
+    rows = await db.fetch(
+        queries.CLAIM_LIMITED, "capped", 3, WORKER, 60.0, False, 3, *[None] * 3, False, None
+    )
+    first = sorted(r["id"] for r in rows if r["id"] is not None)
+    assert first == ids[:3]
+    released: list[str] = []
+    rider = _Rider()
+    c = Completer(
+        pool,
+        worker_id=WORKER,
+        flush_interval=0,
+        flush_max=1000,
+        on_requeued=print,
+        on_released=released.append,
+        rider=lambda queue: rider if queue == "capped" else None,
+    )
+    c.add(Outcome(first[0], 1, "capped", "succeeded", result='{"n": 1}'))
+    c.add(Outcome(first[1], 1, "capped", "succeeded"))
+    c.add(Outcome(first[2], 7, "capped", "succeeded"))  # not this attempt: fenced out
+    task = asyncio.create_task(c.run())
+    try:
+
+        async def handed_over() -> bool:
+            return c.buffered == 0 and bool(rider.found)
+
+        await eventually(handed_over, timeout=10)
+    finally:
+        await c.close()
+        await asyncio.wait_for(task, timeout=10)
+    assert (c.written, c.discarded) == (2, 1)
+    assert released == ["capped"]
+    assert (await state_of(db, first[0]))["result"] == {"n": 1}
+    assert (await state_of(db, first[2]))["state"] == "active"
+    found = rider.found[0]
+    assert found is not None
+    assert sorted(r["id"] for r in found if r["id"] is not None) == ids[3:5]
+    assert [r["blocked"] for r in found if r["id"] is None] == ["global"]

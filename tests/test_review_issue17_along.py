@@ -1,7 +1,7 @@
 """Review of the claim along (issue 17, commit 24b8c29): a queue held back by its global limit
-claims in the statement that writes its outcomes (stoker.complete_and_claim). Real daemons and
-a real PostgreSQL. Two tests show a bug the review found (jobs claimed along as the daemon
-stops were left active), fixed since."""
+claims in the statement that writes its outcomes (stoker.finish_and_claim since 025,
+complete_and_claim before). Real daemons and a real PostgreSQL. Two tests show a bug the
+review found (jobs claimed along as the daemon stops were left active), fixed since."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import asyncpg
 from tests.conftest import DaemonFactory, eventually
 
 # stoker.claim_limited's lock of a queue (019): pg_advisory_xact_lock(1819112563,
-# hashtext(queue)). A session holding it makes the claim of a complete_and_claim wait, which
+# hashtext(queue)). A session holding it makes the claim of a finish_and_claim wait, which
 # holds the statement (and so the claim along) in flight for as long as a test needs.
 LIMITS_LOCK = "SELECT pg_advisory_lock(1819112563, hashtext($1))"
 LIMITS_UNLOCK = "SELECT pg_advisory_unlock(1819112563, hashtext($1))"
@@ -58,7 +58,7 @@ async def count_function_calls(db: asyncpg.Connection) -> None:
 async def claims_along(db: asyncpg.Connection) -> int:
     await db.execute("SELECT pg_stat_clear_snapshot()")
     calls: int | None = await db.fetchval(
-        "SELECT calls FROM pg_stat_user_functions WHERE funcname = 'complete_and_claim'"
+        "SELECT calls FROM pg_stat_user_functions WHERE funcname = 'finish_and_claim'"
     )
     return calls or 0
 
@@ -155,7 +155,7 @@ async def test_a_claim_along_cut_off_mid_statement_leaves_the_pool_claiming(
         await eventually(lambda: a_claim_waits_for_the_limits_lock(db), 10)
         killed = await db.fetchval(
             """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                WHERE datname = current_database() AND query LIKE '%complete_and_claim%'
+                WHERE datname = current_database() AND query LIKE '%finish_and_claim%'
                   AND pid <> pg_backend_pid()"""
         )
         assert killed == 1
@@ -253,7 +253,7 @@ async def test_a_job_rescued_while_its_outcome_is_written_along_is_not_claimed_a
             n: int = await db.fetchval(
                 """SELECT count(*) FROM pg_stat_activity
                     WHERE datname = current_database() AND wait_event_type = 'Lock'
-                      AND query LIKE '%complete_and_claim%'"""
+                      AND query LIKE '%finish_and_claim%'"""
             )
             return n > 0
 

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -53,8 +53,8 @@ class Rider(Protocol):
         ...
 
     def claimed_along(self, rows: list[asyncpg.Record] | None) -> None:
-        """What the claim found (rows as stoker.complete_and_claim returns them), or None:
-        it was not made, and the pool claims by itself."""
+        """What the claim found (rows as stoker.finish_and_claim returns them after its
+        first), or None: it was not made, and the pool claims by itself."""
         ...
 
 
@@ -391,16 +391,14 @@ class Completer:
             conn = await self._db.acquire()
         except Exception as exc:
             raise ConnectionUnavailable(_one_line(exc)) from exc
-        rows: list[Any]  # records, or the dicts _write_along makes of its rows
+        rows: list[asyncpg.Record] = []
+        written: list[int] | None = None  # the ids a write along answers with
         try:
             succeeded = all(o.outcome == "succeeded" for o in batch)
             ride = self._ride(batch) if along and succeeded else None
-            written = None
             if ride is not None:
                 written = await self._write_along(conn, batch, *ride)
-            if written is not None:
-                rows = written
-            elif succeeded:
+            if written is None and succeeded:
                 rows = await conn.fetch(
                     queries.COMPLETE_SUCCEEDED,
                     [o.job_id for o in batch],
@@ -408,10 +406,13 @@ class Completer:
                     [o.result for o in batch],
                     self._worker_id,
                 )
-            else:
+            elif written is None:
                 rows = await self._write_mixed(conn, batch)
         finally:
             await self._db.release(conn)
+        if written is not None:
+            self._account_finished(batch, written)
+            return
         self._account(batch, rows)
         cancelled = [row["id"] for row in rows if row.get("cancelled_here")]
         if cancelled:
@@ -433,13 +434,14 @@ class Completer:
         batch: list[Outcome],
         rider: Rider,
         args: tuple[object, ...],
-    ) -> list[Mapping[str, Any]] | None:
-        """The outcomes and the rider's claim in one statement; None if PostgreSQL refused it
-        (the claim may be what it refused: a REPEATABLE READ default, say), and the outcomes
-        are then written alone. A transient error is raised, the claim left to the pool."""
+    ) -> list[int] | None:
+        """The outcomes and the rider's claim in one statement: the ids of the outcomes
+        written, or None if PostgreSQL refused it (the claim may be what it refused: a
+        REPEATABLE READ default, say), and the outcomes are then written alone. A transient
+        error is raised, the claim left to the pool."""
         try:
             rows = await conn.fetch(
-                queries.COMPLETE_AND_CLAIM,
+                queries.FINISH_AND_CLAIM,
                 [o.job_id for o in batch],
                 [o.attempt for o in batch],
                 [o.result for o in batch],
@@ -458,14 +460,8 @@ class Completer:
                     _one_line(exc),
                 )
             return None
-        done: list[Mapping[str, Any]] = []
-        claimed: list[asyncpg.Record] = []
-        for row in rows:
-            if row["done_id"] is not None:
-                done.append({"id": row["done_id"], "queue": row["done_queue"], "run_at": None})
-            else:
-                claimed.append(row)
-        self._along = (rider, claimed)
+        self._along = (rider, rows[1:])
+        done: list[int] = rows[0]["done_ids"]
         return done
 
     async def _move_cancelled(self, ids: list[int]) -> None:
@@ -518,6 +514,20 @@ class Completer:
                 self._on_requeued(row["queue"], row["run_at"])
         if self._on_released is not None:
             for queue in {row["queue"] for row in rows}:
+                self._on_released(queue)
+
+    def _account_finished(self, batch: list[Outcome], ids: list[int]) -> None:
+        """_account for a write that answered with the ids of the finished outcomes it wrote."""
+        self.written += len(ids)
+        written = batch
+        if len(ids) != len(batch):
+            seen = set(ids)
+            written = [o for o in batch if o.job_id in seen]
+            for o in batch:
+                if o.job_id not in seen:
+                    self._fenced_out(o)
+        if self._on_released is not None:
+            for queue in {o.queue for o in written}:
                 self._on_released(queue)
 
     def _fenced_out(self, o: Outcome) -> None:

@@ -334,7 +334,7 @@ class QueuePool:
         Still held back by a limit, the pool goes on waiting; else it claims again itself."""
         try:
             if rows is not None:
-                jobs = self._took(rows, stopped_waiting=self._along_stops_waiting, offset=2)
+                jobs = self._took(rows, stopped_waiting=self._along_stops_waiting, offset=1)
                 if jobs and self._stopping.is_set():
                     self._hand_back_along(jobs)
                 elif jobs:

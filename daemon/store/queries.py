@@ -89,10 +89,11 @@ CLAIM = _claim()
 CLAIM_LIMITED = "SELECT * FROM stoker.claim_limited($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
 
 # Succeeded outcomes written and the next claim of a queue held back by its global limit, in
-# one round trip and one commit (022_complete_and_claim.sql): $1 ids, $2 attempts, $3 results,
-# then CLAIM_LIMITED's arguments. The written outcomes come first (done_id set), then the claim.
-COMPLETE_AND_CLAIM = (
-    "SELECT * FROM stoker.complete_and_claim("
+# one round trip and one commit (025_finish_and_claim.sql): $1 ids, $2 attempts, $3 results,
+# then CLAIM_LIMITED's arguments. The first row holds the ids written (done_ids), the claim's
+# rows follow with done_ids NULL and CLAIM_LIMITED's columns.
+FINISH_AND_CLAIM = (
+    "SELECT * FROM stoker.finish_and_claim("
     "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
 )
 
