@@ -28,7 +28,7 @@ from daemon.engine.maintenance import (
     purge_loop,
     vacuum_loop,
 )
-from daemon.engine.outcomes import Completer
+from daemon.engine.outcomes import AlongRefused, Completer, Rider, RiderFn
 from daemon.engine.pool import QueuePool
 from daemon.engine.registry import REGISTRY, Registry
 from daemon.engine.resources import Resources
@@ -104,7 +104,7 @@ class Runtime:
         self.listener: Listener | None = None
         # database_url goes through a transaction pooler (found at start, see _check_pooling)
         self.pooled = False
-        self.completer: Completer | None = None
+        self.completers: list[Completer] = []  # the second: see QueuePool's lanes
         self.db: asyncpg.Pool | None = None
         self._cancel_checks: set[asyncio.Task[None]] = set()
         self.leader: Leader | None = None
@@ -194,6 +194,11 @@ class Runtime:
         pool = self.pools.get(queue)
         return pool if pool is not None and pool.config.global_concurrency is not None else None
 
+    def _second_rider(self, queue: str) -> Rider | None:
+        """The same, for the second completer: the pool's second lane."""
+        pool = self.pools.get(queue)
+        return pool.second_lane if pool is not None else None
+
     def _on_released(self, queue: str) -> None:
         pool = self.pools.get(queue)
         if pool is not None:
@@ -205,8 +210,8 @@ class Runtime:
 
     def _running_ids(self) -> list[int]:
         ids = [job_id for pool in self.pools.values() for job_id in pool.running_ids()]
-        if self.completer is not None:
-            ids.extend(self.completer.buffered_ids())  # still active until written
+        for completer in self.completers:
+            ids.extend(completer.buffered_ids())  # still active until written
         return ids
 
     def request_stop(self) -> None:
@@ -373,20 +378,31 @@ class Runtime:
 
     async def _serve(self, db: asyncpg.Pool) -> None:
         s = self.settings
-        self.completer = completer = Completer(
-            db,
-            worker_id=s.worker_id,
-            flush_interval=s.flush_interval,
-            flush_max=s.flush_max,
-            on_requeued=self._on_requeued,
-            on_released=self._on_released,
-            rider=self._rider,
-            urgent_queues=frozenset(
-                name
-                for name, q in s.queues.items()
-                if q.global_concurrency is not None or q.key_concurrency is not None
-            ),
+        urgent = frozenset(
+            name
+            for name, q in s.queues.items()
+            if q.global_concurrency is not None or q.key_concurrency is not None
         )
+        riders: list[RiderFn] = [self._rider]
+        if any(q.global_concurrency is not None for q in s.queues.values()):
+            riders.append(self._second_rider)
+        along_refused = AlongRefused()
+        self.completers = [
+            Completer(
+                db,
+                worker_id=s.worker_id,
+                flush_interval=s.flush_interval,
+                flush_max=s.flush_max,
+                on_requeued=self._on_requeued,
+                on_released=self._on_released,
+                rider=rider,
+                urgent_queues=urgent,
+                along_refused=along_refused,
+            )
+            for rider in riders
+        ]
+        completer = self.completers[0]
+        second = self.completers[1] if len(self.completers) > 1 else None
         for name, config in s.queues.items():
             self.pools[name] = QueuePool(
                 name,
@@ -394,6 +410,7 @@ class Runtime:
                 db=db,
                 registry=self.registry,
                 completer=completer,
+                second_completer=second,
                 worker_id=s.worker_id,
                 lease_seconds=s.lease_seconds,
                 stopping=self.stopping,
@@ -404,7 +421,7 @@ class Runtime:
                 cancel_grace=s.cancel_grace if config.cancel_grace is None else config.cancel_grace,
             )
         await self.clock.sync(db)
-        self._wire_metrics(db, completer)
+        self._wire_metrics(db)
         self.health.db = db
         try:
             peers = await workers.register(db, self.me)
@@ -425,7 +442,7 @@ class Runtime:
             await hook(s)
         try:
             await self.resources.open(self.registry.resources, s)
-            await self._run_tasks(db, completer)
+            await self._run_tasks(db)
         finally:
             await self.resources.close()
             for hook in self.registry.shutdown_hooks:
@@ -459,14 +476,15 @@ class Runtime:
             db=db, settings=self.settings, sample=lambda: self.health.queue_sample
         )
 
-    def _wire_metrics(self, db: asyncpg.Pool, completer: Completer) -> None:
+    def _wire_metrics(self, db: asyncpg.Pool) -> None:
+        completers = self.completers
         snap = self.metrics.snapshot
         snap.running = lambda: {n: (len(p.running), p.free_slots) for n, p in self.pools.items()}
         snap.leader = lambda: self.leader is not None and self.leader.is_leader
         snap.listener_reconnects = lambda: self.listener.reconnects if self.listener else 0
-        snap.discarded = lambda: completer.discarded
-        snap.parked = lambda: completer.parked
-        snap.lost = lambda: completer.lost
+        snap.discarded = lambda: sum(c.discarded for c in completers)
+        snap.parked = lambda: sum(c.parked for c in completers)
+        snap.lost = lambda: sum(c.lost for c in completers)
         snap.db_pool = lambda: (db.get_size(), db.get_size() - db.get_idle_size())
         snap.schedules = lambda: dict(self.scheduler.stats) if self.scheduler else {}
         snap.skipped_by_reason = lambda: (
@@ -489,20 +507,23 @@ class Runtime:
         except Exception:
             log.exception("cannot compare this daemon's queue limits with the other daemons'")
 
-    async def _run_tasks(self, db: asyncpg.Pool, completer: Completer) -> None:
+    async def _run_tasks(self, db: asyncpg.Pool) -> None:
         watch = LoopWatch(
             threshold=self.settings.lease_seconds / 3, lease_seconds=self.settings.lease_seconds
         )
         watch.start()
         try:
-            await self._run_task_group(db, completer)
+            await self._run_task_group(db)
         finally:
             watch.stop()
 
-    async def _run_task_group(self, db: asyncpg.Pool, completer: Completer) -> None:
+    async def _run_task_group(self, db: asyncpg.Pool) -> None:
         s = self.settings
         async with asyncio.TaskGroup() as tg:
-            completer_task = tg.create_task(completer.run(), name="stoker-completer")
+            completer_tasks = {
+                tg.create_task(c.run(), name=f"stoker-completer-{i}")
+                for i, c in enumerate(self.completers)
+            }
             background = [
                 tg.create_task(
                     heartbeat_loop(
@@ -642,15 +663,17 @@ class Runtime:
             if hung:
                 await asyncio.wait(hung)
             await asyncio.gather(*(pool.drain(deadline) for pool in self.pools.values()))
-            await completer.close()
-            done, _ = await asyncio.wait({completer_task}, timeout=FLUSH_AT_EXIT_TIMEOUT)
-            if not done:
+            for completer in self.completers:
+                await completer.close()
+            _, unwritten = await asyncio.wait(completer_tasks, timeout=FLUSH_AT_EXIT_TIMEOUT)
+            if unwritten:
                 log.error(
                     "could not write %d job outcomes before exit; those jobs will be rescued "
                     "when their leases expire and run again",
-                    completer.buffered,
+                    sum(c.buffered for c in self.completers),
                 )
-                completer_task.cancel()
+                for task in unwritten:
+                    task.cancel()
             with contextlib.suppress(*DB_ERRORS):
                 # Jobs handed back are due now: let other daemons know.
                 await db.execute(queries.NOTIFY_QUEUES, list(self.pools))

@@ -532,3 +532,36 @@ async def test_starts_of_a_rate_limit_that_was_removed_are_pruned(
         return [r["queue"] for r in left] == ["api"]
 
     await eventually(pruned, 30)
+
+
+async def test_a_pool_held_back_by_its_limit_keeps_claiming_along_for_the_whole_drain(
+    daemons: DaemonFactory, db: asyncpg.Connection
+) -> None:
+    """Held back by its global limit, a pool claims in the writes of its outcomes for the
+    whole drain, not only until its first poll: once the poll had it claim by itself, the
+    outcomes written during that claim were written alone and freed slots it had not seen,
+    so it claimed by itself again, a round trip more per turn for the rest of the drain."""
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f"ALTER DATABASE \"{name}\" SET track_functions = 'pl'")
+    daemon = await daemons.start(
+        "[queues.capped]\nconcurrency = 40\nglobal_concurrency = 20\npoll_interval = 0.1\n"
+    )
+    await db.execute(
+        "INSERT INTO stoker.jobs (queue, kind)"
+        " SELECT 'capped', 'noop' FROM generate_series(1, 6000)"
+    )
+    await wait_drained(db, "capped", 6000, 120)
+    daemon.proc.send_signal(signal.SIGTERM)  # its sessions end and report their counts
+    assert await daemon.wait_exit() == 0
+    await db.execute("SELECT pg_stat_clear_snapshot()")
+    calls = {
+        r["funcname"]: r["calls"]
+        for r in await db.fetch(
+            "SELECT funcname, calls FROM pg_stat_user_functions"
+            " WHERE funcname IN ('finish_and_claim', 'claim_limited')"
+        )
+    }
+    along = calls.get("finish_and_claim", 0)
+    alone = calls.get("claim_limited", 0) - along  # claim_limited also runs inside each along
+    assert along >= 6000 // 20 // 2, calls
+    assert alone <= along // 10, calls

@@ -47,6 +47,7 @@ class ClaimedJob:
     ctx: JobContext | None = None
     cancel_requested: bool = False
     interrupted: bool = False
+    lane: int = 0  # which of the pool's completers writes its outcome
 
 
 class Deadlines:

@@ -64,6 +64,16 @@ class Rider(Protocol):
 RiderFn = Callable[[str], Rider | None]
 
 
+class AlongRefused:
+    """Set once the database refuses every claim along (see ALONG_UNAVAILABLE); shared by a
+    daemon's completers, so that it is said once and none of them tries again."""
+
+    __slots__ = ("refused",)
+
+    def __init__(self) -> None:
+        self.refused = False
+
+
 class Completer:
     """One per daemon. `add` never waits; the flusher task writes what has accumulated.
 
@@ -85,6 +95,7 @@ class Completer:
         on_released: ReleasedFn | None = None,
         urgent_queues: frozenset[str] = frozenset(),
         rider: RiderFn | None = None,
+        along_refused: AlongRefused | None = None,
     ) -> None:
         self._db = db
         self._worker_id = worker_id
@@ -101,7 +112,8 @@ class Completer:
         # cycle, and this takes a round trip and a commit out of each turn.
         self._rider = rider
         self._along: tuple[Rider, list[asyncpg.Record]] | None = None  # to hand over
-        self._along_refused = False  # the database cannot claim along: never try again
+        # The database cannot claim along: never try again.
+        self._along_refused = along_refused if along_refused is not None else AlongRefused()
         self._buffer: list[Outcome] = []
         self._pending = asyncio.Event()
         self._closing = False
@@ -422,7 +434,7 @@ class Completer:
             await self._move_cancelled(cancelled)
 
     def _ride(self, batch: list[Outcome]) -> tuple[Rider, tuple[object, ...]] | None:
-        if self._rider is None or self._along_refused:
+        if self._rider is None or self._along_refused.refused:
             return None
         for queue in dict.fromkeys(o.queue for o in batch):
             rider = self._rider(queue)
@@ -456,7 +468,9 @@ class Completer:
                 raise
             if isinstance(exc, ALONG_UNAVAILABLE):
                 # Every statement along would fail the same way: one warning, then none.
-                self._along_refused = True
+                if self._along_refused.refused:
+                    return None  # another completer said so meanwhile
+                self._along_refused.refused = True
                 log.warning(
                     "outcomes of limited queues are written without their next claim from now "
                     "on (%s); their pools claim by themselves, a round trip more each",

@@ -90,13 +90,23 @@ class QueuePool:
         adaptive_notify: bool = True,
         resources: Mapping[type[Any], object] | None = None,
         cancel_grace: float = 5.0,
+        second_completer: Completer | None = None,
     ) -> None:
         self.name = name
         self._cancel_grace = cancel_grace
         self.config = config
         self._db = db
         self._registry = registry
-        self._completer = completer
+        # The completers that write this pool's outcomes, by lane (ClaimedJob.lane). A queue
+        # with a global limit has two: held back by the limit, each job's slot is taken
+        # until its outcome is written, and the next claim rides along with that write (see
+        # claim_along). With one writer the limit's jobs drain in a serial cycle, the
+        # database idle while the jobs run and the jobs idle while it writes; with two lanes
+        # of about half the limit each, one lane's jobs run while the other's write.
+        self._lanes = [completer]
+        if second_completer is not None and config.global_concurrency is not None:
+            self._lanes.append(second_completer)
+        self.second_lane = _Lane(self, 1) if len(self._lanes) > 1 else None
         self._worker_id = worker_id
         self._lease_seconds = lease_seconds
         self._stopping = stopping
@@ -139,11 +149,14 @@ class QueuePool:
         self._key_cursor: str | None = None  # a key-limited claim goes on after this key
         self._read_committed = False  # limited claims set READ COMMITTED themselves
         self._waiting_for_limit = False  # in _wait_for_limit: the completer may claim for us
-        # Set while a claim rides along with an outcome write (claim_along): the pool makes
+        self._claiming = 0  # the jobs this pool's own limited claim in flight may bring
+        self._counted_at = 0.0  # when a claim last counted the limit (epoch)
+        # Set while no claim rides along with an outcome write (claim_along): the pool makes
         # none of its own meanwhile, or it could claim past its concurrency.
         self._along_done = asyncio.Event()
         self._along_done.set()
-        self._along_stops_waiting = False
+        self._along: dict[int, int] = {}  # lane -> the jobs its claim along may bring
+        self._along_stops_waiting: dict[int, bool] = {}
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -239,11 +252,12 @@ class QueuePool:
                 if self._stopping.is_set():
                     break
                 free = self.free_slots
-            if not self._completer.settled.is_set():
+            unsettled = self._unsettled()
+            if unsettled is not None:
                 # Outcomes could not be written (the database was away): write them before
                 # claiming again. A lease may have lapsed meanwhile, and claiming such a job
                 # here would fence out its buffered outcome and run it a second time.
-                await wait_any(self._completer.settled, self._stopping)
+                await wait_any(unsettled.settled, self._stopping)
                 continue
             if not self._along_done.is_set():
                 await wait_any(self._along_done, self._stopping)
@@ -266,6 +280,9 @@ class QueuePool:
             failures = 0
             if jobs:
                 self._out_of_reach = 0
+                if self.second_lane is not None and "global" in self.held_back:
+                    for i, job in enumerate(jobs):
+                        job.lane = i % 2  # the limit is full: its writes go in two lanes
                 self._start(jobs)
             if self.held_back - {"key"}:
                 # The queue's global concurrency or rate limit is reached: new jobs would not
@@ -293,12 +310,13 @@ class QueuePool:
                 await self._idle(claimed_nothing=True)
 
     async def _wait_for_limit(self) -> None:
-        poll = self._clock.now() + self.config.poll_interval
         self._waiting_for_limit = True
         try:
             while not self._stopping.is_set() and not self._fetch_needed:
-                # A claim made along with an outcome write meanwhile may have moved retry_at.
-                deadline = poll
+                # Slots other daemons free are seen by the next claim: one a poll interval
+                # after the last, unless a claim along counted the limit meanwhile. A claim
+                # along meanwhile may also have moved retry_at.
+                deadline = self._counted_at + self.config.poll_interval
                 if self._retry_at is not None:
                     deadline = min(deadline, self._retry_at + LIMIT_MARGIN)
                 remaining = deadline - self._clock.now()
@@ -309,32 +327,43 @@ class QueuePool:
         finally:
             self._waiting_for_limit = False
 
-    def claim_along(self) -> tuple[object, ...] | None:
-        """The arguments of a claim the completer makes in the statement that writes this
-        queue's outcomes (Completer's rider), while the pool waits for its global limit.
+    def _unsettled(self) -> Completer | None:
+        return next((c for c in self._lanes if not c.settled.is_set()), None)
+
+    def claim_along(self, lane: int = 0) -> tuple[object, ...] | None:
+        """The arguments of a claim the completer of `lane` makes in the statement that writes
+        this queue's outcomes (Completer's rider), while the pool waits for its global limit.
         Then `claimed_along` gets what it found, and the pool claims nothing meanwhile."""
         if (
-            not self._waiting_for_limit
+            lane in self._along
+            # Also while the pool's own claim is in flight: writing these outcomes alone
+            # would free slots that claim may not see, and the pool would claim again.
+            or not (self._waiting_for_limit or self._claiming)
             or "global" not in self.held_back
-            or not self._along_done.is_set()
             or self._read_committed  # its claims need a transaction of their own
             or self._stopping.is_set()
-            or not self._completer.settled.is_set()
+            or self._unsettled() is not None
         ):
             return None
-        want = min(self.free_slots, self.config.batch_size)
+        # Claims in flight (the other lane's, the pool's own) may bring as many as they asked.
+        reserved = self._claiming + sum(self._along.values())
+        want = min(self.free_slots - reserved, self.config.batch_size)
         if want <= 0:
             return None
+        self._along[lane] = want
         self._along_done.clear()
-        self._along_stops_waiting = self._row_may_exist
-        return self._limited_args(want, stop_waiting=self._along_stops_waiting)
+        stops = self._along_stops_waiting[lane] = self._row_may_exist
+        return self._limited_args(want, stop_waiting=stops)
 
-    def claimed_along(self, rows: list[asyncpg.Record] | None) -> None:
+    def claimed_along(self, rows: list[asyncpg.Record] | None, lane: int = 0) -> None:
         """The claim made with an outcome write: start what it found; None, it was not made.
         Still held back by a limit, the pool goes on waiting; else it claims again itself."""
         try:
             if rows is not None:
-                jobs = self._took(rows, stopped_waiting=self._along_stops_waiting, offset=1)
+                stopped = self._along_stops_waiting.get(lane, False)
+                jobs = self._took(rows, stopped_waiting=stopped, offset=1)
+                for job in jobs:
+                    job.lane = lane  # its outcome is written, and claims along, in this lane
                 if jobs and self._stopping.is_set():
                     self._hand_back_along(jobs)
                 elif jobs:
@@ -346,7 +375,10 @@ class QueuePool:
             log.exception("queue %s: starting the jobs of a claim along failed", self.name)
             self._fetch_needed = True
         finally:
-            self._along_done.set()
+            self._along.pop(lane, None)
+            self._along_stops_waiting.pop(lane, None)
+            if not self._along:
+                self._along_done.set()
             self._wake.set()
 
     def _hand_back_along(self, jobs: list[ClaimedJob]) -> None:
@@ -361,7 +393,7 @@ class QueuePool:
                 job.id,
                 extra=job_fields(job, self.name),
             )
-            self._completer.add(Outcome(job.id, job.attempt, self.name, "handback"))
+            self._lanes[job.lane].add(Outcome(job.id, job.attempt, self.name, "handback"))
 
     async def _wait_registered(self) -> None:
         """After a claim that found nothing: say we wait, look once more, and sleep.
@@ -456,20 +488,24 @@ class QueuePool:
         """The claim of a queue with limits, on the pool (a claim waits for the queue's limits
         lock, which the listener's connection must never do)."""
         args = self._limited_args(limit, stop_waiting=stop_waiting)
+        self._claiming = limit
         try:
-            rows = await self._fetch_limited(args)
-        except asyncpg.FeatureNotSupportedError as exc:
-            if self._read_committed or "READ COMMITTED" not in str(exc):
-                raise
-            # The database or role sets another default isolation: limited claims then run
-            # in transactions of their own, at the price of two more round trips each.
-            log.warning(
-                "queue %s: the default transaction isolation is not READ COMMITTED; its "
-                "limited claims set it themselves",
-                self.name,
-            )
-            self._read_committed = True
-            rows = await self._fetch_limited(args)
+            try:
+                rows = await self._fetch_limited(args)
+            except asyncpg.FeatureNotSupportedError as exc:
+                if self._read_committed or "READ COMMITTED" not in str(exc):
+                    raise
+                # The database or role sets another default isolation: limited claims then
+                # run in transactions of their own, at the price of two more round trips each.
+                log.warning(
+                    "queue %s: the default transaction isolation is not READ COMMITTED; its "
+                    "limited claims set it themselves",
+                    self.name,
+                )
+                self._read_committed = True
+                rows = await self._fetch_limited(args)
+        finally:
+            self._claiming = 0
         self._notified = False
         return self._took(rows, stopped_waiting=stop_waiting)
 
@@ -513,6 +549,7 @@ class QueuePool:
                     retry_at = at if retry_at is None else min(retry_at, at)
         self.held_back = frozenset(held)
         self._retry_at = retry_at
+        self._counted_at = self._clock.now()
         if keys:
             # The keys were served in turn from the cursor, round to the start: the next
             # claim goes on after the last of them in that order.
@@ -620,7 +657,7 @@ class QueuePool:
                     extra=job_fields(job, self.name),
                 )
                 return True
-        return self._completer.adopt(job.id, job.attempt)
+        return any(c.adopt(job.id, job.attempt) for c in self._lanes)
 
     def _release(self, job: ClaimedJob) -> None:
         key = (job.id, job.attempt)
@@ -703,7 +740,7 @@ class QueuePool:
             if outcome is not None:
                 if self._adopted and job.id in self._adopted:
                     outcome = replace(outcome, attempt=self._adopted.pop(job.id))
-                self._completer.add(outcome)
+                self._lanes[job.lane].add(outcome)
                 if self._metrics is not None:
                     self._metrics.job_ended(
                         self.name, job.kind, outcome_label(outcome), time.monotonic() - started
@@ -733,3 +770,20 @@ class QueuePool:
             # longest stop_grace among them. The wait ends as soon as they all have.
             grace = max([HANDBACK_WAIT, *(self._stop_grace.get(key, 0.0) for key in left)])
             await asyncio.wait(left.values(), timeout=grace)
+
+
+class _Lane:
+    """The second lane of a pool held back by its global limit: the Rider its second completer
+    claims along for."""
+
+    __slots__ = ("_lane", "_pool")
+
+    def __init__(self, pool: QueuePool, lane: int) -> None:
+        self._pool = pool
+        self._lane = lane
+
+    def claim_along(self) -> tuple[object, ...] | None:
+        return self._pool.claim_along(self._lane)
+
+    def claimed_along(self, rows: list[asyncpg.Record] | None) -> None:
+        self._pool.claimed_along(rows, self._lane)
