@@ -75,7 +75,8 @@ class AlongRefused:
 
 
 class Completer:
-    """One per daemon. `add` never waits; the flusher task writes what has accumulated.
+    """One per daemon, and a second for the second lane of queues with a global limit (see
+    QueuePool). `add` never waits; the flusher task writes what has accumulated.
 
     Every outcome ends written, parked or (last resort) logged as lost, and none blocks the
     others: an error of the connection or the server's state retries the same outcomes
