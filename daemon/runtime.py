@@ -665,8 +665,19 @@ class Runtime:
             await asyncio.gather(*(pool.drain(deadline) for pool in self.pools.values()))
             for completer in self.completers:
                 await completer.close()
-            _, unwritten = await asyncio.wait(completer_tasks, timeout=FLUSH_AT_EXIT_TIMEOUT)
-            if unwritten:
+            flush_until = loop_time() + FLUSH_AT_EXIT_TIMEOUT
+            while True:
+                _, unwritten = await asyncio.wait(
+                    completer_tasks, timeout=max(0.0, flush_until - loop_time())
+                )
+                # The last write of one completer may still hand an outcome to another that
+                # has ended (a claim along at the shutdown, adopting a job whose earlier
+                # outcome the other keeps): that one writes again.
+                late = [c for c in self.completers if c.buffered]
+                if unwritten or not late or loop_time() >= flush_until:
+                    break
+                completer_tasks = {tg.create_task(c.run(), name="stoker-completer") for c in late}
+            if unwritten or late:
                 log.error(
                     "could not write %d job outcomes before exit; those jobs will be rescued "
                     "when their leases expire and run again",

@@ -445,7 +445,7 @@ async def test_a_write_along_counts_written_and_fenced_outcomes_and_hands_over_t
         await c.close()
         await asyncio.wait_for(task, timeout=10)
     assert (c.written, c.discarded) == (2, 1)
-    assert released == ["capped"]
+    assert released == []  # the pool it claimed for: its claim saw the slots
     assert (await state_of(db, first[0]))["result"] == {"n": 1}
     assert (await state_of(db, first[2]))["state"] == "active"
     found = rider.found[0]

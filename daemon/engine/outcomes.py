@@ -427,7 +427,8 @@ class Completer:
         finally:
             await self._db.release(conn)
         if written is not None:
-            self._account_finished(batch, written)
+            assert ride is not None
+            self._account_finished(batch, written, claimed_for=ride[0])
             return
         self._account(batch, rows)
         cancelled = [row["id"] for row in rows if row.get("cancelled_here")]
@@ -534,8 +535,9 @@ class Completer:
             for queue in {row["queue"] for row in rows}:
                 self._on_released(queue)
 
-    def _account_finished(self, batch: list[Outcome], ids: list[int]) -> None:
-        """_account for a write that answered with the ids of the finished outcomes it wrote."""
+    def _account_finished(self, batch: list[Outcome], ids: list[int], claimed_for: Rider) -> None:
+        """_account for a write along, which answered with the ids of the outcomes it wrote.
+        The pool it claimed for is not told of the slots they freed: its claim saw them."""
         self.written += len(ids)
         written = batch
         if len(ids) != len(batch):
@@ -544,9 +546,10 @@ class Completer:
             for o in batch:
                 if o.job_id not in seen:
                     self._fenced_out(o)
-        if self._on_released is not None:
+        if self._on_released is not None and self._rider is not None:
             for queue in {o.queue for o in written}:
-                self._on_released(queue)
+                if self._rider(queue) is not claimed_for:
+                    self._on_released(queue)
 
     def _fenced_out(self, o: Outcome) -> None:
         adopted = self._adoptions.pop(o.job_id, None)

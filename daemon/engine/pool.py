@@ -157,6 +157,7 @@ class QueuePool:
         self._along_done.set()
         self._along: dict[int, int] = {}  # lane -> the jobs its claim along may bring
         self._along_stops_waiting: dict[int, bool] = {}
+        self._released_meanwhile = False  # see released
 
     # -- wake-ups -----------------------------------------------------------------------------
 
@@ -182,13 +183,18 @@ class QueuePool:
         self.wake(run_at.timestamp())
 
     def released(self) -> None:
-        """Outcomes of this queue's jobs were written here: their slots are free in the
-        database now. A limited queue's pool claims again at once (a claim in flight may be
-        about to say a limit held it back). Not while a claim rides along with the write that
-        released them: that claim saw the slots free."""
-        if self.config.limited and self._along_done.is_set():
-            self._fetch_needed = True
-            self._wake.set()
+        """Outcomes of this queue's jobs were written here, by a write without a claim along:
+        their slots are free in the database now. A limited queue's pool claims again at once
+        (a claim in flight may be about to say a limit held it back); while a claim along of
+        the other lane is in flight, once it is over (it may have counted before this write
+        committed, and say the limit holds the pool back)."""
+        if not self.config.limited:
+            return
+        if not self._along_done.is_set():
+            self._released_meanwhile = True
+            return
+        self._fetch_needed = True
+        self._wake.set()
 
     # -- saying that this pool waits (stoker.waiting) -------------------------------------------
 
@@ -379,6 +385,9 @@ class QueuePool:
             self._along_stops_waiting.pop(lane, None)
             if not self._along:
                 self._along_done.set()
+                if self._released_meanwhile:
+                    self._released_meanwhile = False
+                    self._fetch_needed = True
             self._wake.set()
 
     def _hand_back_along(self, jobs: list[ClaimedJob]) -> None:
