@@ -146,11 +146,8 @@ async def test_a_slot_freed_by_one_lane_while_the_other_lane_claims_along_is_use
         return await state(db, x) == "succeeded" and await state(db, along) == "active"
 
     await eventually(along_runs, 10)
-    # One job of the limit's two runs and `due` is due: it must start, not wait for the poll.
-    active = await db.fetchval(
-        "SELECT count(*) FROM stoker.jobs WHERE queue = 'capped' AND state = 'active'"
-    )
-    assert active == 1
+    # The claim along took one job (`along`) for the limit's two slots, and `due` is due: it
+    # must start in the slot y's write freed, not wait for the poll (it may have already).
 
     async def due_started() -> bool:
         return await state(db, due) != "queued"

@@ -145,6 +145,10 @@ class Completer:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    def buffered_for(self, queue: str) -> int:
+        """Outcomes of `queue` not yet written (those in a write right now included)."""
+        return sum(1 for o in self._buffer if o.queue == queue)
+
     def buffered_ids(self) -> list[int]:
         return [o.job_id for o in self._buffer]
 

@@ -150,6 +150,7 @@ class QueuePool:
         self._read_committed = False  # limited claims set READ COMMITTED themselves
         self._waiting_for_limit = False  # in _wait_for_limit: the completer may claim for us
         self._claiming = 0  # the jobs this pool's own limited claim in flight may bring
+        self._awaiting_along = False  # waiting for claims along to end before claiming
         self._counted_at = 0.0  # when a claim last counted the limit (epoch)
         # Set while no claim rides along with an outcome write (claim_along): the pool makes
         # none of its own meanwhile, or it could claim past its concurrency.
@@ -266,9 +267,22 @@ class QueuePool:
                 await wait_any(unsettled.settled, self._stopping)
                 continue
             if not self._along_done.is_set():
-                await wait_any(self._along_done, self._stopping)
+                self._awaiting_along = True
+                try:
+                    await wait_any(self._along_done, self._stopping)
+                finally:
+                    self._awaiting_along = False
                 continue
             want = min(free, self.config.batch_size)
+            room = self._room_left()
+            if room <= 0:
+                # This daemon's own jobs hold the whole global limit: a claim would find no
+                # room. They claim along as their outcomes are written, or free slots.
+                self._fetch_needed = False
+                self._counted_at = self._clock.now()
+                await self._wait_for_limit()
+                continue
+            want = min(want, room)
             self._wake.clear()
             self._fetch_needed = False
             stop_waiting = self.registered or self._row_may_exist
@@ -333,6 +347,16 @@ class QueuePool:
         finally:
             self._waiting_for_limit = False
 
+    def _room_left(self) -> int:
+        """At most how many jobs of a global limit a claim could bring: the limit less this
+        daemon's jobs of the queue still active in the database (running, or their outcomes
+        not yet written). Jobs of other daemons only make it less."""
+        limit = self.config.global_concurrency
+        if limit is None:
+            return self.config.batch_size
+        held = len(self.running) + sum(c.buffered_for(self.name) for c in self._lanes)
+        return limit - held
+
     def _unsettled(self) -> Completer | None:
         return next((c for c in self._lanes if not c.settled.is_set()), None)
 
@@ -342,9 +366,10 @@ class QueuePool:
         Then `claimed_along` gets what it found, and the pool claims nothing meanwhile."""
         if (
             lane in self._along
-            # Also while the pool's own claim is in flight: writing these outcomes alone
-            # would free slots that claim may not see, and the pool would claim again.
-            or not (self._waiting_for_limit or self._claiming)
+            # Also while the pool's own claim is in flight, or about to be made once the
+            # other lane's claim along is over: writing these outcomes alone would free slots
+            # that claim may not see, and the pool would claim again, and again.
+            or not (self._waiting_for_limit or self._claiming or self._awaiting_along)
             or "global" not in self.held_back
             or self._read_committed  # its claims need a transaction of their own
             or self._stopping.is_set()
