@@ -158,7 +158,11 @@ async def test_a_success_unwritten_through_an_outage_longer_than_the_lease_is_no
         await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
         await admin.close()
     row = await finished(db, job_id, timeout=20)
-    assert (row["state"], row["attempts"]) == ("succeeded", 1)
+    # The outcome is written for attempt 1, unless a claim in flight when the outage began
+    # took the rescued job again first (attempt 2): the buffered outcome then answers for
+    # that claim, which is never run (Completer.adopt). Either way the job ran once.
+    adopted = "claimed again (attempt 2)" in daemon.log()
+    assert (row["state"], row["attempts"]) == ("succeeded", 2 if adopted else 1)
     assert [e["id"] for e in daemon.events()].count(job_id) == 1
     assert daemon.proc.poll() is None
 
